@@ -1,0 +1,29 @@
+# ZOPrO workflow: preference optimisation of language models with zeroth-order methods.
+# Quick start:  snakemake --cores all results/zorloo/plots
+import os
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+# Make the `workflow/` package importable by scripts and by accelerate-launched workers.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
+)
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/base.smk"
+
+
+rule all:
+    input:
+        data_path("train"),
+        data_path("test"),

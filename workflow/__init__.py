@@ -1,0 +1,1 @@
+"""ZOPrO workflow: preference optimisation with zeroth-order methods, as an importable package."""

@@ -1,0 +1,124 @@
+"""The bridge between a Snakemake ``script:`` job and the stage functions of this package.
+
+A stage function takes one :class:`Job` (plain, JSON-serialisable data) so that it can run
+in-process, or in several processes under ``accelerate launch`` when a rule asks for more
+than one GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from workflow import runtime
+
+
+@dataclasses.dataclass
+class Job:
+    """Inputs, outputs, params and resources of one rule instance."""
+
+    input: dict[str, Any]
+    output: dict[str, Any]
+    params: dict[str, Any]
+    config: dict[str, Any]
+    wildcards: dict[str, str]
+    threads: int = 1
+    resources: dict[str, Any] = dataclasses.field(default_factory=dict)
+    log: str | None = None
+
+    @classmethod
+    def from_snakemake(cls, smk: Any) -> Job:
+        """Build a job from the ``snakemake`` object of a ``script:`` directive (named items only)."""
+        resources = {k: v for k, v in smk.resources.items() if not k.startswith("_")}
+        return cls(
+            input=dict(smk.input.items()),
+            output=dict(smk.output.items()),
+            params=dict(smk.params.items()),
+            config=dict(smk.config),
+            wildcards=dict(smk.wildcards.items()),
+            threads=int(smk.threads),
+            resources=resources,
+            log=smk.log[0] if len(smk.log) else None,
+        )
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def gpus(self) -> int:
+        return int(self.resources.get("gpu", 0) or 0)
+
+
+@contextlib.contextmanager
+def log_to(path: str | None) -> Iterator[None]:
+    """Send stdout, stderr (progress bars included) and ``logging`` to ``path``."""
+    if not path:
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a", buffering=1) as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+        root = logging.getLogger()
+        handler = logging.StreamHandler(handle)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            root.removeHandler(handler)
+
+
+def resolve(target: str) -> Callable[[Job], Any]:
+    """Import ``"package.module:function"``."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_job(job: Job, target: str) -> Any:
+    """Set up the runtime and run ``target`` on ``job``; with more than one GPU, under accelerate."""
+    runtime.require_gpus(job.gpus)
+    if job.gpus > 1:
+        return _launch_distributed(job, target, job.gpus)
+    runtime.configure(job.threads, job.seed, job.config.get("cache_dir"))
+    return resolve(target)(job)
+
+
+def _launch_distributed(job: Job, target: str, processes: int) -> None:
+    """Run ``target`` in ``processes`` data-parallel processes with ``accelerate launch``."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec:
+        json.dump({"job": dataclasses.asdict(job), "target": target}, spec)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+           "-m", "workflow.job", spec.name]
+    try:
+        subprocess.run(cmd, check=True)
+    finally:
+        os.unlink(spec.name)
+
+
+def run_script(smk: Any, target: str) -> Any:
+    """Entry point for thin ``scripts/``: log to the rule's log and run ``target``."""
+    job = Job.from_snakemake(smk)
+    with log_to(job.log):
+        return run_job(job, target)
+
+
+def _main(spec_path: str) -> None:
+    """Worker entry of a distributed launch: ``python -m workflow.job SPEC.json``."""
+    with open(spec_path) as handle:
+        spec = json.load(handle)
+    job = Job(**spec["job"])
+    runtime.configure(job.threads, job.seed, job.config.get("cache_dir"))
+    resolve(spec["target"])(job)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
