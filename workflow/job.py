@@ -57,6 +57,13 @@ class Job:
     def gpus(self) -> int:
         return int(self.resources.get("gpu", 0) or 0)
 
+    @property
+    def processes(self) -> int:
+        """Data-parallel processes: one per GPU, or ``resources.cpu_processes`` on CPU."""
+        if self.gpus > 0:
+            return self.gpus
+        return int(self.config.get("resources", {}).get("cpu_processes", 1) or 1)
+
 
 @contextlib.contextmanager
 def log_to(path: str | None) -> Iterator[None]:
@@ -86,22 +93,33 @@ def resolve(target: str) -> Callable[[Job], Any]:
 def run_job(job: Job, target: str) -> Any:
     """Set up the runtime and run ``target`` on ``job``; with more than one GPU, under accelerate."""
     runtime.require_gpus(job.gpus)
-    if job.gpus > 1:
-        return _launch_distributed(job, target, job.gpus)
+    if job.processes > 1:
+        return _launch_distributed(job, target, job.processes, cpu=job.gpus == 0)
     runtime.configure(job.threads, job.seed, job.config.get("cache_dir"))
     return resolve(target)(job)
 
 
-def _launch_distributed(job: Job, target: str, processes: int) -> None:
+def _launch_distributed(job: Job, target: str, processes: int, cpu: bool) -> None:
     """Run ``target`` in ``processes`` data-parallel processes with ``accelerate launch``."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec:
         json.dump({"job": dataclasses.asdict(job), "target": target}, spec)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-           "-m", "workflow.job", spec.name]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--cpu"] if cpu else ["--multi_gpu"]
+    cmd += ["-m", "workflow.job", spec.name]
     try:
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, stdout=_fd_or_none(sys.stdout), stderr=_fd_or_none(sys.stderr))
     finally:
         os.unlink(spec.name)
+
+
+def _fd_or_none(stream: Any) -> Any:
+    """``stream`` when it is backed by a file descriptor (a log file), else inherit the parent's."""
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return stream
 
 
 def run_script(smk: Any, target: str) -> Any:
