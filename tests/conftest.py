@@ -1,0 +1,60 @@
+"""Shared, session-scoped fixtures: the embedded task's rows and a tiny saved base model.
+
+``embedded_frames``  -> {split: DataFrame} from ``workflow.embedded_task.generate_split``
+``embedded_parquet`` -> {split: parquet path} of those rows
+``tiny_base``        -> str path of a saved tiny Llama + tokenizer (chat template, pad token set)
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+EMBEDDED_ROWS = {"train": 64, "test": 32}
+TINY_BASE_CFG = {
+    "vocab_size": 360, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
+    "epochs": 2, "learning_rate": 3e-3, "batch_size": 16, "max_length": 128,
+}
+
+
+@pytest.fixture(scope="session")
+def embedded_frames():
+    """``{"train": 64 rows, "test": 32 rows}`` of the embedded task (seed 0)."""
+    from workflow.embedded_task import generate_split
+
+    return {split: generate_split(split, n, seed=0) for split, n in EMBEDDED_ROWS.items()}
+
+
+@pytest.fixture(scope="session")
+def embedded_parquet(embedded_frames, tmp_path_factory):
+    """``{split: path}`` of the embedded rows written as parquet."""
+    root = tmp_path_factory.mktemp("embedded_data")
+    paths = {}
+    for split, df in embedded_frames.items():
+        path = root / f"{split}.parquet"
+        df.to_parquet(path, index=False)
+        paths[split] = str(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_base(embedded_frames, tmp_path_factory):
+    """Path of a tiny saved causal LM + tokenizer built on the embedded train rows (a few seconds).
+
+    Loads with ``AutoModelForCausalLM``, ``AutoTokenizer`` (chat template set) and
+    ``AutoModelForSequenceClassification(num_labels=1)`` (``pad_token_id`` in the config).
+    """
+    import torch
+
+    from workflow.base_model import build_base_model, dialogues
+
+    out = tmp_path_factory.mktemp("tiny_base") / "base"
+    threads = torch.get_num_threads()
+    build_base_model(dialogues(embedded_frames["train"]), out, TINY_BASE_CFG, seed=0)
+    torch.set_num_threads(threads)
+    return str(out)
