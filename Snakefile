@@ -12,7 +12,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 
-configfile: "config.yaml"
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 validate(config, "workflow/schemas/config.schema.yaml")

@@ -94,19 +94,22 @@ def run_job(job: Job, target: str) -> Any:
     """Set up the runtime and run ``target`` on ``job``; with more than one GPU, under accelerate."""
     runtime.require_gpus(job.gpus)
     if job.processes > 1:
-        return _launch_distributed(job, target, job.processes, cpu=job.gpus == 0)
+        return _launch_distributed(job, target, job.processes)
     runtime.configure(job.threads, job.seed, job.config.get("cache_dir"))
     return resolve(target)(job)
 
 
-def _launch_distributed(job: Job, target: str, processes: int, cpu: bool) -> None:
-    """Run ``target`` in ``processes`` data-parallel processes with ``accelerate launch``."""
+def _launch_distributed(job: Job, target: str, processes: int) -> None:
+    """Run ``target`` in ``processes`` data-parallel processes with ``accelerate launch``.
+
+    accelerate's multi-GPU launcher is torchrun; on a machine without CUDA the same launch
+    gives CPU processes that torch.distributed joins with the gloo backend.
+    """
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec:
         json.dump({"job": dataclasses.asdict(job), "target": target}, spec)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += ["--cpu"] if cpu else ["--multi_gpu"]
-    cmd += ["-m", "workflow.job", spec.name]
+    cmd += ["--multi_gpu", "-m", "workflow.job", spec.name]
     try:
         subprocess.run(cmd, check=True, stdout=_fd_or_none(sys.stdout), stderr=_fd_or_none(sys.stderr))
     finally:

@@ -1,0 +1,95 @@
+"""Atomic writes, the job bridge and its data-parallel launch path."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+
+from workflow import io, job as jobmod, runtime
+
+
+def test_atomic_path_keeps_previous_file_on_error(tmp_path):
+    target = tmp_path / "out.csv"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_atomic_dir_replaces_only_when_complete(tmp_path):
+    target = tmp_path / "adapter"
+    with io.atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with pytest.raises(ValueError):
+        with io.atomic_dir(target) as tmp:
+            (tmp / "b.txt").write_text("2")
+            raise ValueError
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    with io.atomic_dir(target) as tmp:
+        (tmp / "c.txt").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["c.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_write_parquet_and_csv_roundtrip(tmp_path):
+    df = pd.DataFrame({"a": [1, 2], "b": ["x", "y"]})
+    io.write_parquet(df, tmp_path / "d" / "x.parquet")
+    io.write_csv(df, tmp_path / "x.csv")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "d" / "x.parquet"), df)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "x.csv"), df)
+
+
+def test_require_gpus_fails_fast_without_gpu():
+    runtime.require_gpus(0)
+    with pytest.raises(RuntimeError, match="requested 2 GPU"):
+        runtime.require_gpus(2)
+
+
+def _write_probe_module(tmp_path):
+    (tmp_path / "probe_stage.py").write_text(textwrap.dedent(
+        """
+        import json, os
+        import torch
+
+        def run(job):
+            rank = int(os.environ.get("RANK", 0))
+            world = int(os.environ.get("WORLD_SIZE", 1))
+            out = os.path.join(job.output["folder"], f"rank{rank}.json")
+            json.dump({"rank": rank, "world": world, "threads": torch.get_num_threads(),
+                       "seed": job.seed, "wildcards": job.wildcards}, open(out, "w"))
+        """))
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_run_job_launches_data_parallel_processes(tmp_path, monkeypatch, processes):
+    _write_probe_module(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.getcwd()]))
+    out = tmp_path / "out"
+    out.mkdir()
+    job = jobmod.Job(input={}, output={"folder": str(out)}, params={},
+                     config={"seed": 7, "resources": {"cpu_processes": processes}},
+                     wildcards={"method": "zorloo"}, threads=1)
+    jobmod.run_job(job, "probe_stage:run")
+    records = sorted((json.loads(p.read_text()) for p in out.iterdir()), key=lambda r: r["rank"])
+    assert [r["rank"] for r in records] == list(range(processes))
+    assert all(r["world"] == processes and r["seed"] == 7 for r in records)
+    assert all(r["wildcards"] == {"method": "zorloo"} for r in records)
+
+
+def test_log_to_captures_stdout_and_logging(tmp_path):
+    import logging
+    log = tmp_path / "logs" / "x.log"
+    with jobmod.log_to(str(log)):
+        print("hello from stdout")
+        print("progress", file=sys.stderr)
+        logging.getLogger("t").info("logged line")
+    text = log.read_text()
+    assert "hello from stdout" in text and "progress" in text and "logged line" in text
