@@ -1,0 +1,188 @@
+"""ZOPrO (method ``zorloo``, iterations >= 1): RLOO with a zeroth-order parameter update.
+
+:class:`ZOPrOTrainer` subclasses ``trl.RLOOTrainer`` and keeps everything of RLOO (generation,
+reward scoring, KL penalty to the frozen reference folded into the rewards, leave-one-out
+advantages, the PPO-clip loss, buffering over ``steps_per_generation`` / ``num_iterations``), so
+first- and zeroth-order runs differ only in how they step:
+
+* ``training_step`` takes the micro-batch RLOO prepared (``self._prepare_inputs``) and, under
+  ``torch.no_grad``, evaluates the parent's loss (``RLOOTrainer._compute_loss``) at
+  ``theta +/- eps z`` (see :mod:`workflow.zopro_direction` for ``z``), restoring the parameters in
+  place; the projected gradients accumulate over the gradient-accumulation micro-batches;
+* the Trainer's optimizer is a stateless :class:`~workflow.zopro_direction.ZOOptimizer` whose
+  ``step()`` applies ``theta <- theta - lr * (g z + wd theta)`` once per update (``g`` averaged
+  over micro-batches and, in data-parallel runs, over processes with one all-reduce), so the
+  Trainer's own optimizer step is the ZO update and nothing else moves the parameters. Gradient
+  clipping is switched off (``max_grad_norm = 0``): there are no gradients.
+* the lr applied is the optimizer group's lr, i.e. ``zo_config.lr`` shaped by
+  ``args.lr_scheduler_type`` (use ``"constant"`` for the reference behaviour);
+* resume: the ZO state (update step, hence seed and gamma; skipped count; pending accumulation)
+  is part of ``optimizer.state_dict()`` and therefore of every HF checkpoint (``optimizer.pt``);
+  ``trainer.train(resume_from_checkpoint=...)`` continues a killed stage where it stopped.
+  The lr scheduler state is saved by the Trainer as usual (``scheduler.pt``).
+
+How the policy stage calls it (drop-in for ``RLOOTrainer`` plus three keyword arguments)::
+
+    mu, v = load_direction_inputs(policy_prev, policy_prev2, reward_i, reward_prev)
+    trainer = ZOPrOTrainer(model=peft_policy, reward_funcs=reward_fn, args=rloo_config,
+                           train_dataset=ds, processing_class=tok, callbacks=[...],
+                           mu=mu, v=v, zo_config=ZOConfig.from_config(job.config))
+    trainer.train(resume_from_checkpoint=...)
+
+or ``train_zopro(...)`` which does the same and returns the trainer. ``mu``/``v`` may be dicts
+keyed by normalised LoRA keys (:func:`workflow.snapshots.normalise_key`) or paths (adapter folder,
+stage folder or ``.safetensors`` file; a path holds the difference already). ``model`` must
+already be the PEFT policy (trainable LoRA tensors = the tensors ZOPrO moves); passing
+``peft_config`` also works (the LoRA is then freshly initialised by the Trainer).
+ZOPrO metrics are logged with the RLOO ones: ``zo/g``, ``zo/g_abs``, ``zo/gamma``, ``zo/seed``,
+``zo/lr``, ``zo/skipped`` (non-finite ``g``, update skipped).
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from trl import RLOOTrainer
+
+from workflow.snapshots import normalise_key
+from workflow.zopro_direction import ZOConfig, ZOEngine, ZOOptimizer, ZOState, gamma_at, perturb  # noqa: F401
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+__all__ = ["ZOConfig", "ZOPrOTrainer", "load_adapter_tensors", "load_direction_inputs", "train_zopro"]
+
+
+def _adapter_file(path: str | os.PathLike) -> Path:
+    """``adapter_model.safetensors`` of an adapter folder, a stage folder (``<stage>/adapter``) or a file."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (p / ADAPTER_FILE, p / "adapter" / ADAPTER_FILE):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no {ADAPTER_FILE} in {p} (nor in {p / 'adapter'})")
+
+
+def load_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a saved adapter, float32, keyed by normalised LoRA keys."""
+    return {normalise_key(k): t.to(torch.float32) for k, t in load_file(str(_adapter_file(path))).items()}
+
+
+def _difference(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k in new.keys() & old.keys():
+        if new[k].shape != old[k].shape:
+            raise ValueError(f"{k}: shapes {tuple(new[k].shape)} and {tuple(old[k].shape)} differ")
+        out[k] = new[k] - old[k]
+    return out
+
+
+def load_direction_inputs(policy_prev: str | os.PathLike, policy_prev2: str | os.PathLike,
+                          reward_i: str | os.PathLike, reward_prev: str | os.PathLike
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(mu, v)`` from adapter folders.
+
+    ``mu = policy_{i-1} - policy_{i-2}`` (pass the SFT adapter as ``policy_prev2`` for i = 1),
+    ``v = reward_i - reward_{i-1}``, on the keys both adapters of a pair share. ``v`` is further
+    restricted to the keys of ``mu`` (policy keys): the reward head (``score.weight``) and any
+    reward-only tensor are dropped; a policy tensor without a reward counterpart gets plain
+    (unprojected) noise, see :mod:`workflow.zopro_direction`.
+    """
+    mu = _difference(load_adapter_tensors(policy_prev), load_adapter_tensors(policy_prev2))
+    v = _difference(load_adapter_tensors(reward_i), load_adapter_tensors(reward_prev))
+    v = {k: t for k, t in v.items() if k in mu}
+    return mu, v
+
+
+def _as_tensors(x: Mapping[str, torch.Tensor] | str | os.PathLike | None) -> dict[str, torch.Tensor]:
+    if x is None:
+        return {}
+    if isinstance(x, (str, os.PathLike)):
+        return load_adapter_tensors(x)
+    return {normalise_key(k): t for k, t in x.items()}
+
+
+class ZOPrOTrainer(RLOOTrainer):
+    """RLOO whose update is the ZOPrO zeroth-order step (see module docstring)."""
+
+    def __init__(self, *args: Any, mu: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
+                 v: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
+                 zo_config: ZOConfig | None = None, **kwargs: Any):
+        optimizers = kwargs.get("optimizers", (None, None))
+        if optimizers and optimizers[0] is not None:
+            raise ValueError("ZOPrOTrainer builds its own (stateless) optimizer; do not pass `optimizers`")
+        self.zo_config = zo_config or ZOConfig()
+        self._zo_mu = _as_tensors(mu)
+        self._zo_v = _as_tensors(v)
+        self.zo: ZOEngine | None = None
+        super().__init__(*args, **kwargs)
+        self.args.max_grad_norm = 0.0  # no gradients to clip
+        self.args.learning_rate = self.zo_config.lr  # logged lr and scheduler base = the ZO lr
+
+    # --- the optimizer seam ---------------------------------------------------------------
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(normalise_key(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def build_engine(self, total_steps: int | None = None) -> ZOEngine:
+        if self.zo is None:
+            named = self._trainable()
+            if not named:
+                raise ValueError("the model has no trainable parameters")
+            self.zo = ZOEngine(named, self._zo_mu, self._zo_v, self.zo_config, total_steps=total_steps)
+            self._zo_mu = self._zo_v = None  # the engine holds float32 device copies
+        elif total_steps is not None:
+            self.zo.state.total_steps = total_steps
+        return self.zo
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            self.optimizer = ZOOptimizer(self.build_engine(), lr=self.zo_config.lr, on_step=self._record)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        self.build_engine(total_steps=int(num_training_steps))
+        return super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        for k, val in metrics.items():
+            self._metrics["train"][k].append(val)
+
+    # --- the update -----------------------------------------------------------------------
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: Any = None) -> torch.Tensor:
+        time_before = time.perf_counter()
+        model.train()
+        engine = self.build_engine()
+        inputs = self._prepare_inputs(inputs)  # RLOO: generation, rewards, KL, advantages (buffered)
+
+        def loss_fn() -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                return self._compute_loss(model, inputs)
+
+        with torch.no_grad():
+            _, loss = engine.estimate(loss_fn)
+        del inputs
+        self._step += 1
+        self._current_train_step_time += time.perf_counter() - time_before
+        if self._step % self.current_gradient_accumulation_steps == 0:
+            self._metrics["train"]["step_time"].append(self._current_train_step_time)
+            self._current_train_step_time = 0.0
+        return torch.tensor(loss / self.current_gradient_accumulation_steps, device=self.args.device)
+
+
+def train_zopro(model: Any, reward_funcs: Any, args: Any, train_dataset: Any, mu: Any, v: Any,
+                zo_config: ZOConfig, processing_class: Any = None, callbacks: list | None = None,
+                reward_processing_classes: Any = None, resume_from_checkpoint: str | bool | None = None,
+                **kwargs: Any) -> ZOPrOTrainer:
+    """Build a :class:`ZOPrOTrainer`, train it (resuming when asked) and return it."""
+    trainer = ZOPrOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                           processing_class=processing_class, callbacks=callbacks,
+                           reward_processing_classes=reward_processing_classes, mu=mu, v=v,
+                           zo_config=zo_config, **kwargs)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return trainer
