@@ -21,9 +21,11 @@ validate(config, "workflow/schemas/config.schema.yaml")
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/base.smk"
+include: "rules/loop.smk"
 
 
 rule all:
     input:
         data_path("train"),
         data_path("test"),
+        expand("results/{m}/evaluation.csv", m=config["loop"]["methods"]),

@@ -1,0 +1,124 @@
+"""Pairwise judges: rule (gold), llm (tiny local causal LM), reward_model (tiny sequence classifier)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from workflow import judges
+from workflow.embedded_task import gold_score
+
+PROMPT = [{"role": "user", "content": "Tell me about the garden."}]
+GOOD = "The garden is lovely and bright."
+BAD = "the river is awful awful"
+
+
+def test_rule_judge_uses_the_gold_function():
+    judge = judges.make_judge({"dataset": {"name": "embedded"}, "judge": {"kind": "rule"}})
+    assert gold_score("Tell me about the garden.", GOOD) > gold_score("Tell me about the garden.", BAD)
+    assert judge.judge([PROMPT, PROMPT], [GOOD, BAD], [BAD, GOOD]) == [0, 1]
+
+
+def test_rule_judge_refuses_non_embedded_data():
+    with pytest.raises(judges.JudgeError, match="embedded"):
+        judges.make_judge({"dataset": {"name": "hh-rlhf"}, "judge": {"kind": "rule"}})
+
+
+def test_model_judges_need_a_model():
+    with pytest.raises(judges.JudgeError, match="judge.model"):
+        judges.make_judge({"dataset": {"name": "hh-rlhf"}, "judge": {"kind": "llm", "model": None}})
+
+
+@pytest.mark.parametrize("text,expected", [("0", 0), (" 1", 1), ("1\n", 1), ("", None), ("01", None),
+                                           ("yes", None), ("2", None)])
+def test_parse_verdict(text, expected):
+    assert judges.parse_verdict(text) == expected
+
+
+class ScriptedLLM(judges.LLMJudge):
+    """The real LLMJudge with ``ask`` replaced: answers like an oracle that knows the GOOD answer."""
+
+    def __init__(self, policy, seed=0):
+        self.seed, self.calls, self.batch_size = seed, 0, 8
+        self.policy = policy
+        self.tokenizer = None
+
+    def question(self, prompt, first, second):
+        return f"{first}\x00{second}"
+
+    def ask(self, texts):
+        return [self.policy(*t.split("\x00")) for t in texts]
+
+
+def test_llm_judge_undoes_the_order_swap():
+    n = 64
+    oracle = ScriptedLLM(lambda first, second: "0" if first == GOOD else "1", seed=3)
+    a = [GOOD if k % 2 else BAD for k in range(n)]
+    b = [BAD if k % 2 else GOOD for k in range(n)]
+    verdicts = oracle.judge([PROMPT] * n, a, b)
+    assert verdicts == [0 if k % 2 else 1 for k in range(n)]          # always points at GOOD
+    assert 0 < sum(oracle.last_swapped) < n                            # and some pairs were swapped
+    # a judge that always says "the first answer shown" reveals the swaps exactly
+    first = ScriptedLLM(lambda first, second: "0", seed=3)
+    verdicts = first.judge([PROMPT] * n, a, b)
+    assert verdicts == [1 if s else 0 for s in first.last_swapped]
+    # seeded: the same swaps again for a judge with the same seed, different ones for another seed
+    assert ScriptedLLM(lambda f, s: "0", seed=3).judge([PROMPT] * n, a, b) == verdicts
+    assert ScriptedLLM(lambda f, s: "0", seed=4).judge([PROMPT] * n, a, b) != verdicts
+
+
+def test_llm_judge_drops_unparseable_answers_and_enforces_the_limit():
+    replies = iter(["0", "maybe", "1", "", "0", "x"])
+    judge = ScriptedLLM(lambda f, s: next(replies))
+    verdicts = judge.judge([PROMPT] * 6, [GOOD] * 6, [BAD] * 6)
+    assert [v is None for v in verdicts] == [False, True, False, True, False, True]
+    assert judges.drop_rate(verdicts) == pytest.approx(0.5)
+    assert judges.check_drop_rate(verdicts, 0.5, "pairs.parquet") == pytest.approx(0.5)
+    with pytest.raises(judges.JudgeError, match=r"pairs\.parquet.*3 of 6.*max_drop_rate"):
+        judges.check_drop_rate(verdicts, 0.4, "pairs.parquet")
+
+
+def test_llm_judge_with_a_real_tiny_model(tiny_base):
+    """tiny_base is no instruction-tuned judge: whatever it generates is parsed, mapped back or dropped."""
+    judge = judges.make_judge({"dataset": {"name": "embedded"},
+                               "judge": {"kind": "llm", "model": tiny_base, "batch_size": 4}}, seed=0)
+    assert isinstance(judge, judges.LLMJudge)
+    verdicts = judge.judge([PROMPT] * 5, [GOOD] * 5, [BAD] * 5)
+    assert len(verdicts) == 5 and len(judge.last_raw) == 5
+    for raw, swapped, verdict in zip(judge.last_raw, judge.last_swapped, verdicts):
+        shown = judges.parse_verdict(raw)
+        assert verdict == (None if shown is None else (1 - shown if swapped else shown))
+    # greedy: asking the same questions again gives the same raw answers
+    texts = [judge.question(PROMPT, GOOD, BAD)] * 2
+    assert judge.ask(texts) == judge.ask(texts)
+
+
+@pytest.fixture(scope="module")
+def tiny_seq_cls(tiny_base, tmp_path_factory):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("seqcls") / "rm"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_reward_model_judge_prefers_the_higher_score(tiny_seq_cls):
+    judge = judges.make_judge({"dataset": {"name": "hh-rlhf"}, "model": {"max_length": 64},
+                               "judge": {"kind": "reward_model", "model": tiny_seq_cls, "batch_size": 2}})
+    answers = [GOOD, BAD, "The garden is calm.", "Nice."]
+    scores = judge.scores([PROMPT] * 4, answers)
+    assert np.isfinite(scores).all() and len(set(np.round(scores, 6))) == 4
+    a, b = answers[:2] + answers[2:], answers[2:] + answers[:2]
+    verdicts = judge.judge([PROMPT] * 4, a, b)
+    sa, sb = judge.scores([PROMPT] * 4, a), judge.scores([PROMPT] * 4, b)
+    assert verdicts == [0 if x >= y else 1 for x, y in zip(sa, sb)]
+    assert judge.judge([PROMPT] * 4, b, a) == [1 - v for v in verdicts]   # no ties here: swapping flips
+    with torch.no_grad():
+        judge.model.score.weight.fill_(float("nan"))
+    assert judge.judge([PROMPT], [GOOD], [BAD]) == [None]

@@ -1,0 +1,297 @@
+"""One policy iteration per method on the tiny base, against a tiny LoRA reward model.
+
+The SFT adapter gets random (non-zero) LoRA B matrices so that "SFT" differs from the bare base:
+that is what makes the reference checks meaningful.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from workflow import policy
+
+CFG = {
+    "seed": 0,
+    "dataset": {"name": "embedded"},
+    "model": {"max_length": 128, "generation_length": 8},
+    "lora": {"r": 4, "alpha": None, "dropout": 0.0, "target_modules": "all-linear"},
+    "snapshots": {"every": 0.5},
+    "loop": {"intraepoch": True, "iteration_fraction": 0.25, "uncertain_fraction": 0.5, "pair_temperature": 0.7},
+    "policy": {"learning_rate": 1e-2, "batch_size": 4, "epochs": 1, "kl_coef": 0.05, "temperature": 1.0,
+               "rloo_k": 2, "clip_range": 0.2},
+    "zopro": {"learning_rate": 1e-3, "eps": 1e-3, "gamma_start": 0.999, "gamma_schedule": "linear",
+              "n_perturbations": 1, "two_sided": True, "weight_decay": 0.0},
+    "reward": {"batch_size": 4, "refine_epochs": 1, "refine_learning_rate": 1e-3},
+    "judge": {"kind": "rule", "max_drop_rate": 0.5, "batch_size": 4},
+}
+
+
+def _perturb_lora(model, seed: int, scale: float = 0.05) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tmp_path_factory):
+    """``{"sft": ..., "sft2": ..., "reward": ..., "reward1": ...}`` adapter folders (tokenizer beside each)."""
+    from peft import get_peft_model
+
+    from workflow.lora import lora_config
+    from workflow.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+
+    root = tmp_path_factory.mktemp("adapters")
+    tok = load_tokenizer(tiny_base, "chat")
+    out = {}
+    for name, seed in (("sft", 1), ("sft2", 2)):
+        torch.manual_seed(seed)
+        model = get_peft_model(load_causal_lm(tiny_base), lora_config(CFG))
+        _perturb_lora(model, seed)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = str(root / name)
+    for name, seed in (("reward", 3), ("reward1", 4)):
+        torch.manual_seed(seed)
+        model = get_peft_model(load_sequence_classifier(tiny_base, tok.pad_token_id), lora_config(CFG, "SEQ_CLS"))
+        _perturb_lora(model, seed)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out
+
+
+def test_iteration_chunks_are_seeded_disjoint_and_wrap():
+    loop = {"intraepoch": True, "iteration_fraction": 0.3}
+    chunks = [policy.iteration_indices(10, i, loop, seed=5) for i in range(4)]
+    assert all(len(c) == 3 for c in chunks)
+    assert len(set(np.concatenate(chunks[:3]))) == 9          # the first three chunks are disjoint
+    assert set(chunks[3]) & set(np.concatenate(chunks[:3]))   # the fourth wraps around
+    assert np.array_equal(chunks[1], policy.iteration_indices(10, 1, loop, seed=5))
+    assert not np.array_equal(chunks[0], policy.iteration_indices(10, 0, loop, seed=6))
+    assert np.array_equal(policy.iteration_indices(10, 2, {"intraepoch": False}, 0), np.arange(10))
+
+
+def test_reward_function_raises_on_nan(tiny_base, adapters):
+    from workflow.models import load_reward_model, load_tokenizer
+
+    tok = load_tokenizer(adapters["reward"], "chat")
+    model = load_reward_model(tiny_base, adapters["reward"])
+    fn = policy.RewardFunction(model, tok, name="rm-test")
+    prompt = [{"role": "user", "content": "Tell me about the garden."}]
+    scores = fn([prompt, prompt], [[{"role": "assistant", "content": "The garden is calm."}], "Nice."])
+    assert len(scores) == 2 and np.isfinite(scores).all()
+    assert len(fn.samples()) == 2
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "score" in name:
+                p.fill_(float("nan"))
+    with pytest.raises(policy.RewardNaNError, match="rm-test"):
+        fn([prompt], ["x"])
+
+
+def _sft_logits(tiny_base, adapter, ids):
+    from workflow.models import load_policy
+
+    with torch.no_grad():
+        return load_policy(tiny_base, adapter).eval()(ids).logits
+
+
+def test_rloo_reference_is_the_sft_adapter(tiny_base, adapters, tmp_path):
+    """The trainer's frozen ``ref`` adapter computes exactly the SFT policy (not policy i-1, not the base)."""
+    from workflow.models import load_policy, load_reward_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_base, "chat")
+    model = load_policy(tiny_base, adapters["sft2"], trainable=True)   # "policy i-1"
+    rm = load_reward_model(tiny_base, adapters["reward"])
+    fn = policy.RewardFunction(rm, load_tokenizer(adapters["reward"], "chat"), name="rm")
+    prompts = [[{"role": "user", "content": f"Tell me about the river {k}."}] for k in range(4)]
+    trainer = policy.build_rloo(model, tok, fn, prompts, CFG, str(tmp_path), 0, [], adapters["sft"])
+    ids = torch.tensor([tok.encode("Tell me about the river.")])
+    with torch.no_grad():
+        trainer.model.set_adapter("ref")
+        ref = trainer.model.eval()(ids).logits
+        trainer.model.set_adapter("default")
+        cur = trainer.model(ids).logits
+    assert torch.allclose(ref, _sft_logits(tiny_base, adapters["sft"], ids), atol=1e-5)
+    assert not torch.allclose(ref, cur, atol=1e-3)
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all(".default." in n for n in trainable)
+
+
+@pytest.mark.parametrize("method", ["rloo", "dpo", "ppo", "zorloo"])
+def test_one_policy_iteration(method, tiny_base, adapters, embedded_frames, tmp_path):
+    from workflow.snapshots import read_index
+
+    iteration = 1 if method == "zorloo" else 0
+    rows = embedded_frames["train"]
+    prompts = policy.iteration_prompts(rows, iteration, CFG, seed=0)[:8]
+    direction = None
+    if method == "zorloo":
+        direction = {"policy_prev": adapters["sft2"], "policy_prev2": adapters["sft"],
+                     "reward_i": adapters["reward1"], "reward_prev": adapters["reward"]}
+    reward = adapters["reward1"] if method == "zorloo" else adapters["reward"]
+    prev = adapters["sft2"] if method == "zorloo" else adapters["sft"]
+    before = policy.adapter_state(prev)
+    rm_before = policy.adapter_state(reward)
+    summary = policy.train_policy(method, iteration, tiny_base, prev, adapters["sft"], reward, prompts,
+                                  tmp_path, copy.deepcopy(CFG), seed=0, task="chat", direction_inputs=direction)
+    assert summary["steps"] >= 1
+    assert summary["trainer"] == {"zorloo": "zopro"}.get(method, method)
+    after = policy.adapter_state(tmp_path / "adapter")
+    assert set(after) == set(before)                      # only the policy adapter is saved
+    assert any(not torch.equal(after[k], before[k]) for k in after)
+    # the reward model is never changed by policy training
+    assert all(torch.equal(v, policy.adapter_state(reward)[k]) for k, v in rm_before.items())
+    index = read_index(tmp_path / "snapshots")
+    assert len(index) >= 2 and index["step"].iloc[0] == 0
+    from safetensors.torch import load_file
+    snap = load_file(str(tmp_path / "snapshots" / index["file"].iloc[-1]))
+    assert set(snap) == set(after)                        # no value model, no ref adapter
+    samples = pd.read_parquet(tmp_path / "samples.parquet")
+    assert {"prompt", "completion", "score"} <= set(samples.columns) and len(samples) >= len(prompts)
+    assert np.isfinite(samples["score"]).all()
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert metrics["method"].iloc[-1] == method
+
+
+def test_unknown_method_is_a_config_error(tiny_base, adapters, tmp_path):
+    with pytest.raises(policy.PolicyConfigError, match="unknown policy method"):
+        policy.train_policy("sgd", 0, tiny_base, adapters["sft"], adapters["sft"], adapters["reward"],
+                            [[{"role": "user", "content": "hi"}]], tmp_path, CFG, 0, "chat")
+
+
+# --------------------------------------------------------------------------------------------
+# pairs, refinement, evaluation table
+# --------------------------------------------------------------------------------------------
+def _samples(rows, n=8):
+    prompts = [list(p) for p in rows["prompt"].iloc[:n]]
+    return pd.DataFrame({"prompt": prompts, "completion": [c[0]["content"] for c in rows["chosen"].iloc[:n]],
+                         "score": np.zeros(n), "step": 0})
+
+
+def _pair_inputs(tiny_base, adapters):
+    from workflow.models import load_policy, load_reward_model, load_tokenizer
+
+    tok = load_tokenizer(adapters["sft"], "chat")
+    model = load_policy(tiny_base, adapters["sft"])
+    rm = load_reward_model(tiny_base, adapters["reward"])
+    return model, tok, policy.RewardFunction(rm, load_tokenizer(adapters["reward"], "chat"), name="rm0")
+
+
+def test_collect_pairs_keeps_the_uncertain_and_orders_by_the_judge(tiny_base, adapters, embedded_frames):
+    from workflow import pairs as pairs_mod
+    from workflow.embedded_task import gold_prefers
+    from workflow.judges import RuleJudge
+
+    model, tok, fn = _pair_inputs(tiny_base, adapters)
+    samples = _samples(embedded_frames["train"])
+    out = pairs_mod.collect_pairs(samples, model, tok, fn, RuleJudge(), CFG, seed=0, where="p.parquet (it 0)")
+    assert 1 <= len(out) <= 4                                    # uncertain_fraction 0.5 of 8 prompts
+    assert set(out["judge"]) == {"rule"} and (out["judge_drop_rate"] == 0).all()
+    for _, row in out.iterrows():
+        text = row["prompt"][-1]["content"]
+        assert gold_prefers(text, row["chosen"][0]["content"], row["rejected"][0]["content"]) == 0
+        assert row["chosen"][0]["role"] == "assistant"
+    scored = fn.score(list(samples["prompt"]), list(samples["completion"]))
+    assert np.abs(out["score_a"]).max() <= np.sort(np.abs(scored))[len(out) - 1] + 1e-6
+
+
+def test_collect_pairs_errors_name_the_file(tiny_base, adapters, embedded_frames):
+    from workflow import judges
+    from workflow import pairs as pairs_mod
+
+    model, tok, fn = _pair_inputs(tiny_base, adapters)
+
+    class Mute(judges.Judge):
+        kind = "llm"
+
+        def judge(self, prompts, a, b):
+            return [None] * len(prompts)
+
+    class Garbage(judges.Judge):
+        kind = "llm"
+
+        def judge(self, prompts, a, b):
+            return [7] * len(prompts)
+
+    samples = _samples(embedded_frames["train"])
+    with pytest.raises(judges.JudgeError, match=r"results/x/iter_3/pairs\.parquet"):
+        pairs_mod.collect_pairs(samples, model, tok, fn, Mute(), CFG, 0, "results/x/iter_3/pairs.parquet")
+    lenient = copy.deepcopy(CFG)
+    lenient["judge"]["max_drop_rate"] = 1.0
+    with pytest.raises(pairs_mod.PairsError, match="no preference pairs left"):
+        pairs_mod.collect_pairs(samples, model, tok, fn, Mute(), lenient, 0, "results/x/iter_3/pairs.parquet")
+    with pytest.raises(pairs_mod.PairsError, match="invalid verdicts"):
+        pairs_mod.collect_pairs(samples, model, tok, fn, Garbage(), CFG, 0, "p")
+    with pytest.raises(pairs_mod.PairsError, match="no samples"):
+        pairs_mod.collect_pairs(samples.iloc[:0], model, tok, fn, Mute(), CFG, 0, "p")
+
+
+def test_refine_reward_with_keep_rm_close(tiny_base, adapters, embedded_frames, tmp_path):
+    from workflow import pairs as pairs_mod
+    from workflow.io import write_parquet
+    from workflow.snapshots import read_index
+
+    rows = embedded_frames["train"].iloc[:8].copy()
+    write_parquet(rows, tmp_path / "pairs.parquet")
+    cfg = copy.deepcopy(CFG)
+    plain = pairs_mod.refine_reward(tiny_base, adapters["reward"], str(tmp_path / "pairs.parquet"), None,
+                                    str(tmp_path / "plain"), cfg, 0, "chat", "w")
+    cfg["loop"].update(keep_rm_close=True, keep_rm_alpha=0.25)
+    close = pairs_mod.refine_reward(tiny_base, adapters["reward"], str(tmp_path / "pairs.parquet"), None,
+                                    str(tmp_path / "close"), cfg, 0, "chat", "w")
+    assert plain["steps"] == close["steps"] >= 1
+    prev = policy.adapter_state(adapters["reward"])
+    new = policy.adapter_state(tmp_path / "plain" / "adapter")
+    mixed = policy.adapter_state(tmp_path / "close" / "adapter")
+    for k in prev:
+        assert torch.allclose(mixed[k], 0.25 * prev[k] + 0.75 * new[k], atol=1e-6)
+    assert len(read_index(tmp_path / "close" / "snapshots")) >= 2
+    assert not list(tmp_path.glob(".*refine*"))                      # scratch removed
+    empty = rows.iloc[:0]
+    write_parquet(empty, tmp_path / "empty.parquet")
+    with pytest.raises(pairs_mod.PairsError, match="no pairs"):
+        pairs_mod.refine_reward(tiny_base, adapters["reward"], str(tmp_path / "empty.parquet"), None,
+                                str(tmp_path / "e"), cfg, 0, "chat", "results/rloo/iter_1/reward")
+
+
+def test_sequence_kl_is_zero_for_the_same_adapter_and_positive_otherwise(tiny_base, adapters):
+    from workflow.loop_eval import sequence_kl
+    from workflow.models import load_tokenizer
+
+    tok = load_tokenizer(adapters["sft"], "chat")
+    prompts = [[{"role": "user", "content": "Tell me about the garden."}]] * 2
+    answers = ["The garden is calm.", "Nice garden."]
+    same = sequence_kl(tiny_base, adapters["sft"], adapters["sft"], tok, prompts, answers)
+    assert np.allclose(same, 0, atol=1e-5)
+    other = sequence_kl(tiny_base, adapters["sft2"], adapters["sft"], tok, prompts, answers)
+    assert np.abs(other).max() > 1e-3
+
+
+def test_evaluation_table(tmp_path):
+    from workflow.loop_eval import TABLE_COLUMNS, evaluation_table
+
+    def summary(path, gold, i):
+        pd.DataFrame([{"n": 4, "gold_mean": gold, "gold_stderr": 0.1, "reward_mean": gold * 2,
+                       "reward_stderr": 0.2, "kl": 0.5 * (i + 1), "iteration": i}]).to_csv(path, index=False)
+        return str(path)
+
+    (tmp_path / "iter_0").mkdir()
+    (tmp_path / "iter_1").mkdir()
+    sft = summary(tmp_path / "sft.csv", 0.3, -1)
+    its = [summary(tmp_path / f"iter_{i}" / "evaluation_summary.csv", 0.4 + i / 10, i) for i in (1, 0)]
+    bench = tmp_path / "rloo_0.tsv"
+    bench.write_text("s\th:m:s\tmax_rss\n12.5\t0:00:12\t850.25\n")
+    table = evaluation_table(sft, its, [str(bench), str(tmp_path / "rloo_1.tsv")])
+    assert list(table.columns) == TABLE_COLUMNS
+    assert list(table["iteration"]) == [-1, 0, 1]
+    assert table["wall_time_s"].iloc[1] == 12.5 and table["peak_mem_mb"].iloc[1] == 850.25
+    assert np.isnan(table["wall_time_s"].iloc[2])
+    assert table["gold_mean"].tolist() == pytest.approx([0.3, 0.4, 0.5])

@@ -1,0 +1,157 @@
+"""Per-iteration evaluation of the loop and the per-method table ``results/{method}/evaluation.csv``.
+
+``evaluate_iteration`` (rule of the same name): policy ``i`` answers the fixed evaluation prompts
+(``workflow.evaluate.evaluate``: ``evaluation.n_prompts`` test prompts, seeded sampling, gold and
+reward scores). The reward column uses **reward model ``i``**, the one policy ``i`` was trained
+against (reward model 0 for the SFT row), so ``reward_mean`` is what the policy optimised and
+``gold_mean`` what it should have optimised. The same seed is used for every iteration, so rows
+are paired samples of one prompt set.
+
+``kl``: mean over the evaluation samples of the sequence log-ratio
+``log pi(answer | prompt) - log pi_SFT(answer | prompt)`` (a Monte Carlo estimate of the
+sequence-level KL(pi || pi_SFT), the quantity the KL penalties constrain). The answers are
+re-tokenised as assistant messages of the chat template, so the closing ``<|im_end|>`` is scored
+too (for answers cut at ``model.generation_length`` that token was not generated: a small bias,
+identical for every method). The SFT row has ``kl = 0`` by definition.
+
+The table has one row per iteration (``-1`` = SFT) with ``gold_mean``, ``gold_stderr``,
+``reward_mean``, ``reward_stderr``, ``kl``, ``wall_time_s`` and ``peak_mem_mb`` (seconds ``s``
+and ``max_rss`` of the ``train_policy`` benchmark file of that iteration; NaN for SFT).
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+TABLE_COLUMNS = ["iteration", "gold_mean", "gold_stderr", "reward_mean", "reward_stderr", "kl",
+                 "wall_time_s", "peak_mem_mb"]
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tokenizer, prompts: list, answers: list[str], batch_size: int = 32) -> np.ndarray:
+    """``log p(answer | prompt)`` summed over the answer tokens (chat template, answer + end token)."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ids, masks = [], []
+        for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
+            prefix = tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(list(p) + [{"role": "assistant", "content": a}], tokenize=False)
+            if not full.startswith(prefix):
+                raise ValueError("chat template does not extend the generation prompt with the answer")
+            p_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+            a_ids = tokenizer(full[len(prefix):], add_special_tokens=False)["input_ids"]
+            ids.append(p_ids + a_ids)
+            masks.append([0] * len(p_ids) + [1] * len(a_ids))
+        width = max(len(x) for x in ids)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
+        attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+        answer_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        out.append((logp * answer_mask[:, 1:]).sum(-1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def sequence_kl(base: str, policy_adapter: str, sft_adapter: str, tokenizer, prompts: list,
+                answers: list[str]) -> np.ndarray:
+    """Per-sample ``log pi - log pi_SFT`` of the answers (one model, two adapters)."""
+    from workflow.models import load_policy
+
+    model = load_policy(base, policy_adapter, trainable=False, adapter_name="policy")
+    model.load_adapter(sft_adapter, adapter_name="sft", is_trainable=False)
+    model.eval()
+    model.set_adapter("policy")
+    policy_lp = sequence_logprobs(model, tokenizer, prompts, answers)
+    model.set_adapter("sft")
+    sft_lp = sequence_logprobs(model, tokenizer, prompts, answers)
+    return policy_lp - sft_lp
+
+
+def run(job) -> None:
+    """Stage function of ``evaluate_iteration`` and ``evaluate_loop_sft``.
+
+    Inputs: ``policy`` adapter, ``sft`` adapter, ``reward`` adapter, ``test`` rows. Outputs:
+    ``samples`` (parquet, one row per answer, with ``kl``) and ``summary`` (CSV, one row).
+    """
+    from workflow.evaluate import evaluate, evaluation_prompts, summarise
+    from workflow.extract import task_of
+    from workflow.io import write_csv, write_parquet
+    from workflow.models import load_policy, load_reward_model, load_tokenizer, read_rows
+
+    cfg = job.config
+    task = task_of(cfg["dataset"]["name"])
+    base = job.params["base"]
+    tokenizer = load_tokenizer(job.input["policy"], task)
+    policy = load_policy(base, job.input["policy"], trainable=False)
+    reward_tokenizer = load_tokenizer(job.input["reward"], task)
+    reward = load_reward_model(base, job.input["reward"], pad_token_id=reward_tokenizer.pad_token_id)
+    prompts = evaluation_prompts(read_rows(job.input["test"]), cfg["evaluation"]["n_prompts"])
+    rows = evaluate(policy, tokenizer, reward, prompts, cfg, job.seed, reward_tokenizer=reward_tokenizer)
+    if not np.isfinite(rows["reward"].to_numpy(dtype=float)).all():
+        raise FloatingPointError(f"{job.output['samples']}: reward model {job.input['reward']} produced "
+                                 "non-finite scores on the evaluation answers")
+    del policy
+    if Path(job.input["policy"]).resolve() == Path(job.input["sft"]).resolve():
+        rows["kl"] = 0.0
+    else:
+        rows["kl"] = sequence_kl(base, job.input["policy"], job.input["sft"], tokenizer,
+                                 list(rows["prompt"]), list(rows["answer"]))
+    summary = summarise(rows)
+    summary["kl"] = float(rows["kl"].mean())
+    summary["iteration"] = int(job.params["iteration"])
+    write_parquet(rows, job.output["samples"])
+    write_csv(summary, job.output["summary"])
+    print(summary.to_string(index=False))
+
+
+def _iteration_of(path: str) -> int:
+    match = re.search(r"iter_(\d+)", str(path))
+    if not match:
+        raise ValueError(f"cannot read the iteration from {path}")
+    return int(match.group(1))
+
+
+def benchmark_numbers(path: str | None) -> tuple[float, float]:
+    """``(s, max_rss)`` of a Snakemake benchmark TSV (NaN when absent or empty)."""
+    if not path or not Path(path).exists():
+        return math.nan, math.nan
+    bench = pd.read_csv(path, sep="\t")
+    if bench.empty:
+        return math.nan, math.nan
+    rss = pd.to_numeric(bench.get("max_rss", pd.Series([math.nan])), errors="coerce")
+    return float(pd.to_numeric(bench["s"], errors="coerce").iloc[-1]), float(rss.iloc[-1])
+
+
+def evaluation_table(sft_summary: str, iteration_summaries: list[str], benchmarks: list[str]) -> pd.DataFrame:
+    """The per-method table (see the module docstring); benchmarks are matched by iteration."""
+    bench_by_iter = {int(re.search(r"_(\d+)\.tsv$", str(b)).group(1)): b for b in benchmarks}
+    rows = []
+    sft = pd.read_csv(sft_summary).iloc[0]
+    rows.append({"iteration": -1, **{k: float(sft[k]) for k in TABLE_COLUMNS[1:6]},
+                 "wall_time_s": math.nan, "peak_mem_mb": math.nan})
+    for path in iteration_summaries:
+        i = _iteration_of(path)
+        summary = pd.read_csv(path).iloc[0]
+        seconds, rss = benchmark_numbers(bench_by_iter.get(i))
+        rows.append({"iteration": i, **{k: float(summary[k]) for k in TABLE_COLUMNS[1:6]},
+                     "wall_time_s": seconds, "peak_mem_mb": rss})
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values("iteration").reset_index(drop=True)
+
+
+def run_table(job) -> None:
+    """Stage function of rule ``evaluation_table``."""
+    from workflow.io import write_csv
+
+    summaries = [v for k, v in job.input.items() if k.startswith("iter_")]
+    benchmarks = list(job.params["benchmarks"])  # params, not inputs: written by Snakemake after each job
+    table = evaluation_table(job.input["sft"], summaries, benchmarks)
+    write_csv(table, job.output["table"])
+    print(table.to_string(index=False))

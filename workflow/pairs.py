@@ -1,0 +1,229 @@
+"""Preference pairs after policy iteration ``i`` (reference section 2, steps 4-5).
+
+1. Take the policy's own rollouts (``results/{method}/iter_{i}/policy/samples.parquet``: prompt
+   messages, completion text, score by reward model ``i`` recorded during training).
+2. Re-score them with reward model ``i`` (PPO's samples were re-sampled, the others come from the
+   trainer; re-scoring makes the column uniform and catches a NaN-producing reward model) and keep
+   the ``loop.uncertain_fraction`` most uncertain ones: **score closest to 0**, as the reference
+   does. A Bradley-Terry reward model is trained on score *differences*, so 0 is its decision
+   boundary only up to an offset; the reference's choice is kept so results are comparable, and
+   the kept scores are written next to the pairs (``score_a``) so the choice can be audited.
+   At most one sample per prompt is kept (the most uncertain), so a pair set never repeats a prompt.
+3. Sample a second answer from policy ``i`` for each kept prompt (``loop.pair_temperature``,
+   ``model.generation_length`` new tokens, seeded).
+4. Ask the judge (``workflow.judges``); pairs without a usable verdict are dropped, and the drop
+   rate must not exceed ``judge.max_drop_rate``. Pairs whose two answers are identical carry no
+   preference and are dropped too (counted separately).
+5. Rows: ``prompt``, ``chosen``, ``rejected`` (dataset row format: ``chosen``/``rejected`` are
+   one-message assistant lists) plus metadata columns ``answer_a`` (the policy sample),
+   ``answer_b`` (the new sample), ``score_a``, ``verdict`` (0 = a better), ``judge``,
+   ``judge_drop_rate``, ``identical_dropped``, ``candidates`` (pairs asked).
+
+An empty pair set is an error that names the file and the iteration (never an empty parquet).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from workflow.judges import Judge, check_drop_rate
+
+
+class PairsError(RuntimeError):
+    """No usable preference pairs."""
+
+
+def select_uncertain(samples: pd.DataFrame, fraction: float) -> pd.DataFrame:
+    """The ``fraction`` most uncertain samples (|score| smallest), one per prompt, at least one."""
+    if samples.empty:
+        return samples
+    frame = samples.copy()
+    frame["_key"] = [repr([(m["role"], m["content"]) for m in p]) for p in frame["prompt"]]
+    frame["_abs"] = frame["score"].abs()
+    frame = frame.sort_values(["_abs", "_key"], kind="stable").drop_duplicates("_key", keep="first")
+    n = max(1, math.ceil(float(fraction) * len(frame) - 1e-9))
+    return frame.head(n).drop(columns=["_key", "_abs"]).reset_index(drop=True)
+
+
+def build_pairs(prompts: list, answers_a: list[str], answers_b: list[str], scores_a: np.ndarray,
+                verdicts: list[int | None], judge_kind: str, drop_rate: float) -> pd.DataFrame:
+    """Pair rows (see module docstring) from judged answers; drops ``None`` and identical pairs."""
+    rows = []
+    identical = 0
+    for p, a, b, s, v in zip(prompts, answers_a, answers_b, scores_a, verdicts):
+        if v is None:
+            continue
+        if a.strip() == b.strip():
+            identical += 1
+            continue
+        chosen, rejected = (a, b) if v == 0 else (b, a)
+        rows.append({
+            "prompt": list(p),
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            "answer_a": a, "answer_b": b, "score_a": float(s), "verdict": int(v),
+        })
+    frame = pd.DataFrame(rows, columns=["prompt", "chosen", "rejected", "answer_a", "answer_b", "score_a", "verdict"])
+    frame["judge"] = judge_kind
+    frame["judge_drop_rate"] = float(drop_rate)
+    frame["identical_dropped"] = identical
+    frame["candidates"] = len(verdicts)
+    return frame
+
+
+def collect_pairs(samples: pd.DataFrame, policy_model, tokenizer, reward_fn, judge: Judge,
+                  cfg: dict[str, Any], seed: int, where: str) -> pd.DataFrame:
+    """Uncertain samples -> second answers -> judged pairs (see module docstring).
+
+    ``reward_fn``: a :class:`workflow.policy.RewardFunction` of reward model ``i`` (raises on NaN);
+    ``where``: the output file and iteration, used in error messages.
+    """
+    from workflow.policy import sample_completions
+
+    if samples.empty:
+        raise PairsError(f"{where}: the policy wrote no samples to collect pairs from")
+    samples = samples.reset_index(drop=True).copy()
+    samples["prompt"] = [list(p) for p in samples["prompt"]]
+    samples["score"] = reward_fn.score(list(samples["prompt"]), list(samples["completion"].astype(str)))
+    kept = select_uncertain(samples, cfg["loop"]["uncertain_fraction"])
+    prompts = list(kept["prompt"])
+    answers_a = [str(c).strip() for c in kept["completion"]]
+    answers_b = [c.strip() for c in sample_completions(
+        policy_model, tokenizer, prompts, cfg["model"]["generation_length"], cfg["loop"]["pair_temperature"], seed)]
+    verdicts = judge.judge(prompts, answers_a, answers_b)
+    if len(verdicts) != len(prompts):
+        raise PairsError(f"{where}: the judge returned {len(verdicts)} verdicts for {len(prompts)} pairs")
+    bad = [v for v in verdicts if v not in (0, 1, None)]
+    if bad:
+        raise PairsError(f"{where}: the judge returned invalid verdicts {bad[:5]} (expected 0, 1 or None)")
+    rate = check_drop_rate(verdicts, cfg["judge"].get("max_drop_rate", 0.5), where)
+    pairs = build_pairs(prompts, answers_a, answers_b, kept["score"].to_numpy(), verdicts, judge.kind, rate)
+    if pairs.empty:
+        identical = sum(a.strip() == b.strip() for a, b in zip(answers_a, answers_b))
+        raise PairsError(
+            f"{where}: no preference pairs left out of {len(prompts)} candidates "
+            f"({sum(v is None for v in verdicts)} dropped by the judge, {identical} with identical answers); "
+            "raise loop.uncertain_fraction / loop.pair_temperature or train on more prompts per iteration"
+        )
+    return pairs
+
+
+def run(job) -> None:
+    """Stage function of rule ``collect_pairs``."""
+    from workflow.extract import task_of
+    from workflow.io import write_parquet
+    from workflow.judges import make_judge
+    from workflow.models import load_policy, load_reward_model, load_tokenizer
+    from workflow.policy import RewardFunction
+
+    cfg = job.config
+    method, iteration = job.wildcards["method"], int(job.wildcards["i"])
+    task = task_of(cfg["dataset"]["name"])
+    base = job.params["base"]
+    out = job.output["pairs"]
+    where = f"{out} ({method} iteration {iteration})"
+    seed = job.seed + 1009 * iteration + 17
+    tokenizer = load_tokenizer(job.input["policy"], task)
+    policy_model = load_policy(base, job.input["policy"], trainable=False)
+    reward_tokenizer = load_tokenizer(job.input["reward"], task)
+    reward = load_reward_model(base, job.input["reward"], pad_token_id=reward_tokenizer.pad_token_id)
+    reward_fn = RewardFunction(reward, reward_tokenizer, name=f"{job.input['reward']} (iteration {iteration})",
+                               max_length=int(cfg["model"]["max_length"]))
+    samples = pd.read_parquet(job.input["samples"])
+    judge = make_judge(cfg, seed=seed)
+    pairs = collect_pairs(samples, policy_model, tokenizer, reward_fn, judge, cfg, seed, where)
+    write_parquet(pairs, out)
+    print(f"{where}: {len(pairs)} pairs, judge drop rate {pairs['judge_drop_rate'].iloc[0]:.3f}, "
+          f"chosen == policy sample in {float((pairs['verdict'] == 0).mean()):.2f}")
+
+
+# --------------------------------------------------------------------------------------------
+# reward refinement: reward model i + pairs i -> reward model i+1
+# --------------------------------------------------------------------------------------------
+HELDOUT_ROWS = 256
+
+
+def average_adapters(previous: str, new: str, alpha: float, out_file: str) -> None:
+    """``alpha * previous + (1 - alpha) * new`` on every tensor of two saved adapters (same keys)."""
+    from safetensors.torch import load_file, save_file
+
+    from workflow.io import atomic_path
+
+    prev = load_file(f"{previous}/adapter_model.safetensors")
+    cur = load_file(f"{new}/adapter_model.safetensors")
+    if set(prev) != set(cur):
+        raise ValueError(f"keep_rm_close: adapters {previous} and {new} have different tensors")
+    mixed = {k: (float(alpha) * prev[k].float() + (1.0 - float(alpha)) * cur[k].float()).to(cur[k].dtype).contiguous()
+             for k in cur}
+    with atomic_path(out_file) as tmp:
+        save_file(mixed, str(tmp), metadata={"format": "pt"})
+
+
+def refine_reward(base: str, reward_adapter: str, pairs_path: str, test_path: str | None, out_dir: str,
+                  cfg: dict[str, Any], seed: int, task: str, where: str) -> dict[str, Any]:
+    """Continue reward model ``i`` on pairs ``i`` (``workflow.reward.train_reward``); with
+    ``loop.keep_rm_close`` the saved adapter is ``alpha * previous + (1 - alpha) * refined``
+    (``loop.keep_rm_alpha``). Snapshots and metrics are those of the refinement itself."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from workflow.models import read_rows
+    from workflow.reward import train_reward
+
+    pairs = read_rows(pairs_path)
+    if pairs.empty:
+        raise PairsError(f"{where}: {pairs_path} holds no pairs to refine the reward model on")
+    rows = pairs[["prompt", "chosen", "rejected"]].reset_index(drop=True)
+    heldout = read_rows(test_path).head(HELDOUT_ROWS) if test_path else None
+    rcfg = cfg["reward"]
+    out = Path(out_dir)
+    loop = cfg["loop"]
+    if not loop.get("keep_rm_close", False):
+        summary = train_reward(base, reward_adapter, rows, heldout, out, cfg, rcfg["refine_epochs"],
+                               rcfg["refine_learning_rate"], seed, task, batch_size=rcfg.get("batch_size"))
+        return summary
+    scratch = out.parent / f".{out.name}.refine"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        summary = train_reward(base, reward_adapter, rows, heldout, scratch, cfg, rcfg["refine_epochs"],
+                               rcfg["refine_learning_rate"], seed, task, batch_size=rcfg.get("batch_size"))
+        alpha = float(loop.get("keep_rm_alpha", 0.5))
+        average_adapters(reward_adapter, str(scratch / "adapter"), alpha, str(scratch / "adapter" / "adapter_model.safetensors"))
+        out.mkdir(parents=True, exist_ok=True)
+        from workflow.io import atomic_dir
+
+        for name in ("snapshots", "adapter"):
+            with atomic_dir(out / name) as tmp:
+                os.rmdir(tmp)
+                os.replace(scratch / name, tmp)
+        summary["keep_rm_alpha"] = alpha
+        import pandas as pd
+
+        metrics = pd.read_csv(scratch / "metrics.csv")
+        metrics["keep_rm_alpha"] = alpha
+        from workflow.io import write_csv
+
+        write_csv(metrics, out / "metrics.csv")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return summary
+
+
+def run_refine(job) -> None:
+    """Stage function of rule ``refine_reward``."""
+    from pathlib import Path
+
+    from workflow.extract import task_of
+
+    cfg = job.config
+    method, iteration = job.wildcards["method"], int(job.wildcards["i"])
+    out_dir = Path(job.output["adapter"]).parent
+    where = f"{out_dir} ({method} reward model {iteration})"
+    summary = refine_reward(job.params["base"], job.input["reward"], job.input["pairs"], job.input.get("test"),
+                            str(out_dir), cfg, job.seed + 1009 * iteration + 31, task_of(cfg["dataset"]["name"]),
+                            where)
+    print(summary)

@@ -1,0 +1,484 @@
+"""Policy learning, one loop iteration: ``ppo``, ``dpo`` (online DPO), ``rloo`` and ``zorloo`` via trl 1.12.
+
+Iteration ``i`` trains policy ``i`` against reward model ``i`` (docs/design.md, "Iterations").
+
+Adapters and the KL reference
+-----------------------------
+The trainable adapter (PEFT name ``default``) is loaded from policy ``i-1`` (the SFT adapter for
+``i = 0``). The KL reference must be the frozen **SFT policy**, not the base model and not policy
+``i-1``. trl's own PEFT defaults would get this wrong from iteration 1 on (RLOO copies the
+*initial* adapter as its reference, i.e. policy ``i-1``; PPO and online DPO disable the adapters,
+i.e. the bare base model), so each method is wired explicitly:
+
+* ``rloo`` / ``zorloo``: ``RLOOTrainer`` adds a frozen ``ref`` adapter (a copy of ``default``)
+  and computes reference log-probs with it; right after construction the ``ref`` tensors are
+  overwritten with the SFT adapter's (:func:`load_adapter_weights`, every tensor checked).
+* ``ppo``: the SFT adapter is loaded as a second, frozen adapter ``ref`` on the same PeftModel and
+  ``PPOConfig.ref_adapter_name="ref"`` makes PPO switch to it for the reference forward pass.
+* ``dpo``: ``OnlineDPOTrainer`` takes an explicit ``ref_model``: base + SFT adapter, frozen
+  (one extra copy of the base weights; fine for the sizes this project trains on one device).
+
+Only the ``default`` adapter is saved (``adapter/``) and snapshotted (the ``ref`` tensors are
+frozen, and snapshots hold trainable tensors only).
+
+Reward
+------
+``rloo``, ``zorloo`` and ``dpo`` get a :class:`RewardFunction` callable: it scores
+``prompt + completion`` with the LoRA reward model ``i`` (``workflow.reward.reward_scores``, the
+same text rendering the reward model was trained on), **raises** on a NaN score (trl would
+otherwise turn NaN into 0 silently) and records every scored rollout. Those records are the
+trainer's own rollouts and become ``samples.parquet``. ``ppo`` needs a sequence-classification
+model object (``get_reward`` reads the backbone and ``score`` head directly), so it gets the reward
+model with its LoRA merged (``merge_and_unload``), and its value model is a separate, trainable
+deep copy of that merged model (PPO never changes the reward model). PPO's rollouts are not
+exposed, so for ``ppo`` ``samples.parquet`` is re-sampled after training from the final policy on
+the iteration's prompts (``policy.rloo_k`` samples each, ``policy.temperature``), then scored the
+same way.
+
+Prompts per iteration
+---------------------
+:func:`iteration_prompts`: with ``loop.intraepoch`` each iteration takes chunk ``i`` of one seeded
+permutation of the training prompts (chunk size ``ceil(loop.iteration_fraction * n)``, wrapping
+around the end), otherwise all prompts (``policy.epochs`` epochs over them).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+METHODS = ("ppo", "dpo", "rloo", "zorloo")
+
+
+class PolicyConfigError(ValueError):
+    """The loop/policy configuration cannot be run."""
+
+
+class RewardNaNError(FloatingPointError):
+    """The reward model produced a non-finite score."""
+
+
+# --------------------------------------------------------------------------------------------
+# prompts
+# --------------------------------------------------------------------------------------------
+def iteration_indices(n_rows: int, iteration: int, loop_cfg: dict[str, Any], seed: int) -> np.ndarray:
+    """Row indices of the prompts iteration ``iteration`` trains on (see the module docstring)."""
+    if n_rows <= 0:
+        raise PolicyConfigError("there are no training prompts")
+    if not loop_cfg.get("intraepoch", False):
+        return np.arange(n_rows)
+    fraction = float(loop_cfg.get("iteration_fraction", 0.05))
+    size = max(1, min(n_rows, math.ceil(fraction * n_rows - 1e-9)))
+    order = np.random.default_rng(int(seed)).permutation(n_rows)
+    start = int(iteration) * size
+    return order[(start + np.arange(size)) % n_rows]
+
+
+def iteration_prompts(rows: pd.DataFrame, iteration: int, cfg: dict[str, Any], seed: int) -> list[list[dict]]:
+    """Prompt message lists of iteration ``iteration``."""
+    idx = iteration_indices(len(rows), iteration, cfg.get("loop", {}), seed)
+    return [list(rows["prompt"].iloc[int(k)]) for k in idx]
+
+
+def completion_text(completion: Any) -> str:
+    """Text of a trl completion (a string or a list of assistant messages)."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(m["content"]) for m in completion)
+
+
+# --------------------------------------------------------------------------------------------
+# reward
+# --------------------------------------------------------------------------------------------
+class RewardFunction:
+    """Reward callable for trl: LoRA reward model scores, NaN check, rollout recording."""
+
+    def __init__(self, model, tokenizer, name: str, batch_size: int = 32, max_length: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.batch_size = int(batch_size)
+        self.max_length = max_length
+        self.records: list[dict[str, Any]] = []
+        self.__name__ = "reward_model"
+
+    def score(self, prompts: Sequence[Sequence[dict]], completions: Sequence[str]) -> np.ndarray:
+        from workflow.reward import reward_scores
+
+        if not len(prompts):
+            return np.zeros(0)
+        scores = reward_scores(self.model, self.tokenizer, [list(p) for p in prompts], list(completions),
+                               batch_size=self.batch_size, max_length=self.max_length)
+        bad = ~np.isfinite(scores)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise RewardNaNError(
+                f"reward model {self.name} produced a non-finite score ({scores[k]}) for {int(bad.sum())} of "
+                f"{len(scores)} completions, e.g. prompt {list(prompts[k])[-1]['content']!r} -> "
+                f"{completions[k]!r}; the reward adapter is broken (diverged training?): retrain it"
+            )
+        return scores
+
+    def __call__(self, prompts, completions, step: int | None = None, **kwargs) -> list[float]:
+        texts = [completion_text(c) for c in completions]
+        scores = self.score(prompts, texts)
+        state = kwargs.get("trainer_state")
+        step = int(getattr(state, "global_step", 0)) if state is not None else (step or 0)
+        for p, c, s in zip(prompts, texts, scores):
+            self.records.append({"prompt": list(p), "completion": c, "score": float(s), "step": step})
+        return [float(s) for s in scores]
+
+    def samples(self) -> pd.DataFrame:
+        return pd.DataFrame(self.records, columns=["prompt", "completion", "score", "step"])
+
+
+# --------------------------------------------------------------------------------------------
+# adapters
+# --------------------------------------------------------------------------------------------
+def adapter_state(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a saved PEFT adapter, keyed by ``workflow.snapshots.normalise_key``."""
+    from safetensors.torch import load_file
+
+    from workflow.snapshots import normalise_key
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"no adapter weights in {adapter_dir} (expected adapter_model.safetensors)")
+    return {normalise_key(k): v for k, v in load_file(str(path)).items()}
+
+
+@torch.no_grad()
+def load_adapter_weights(model, adapter_name: str, adapter_dir: str | os.PathLike) -> int:
+    """Copy the saved adapter of ``adapter_dir`` into the (existing) adapter ``adapter_name`` of ``model``.
+
+    Every LoRA tensor of ``adapter_name`` must be found in the file; returns how many were copied.
+    """
+    from workflow.snapshots import normalise_key
+
+    state = adapter_state(adapter_dir)
+    marker = f".{adapter_name}."
+    copied, missing = 0, []
+    for name, param in model.named_parameters():
+        if marker not in name:
+            continue
+        key = normalise_key(name)
+        if key not in state:
+            missing.append(key)
+            continue
+        if state[key].shape != param.shape:
+            raise ValueError(f"adapter {adapter_dir}: {key} has shape {tuple(state[key].shape)}, "
+                             f"the model's {adapter_name!r} adapter {tuple(param.shape)}")
+        param.data.copy_(state[key].to(param.device, param.dtype))
+        copied += 1
+    if missing or not copied:
+        raise ValueError(f"adapter {adapter_dir} does not match adapter {adapter_name!r} of the model "
+                         f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, copied {copied})")
+    return copied
+
+
+def trainable_count(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# generation
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompts: Sequence[Sequence[dict]], max_new_tokens: int,
+                       temperature: float, seed: int, batch_size: int = 32) -> list[str]:
+    """One sampled completion (text, special tokens removed) per prompt."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(int(seed))
+    out: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+                     for p in prompts[start:start + batch_size]]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            generated = model.generate(
+                **enc, do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0,
+                max_new_tokens=int(max_new_tokens), pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            out.extend(tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    finally:
+        torch.random.set_rng_state(generator_state)
+        model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# trainers
+# --------------------------------------------------------------------------------------------
+class PolicySnapshotCallback:
+    """``SnapshotCallback`` that snapshots only the policy of PPO's policy-and-value wrapper."""
+
+    def __new__(cls, every: float, out_dir):
+        from workflow.snapshots import SnapshotCallback
+
+        class _Policy(SnapshotCallback):
+            def _save(self, state, model):
+                super()._save(state, getattr(model, "policy", model))
+
+        return _Policy(every, out_dir)
+
+
+def _common_args(scratch: str, cfg: dict[str, Any], seed: int, n_prompts: int) -> dict[str, Any]:
+    from workflow.sft import trainer_kwargs
+
+    pcfg = cfg["policy"]
+    return trainer_kwargs(scratch, pcfg["epochs"], pcfg["learning_rate"], pcfg["batch_size"], seed,
+                          logging_steps=1)
+
+
+def _rloo_args(scratch, cfg, seed, n_prompts, config_cls=None):
+    from trl import RLOOConfig
+
+    config_cls = config_cls or RLOOConfig
+    pcfg = cfg["policy"]
+    k = int(pcfg["rloo_k"])
+    batch = int(pcfg["batch_size"])
+    if batch % k:
+        raise PolicyConfigError(f"policy.batch_size ({batch}) must be a multiple of policy.rloo_k ({k}): "
+                                "every batch holds whole groups of k samples per prompt")
+    kwargs = _common_args(scratch, cfg, seed, n_prompts)
+    kwargs.update(
+        num_generations=k,
+        max_completion_length=int(cfg["model"]["generation_length"]),
+        temperature=float(pcfg["temperature"]),
+        top_k=0, top_p=1.0,
+        beta=float(pcfg["kl_coef"]),
+        epsilon=float(pcfg["clip_range"]),
+        steps_per_generation=1,
+        num_iterations=1,
+        log_completions=False,
+        disable_dropout=True,
+    )
+    return config_cls(**kwargs)
+
+
+def build_rloo(model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callbacks, sft_adapter):
+    from datasets import Dataset
+    from trl import RLOOTrainer
+
+    args = _rloo_args(scratch, cfg, seed, len(prompts))
+    trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": prompts}),
+                          processing_class=tokenizer, callbacks=callbacks)
+    _set_rloo_reference(trainer, sft_adapter)
+    return trainer
+
+
+def _set_rloo_reference(trainer, sft_adapter: str) -> None:
+    """Point the RLOO trainer's frozen ``ref`` adapter at the SFT weights (see module docstring)."""
+    model = trainer.model
+    if float(trainer.beta) == 0.0:
+        return
+    if "ref" not in getattr(model, "peft_config", {}):
+        raise RuntimeError("RLOOTrainer created no 'ref' adapter: the KL reference would not be the SFT policy")
+    load_adapter_weights(model, "ref", sft_adapter)
+    for name, param in model.named_parameters():
+        if ".ref." in name:
+            param.requires_grad_(False)
+
+
+def build_zorloo(model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callbacks, sft_adapter,
+                 direction_inputs: dict[str, str]):
+    """ZOPrO trainer (iteration >= 1): ``workflow.zopro.ZOPrOTrainer`` with ``mu`` and ``v``.
+
+    ``direction_inputs``: adapter folders ``policy_prev`` (i-1), ``policy_prev2`` (i-2, SFT for
+    i = 1), ``reward_i`` and ``reward_prev`` (i-1). The ZO learning rate is ``zopro.learning_rate``
+    with a constant schedule (the reference behaviour).
+    """
+    from datasets import Dataset
+
+    from workflow.zopro import ZOPrOTrainer, load_direction_inputs
+    from workflow.zopro_direction import ZOConfig
+
+    args = _rloo_args(scratch, cfg, seed, len(prompts))
+    args.lr_scheduler_type = "constant"
+    args.learning_rate = float(cfg["zopro"]["learning_rate"])
+    mu, v = load_direction_inputs(direction_inputs["policy_prev"], direction_inputs["policy_prev2"],
+                                  direction_inputs["reward_i"], direction_inputs["reward_prev"])
+    trainer = ZOPrOTrainer(model=model, reward_funcs=reward_fn, args=args,
+                           train_dataset=Dataset.from_dict({"prompt": prompts}),
+                           processing_class=tokenizer, callbacks=callbacks,
+                           mu=mu, v=v, zo_config=ZOConfig.from_config(cfg, seed=seed))
+    _set_rloo_reference(trainer, sft_adapter)
+    return trainer
+
+
+def build_dpo(model, ref_model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callbacks):
+    from datasets import Dataset
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    pcfg = cfg["policy"]
+    kwargs = _common_args(scratch, cfg, seed, len(prompts))
+    kwargs.update(
+        max_new_tokens=int(cfg["model"]["generation_length"]),
+        max_length=int(cfg["model"]["max_length"]),
+        temperature=float(pcfg["temperature"]),
+        top_k=0, top_p=1.0,
+        beta=[float(pcfg["kl_coef"])],
+        disable_dropout=True,
+        remove_unused_columns=False,
+    )
+    args = OnlineDPOConfig(**kwargs)
+    return OnlineDPOTrainer(model=model, ref_model=ref_model, reward_funcs=reward_fn, args=args,
+                            train_dataset=Dataset.from_dict({"prompt": prompts}),
+                            processing_class=tokenizer, reward_processing_classes=None, callbacks=callbacks)
+
+
+def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch, seed, callbacks):
+    from datasets import Dataset
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    pcfg = cfg["policy"]
+    kwargs = _common_args(scratch, cfg, seed, len(prompts))
+    kwargs.update(
+        response_length=int(cfg["model"]["generation_length"]),
+        temperature=float(pcfg["temperature"]),
+        kl_coef=float(pcfg["kl_coef"]),
+        cliprange=float(pcfg["clip_range"]),
+        num_ppo_epochs=1,
+        num_mini_batches=1,
+        gradient_accumulation_steps=1,
+        local_rollout_forward_batch_size=int(pcfg["batch_size"]),
+        total_episodes=int(math.ceil(float(pcfg["epochs"]) * len(prompts))),
+        num_sample_generations=0,
+        stop_token="eos",
+        missing_eos_penalty=None,
+        ref_adapter_name="ref",
+        model_adapter_name="default",
+        remove_unused_columns=False,
+    )
+    args = PPOConfig(**kwargs)
+    ids = [tokenizer.apply_chat_template(list(p), tokenize=True, add_generation_prompt=True, return_dict=False)
+           for p in prompts]
+    ids = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in ids]
+    train = Dataset.from_dict({"input_ids": ids})
+    eval_ds = Dataset.from_dict({"input_ids": ids[: max(1, min(len(ids), int(pcfg["batch_size"])))]})
+    return PPOTrainer(args=args, processing_class=tokenizer, model=model, ref_model=None,
+                      reward_model=reward_model, train_dataset=train, value_model=value_model,
+                      eval_dataset=eval_ds, callbacks=callbacks)
+
+
+# --------------------------------------------------------------------------------------------
+# one iteration
+# --------------------------------------------------------------------------------------------
+def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str, sft_adapter: str,
+                 reward_adapter: str, prompts: list, out_dir: str | os.PathLike, cfg: dict[str, Any],
+                 seed: int, task: str, direction_inputs: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train policy ``iteration`` and write ``out_dir/{adapter,snapshots,metrics.csv,samples.parquet}``."""
+    from transformers import set_seed
+
+    from workflow.io import atomic_dir, write_csv, write_parquet
+    from workflow.models import load_policy, load_reward_model, load_tokenizer
+    from workflow.sft import log_rows, scratch_dir
+
+    if method not in METHODS:
+        raise PolicyConfigError(f"unknown policy method {method!r}; expected one of {', '.join(METHODS)}")
+    if not prompts:
+        raise PolicyConfigError(f"policy {method} iteration {iteration}: no training prompts")
+    out = Path(out_dir)
+    set_seed(int(seed))
+    pcfg = cfg["policy"]
+    tokenizer = load_tokenizer(base_path, task)
+    tokenizer.padding_side = "left"
+    reward_tokenizer = load_tokenizer(reward_adapter, task)
+    model = load_policy(base_path, prev_adapter, trainable=True)
+    reward = load_reward_model(base_path, reward_adapter, trainable=False,
+                               pad_token_id=reward_tokenizer.pad_token_id)
+    for p in reward.parameters():
+        p.requires_grad_(False)
+    max_len = int(cfg["model"]["max_length"])
+    reward_fn = RewardFunction(reward, reward_tokenizer, name=f"{reward_adapter} (iteration {iteration})",
+                               batch_size=max(32, int(pcfg["batch_size"])), max_length=max_len)
+    zo = method == "zorloo" and int(iteration) >= 1
+    kind = "zopro" if zo else ("rloo" if method == "zorloo" else method)
+    start = time.time()
+    with scratch_dir(out / "adapter") as scratch, atomic_dir(out / "snapshots") as snaps, \
+            atomic_dir(out / "adapter") as adapter:
+        callbacks = [PolicySnapshotCallback(cfg["snapshots"]["every"], snaps)]
+        if kind == "rloo":
+            trainer = build_rloo(model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callbacks, sft_adapter)
+        elif kind == "zopro":
+            if not direction_inputs:
+                raise PolicyConfigError(f"zorloo iteration {iteration} needs the mu/v adapters as inputs")
+            trainer = build_zorloo(model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callbacks,
+                                   sft_adapter, direction_inputs)
+        elif kind == "dpo":
+            ref_model = load_policy(base_path, sft_adapter, trainable=False)
+            for p in ref_model.parameters():
+                p.requires_grad_(False)
+            trainer = build_dpo(model, ref_model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callbacks)
+        else:  # ppo
+            model.load_adapter(sft_adapter, adapter_name="ref", is_trainable=False)
+            model.set_adapter("default")
+            merged = reward.merge_and_unload()
+            merged.eval()
+            value = copy.deepcopy(merged)
+            for p in value.parameters():
+                p.requires_grad_(True)
+            reward_fn.model = merged
+            trainer = build_ppo(model, tokenizer, merged, value, prompts, cfg, scratch, seed, callbacks)
+        result = trainer.train()
+        policy = model
+        policy.set_adapter("default")
+        policy.save_pretrained(adapter, selected_adapters=["default"])
+        tokenizer.save_pretrained(adapter)
+        if kind == "ppo":
+            k = int(pcfg["rloo_k"])
+            rep = [p for p in prompts for _ in range(k)]
+            texts = sample_completions(policy, tokenizer, rep, cfg["model"]["generation_length"],
+                                       pcfg["temperature"], seed + 7919)
+            reward_fn(rep, texts, step=int(trainer.state.global_step))
+        samples = reward_fn.samples()
+        if samples.empty:
+            raise RuntimeError(f"policy {method} iteration {iteration}: the trainer scored no rollouts")
+        steps = int(trainer.state.global_step)
+        summary = {
+            "stage": "policy", "method": method, "iteration": int(iteration), "trainer": kind,
+            "prompts": len(prompts), "steps": steps,
+            "train_loss": float(getattr(result, "training_loss", float("nan")) if result is not None else float("nan")),
+            "sample_reward_mean": float(samples["score"].mean()),
+            "runtime_s": time.time() - start,
+        }
+        write_parquet(samples, out / "samples.parquet")
+        metrics = log_rows(trainer.state.log_history)
+        metrics = pd.concat([metrics, pd.DataFrame([{"step": steps, **summary}])], ignore_index=True)
+        write_csv(metrics, out / "metrics.csv")
+    return summary
+
+
+def run(job) -> None:
+    """Stage function of rule ``train_policy``."""
+    from workflow.extract import task_of
+    from workflow.models import read_rows
+
+    cfg = job.config
+    method = job.wildcards["method"]
+    iteration = int(job.wildcards["i"])
+    out_dir = Path(job.output["adapter"]).parent
+    rows = read_rows(job.input["train"])
+    prompts = iteration_prompts(rows, iteration, cfg, job.seed)
+    direction = None
+    if method == "zorloo" and iteration >= 1:
+        direction = {"policy_prev": job.input["prev_policy"], "policy_prev2": job.input["policy_prev2"],
+                     "reward_i": job.input["reward"], "reward_prev": job.input["reward_prev"]}
+    summary = train_policy(method, iteration, job.params["base"], job.input["prev_policy"], job.input["sft"],
+                           job.input["reward"], prompts, out_dir, cfg, job.seed + 1009 * iteration,
+                           task_of(cfg["dataset"]["name"]), direction_inputs=direction)
+    print(summary)
