@@ -22,6 +22,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/base.smk"
 include: "rules/loop.smk"
+include: "rules/plots.smk"
 
 
 rule all:
