@@ -55,7 +55,7 @@ def test_plot_stage_writes_figures_html_and_metrics(tmp_path):
             "metrics_iterations.parquet", "coordinates.parquet", "summary.json"} <= names
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    html = (out / "pca_3d.html").read_text()
+    html = (out / "tsne_3d.html").read_text()
     assert not re.search(r"<script[^>]+src=[\"']?(https?:)?//", html, re.I)
     assert len(html) > 1_000_000 and "Plotly" in html  # plotly.js embedded
     steps = pd.read_parquet(out / "metrics.parquet")

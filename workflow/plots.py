@@ -111,15 +111,15 @@ def analyse(policy_dirs: list[str], reward_dirs: list[str], opts: dict[str, Any]
 def coordinates_table(res: dict[str, Any]) -> pd.DataFrame:
     frames = []
     for name, t in res["trajectories"].items():
-        df = pd.DataFrame({"model": name, "row": np.arange(len(t)), "iteration": t.iteration,
-                           "snapshot": t.snapshot, "step": t.steps, "progress": t.progress()})
+        cols = {"model": name, "row": np.arange(len(t)), "iteration": t.iteration,
+                "snapshot": t.snapshot, "step": t.steps, "progress": t.progress()}
         for (method, k), emb in res["embeddings"].items():
             for d in range(k):
-                df[f"{method}{k}d_{d}"] = emb[name][:, d]
+                cols[f"{method}{k}d_{d}"] = emb[name][:, d]
         red = res["reduced"][name]
         for d in range(red.shape[1]):
-            df[f"reduced_{d}"] = red[:, d]
-        frames.append(df)
+            cols[f"reduced_{d}"] = red[:, d]
+        frames.append(pd.DataFrame(cols))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -301,30 +301,53 @@ def replay_keep_rm(x: np.ndarray, traj: Trajectory, alpha: float) -> np.ndarray:
     return x
 
 
+@dataclasses.dataclass
+class Layout:
+    """Byte offset and dtype of every used tensor in every snapshot file of a trajectory
+    (compact arrays: headers are parsed once, not kept as objects)."""
+
+    keys: list[str]
+    begin: np.ndarray  # (n_files, n_keys) int64
+    dtype: np.ndarray  # (n_files, n_keys) index into DTYPE_NAMES
+
+
+DTYPE_NAMES = list(_DTYPES)
+
+
+def layout(traj: Trajectory, keys: dict[str, TensorInfo]) -> Layout:
+    """Read every header of ``traj`` once; every file must hold ``keys`` with their shapes."""
+    names = list(keys)
+    begin = np.zeros((len(traj), len(names)), dtype=np.int64)
+    dtype = np.zeros((len(traj), len(names)), dtype=np.int8)
+    for row, f in enumerate(traj.files):
+        header = read_header(f)
+        for j, k in enumerate(names):
+            info = header.get(k)
+            if info is None or info.shape != keys[k].shape:
+                raise IncompleteTrajectoryError(
+                    f"{f}: tensor {k} is missing or has another shape than in {traj.files[0]}")
+            if info.dtype not in _DTYPES:
+                raise ValueError(f"{f}: unsupported dtype {info.dtype} of {k}")
+            begin[row, j] = info.begin
+            dtype[row, j] = DTYPE_NAMES.index(info.dtype)
+    return Layout(names, begin, dtype)
+
+
 def read_chunk(traj: Trajectory, key: str, start: int, stop: int,
-               keep_rm_alpha: float | None = None) -> np.ndarray:
+               keep_rm_alpha: float | None = None, lay: Layout | None = None) -> np.ndarray:
     """Elements ``[start, stop)`` of tensor ``key`` in every snapshot of ``traj``: (n, stop-start)."""
     out = np.empty((len(traj), stop - start), dtype=np.float32)
+    if lay is None:
+        lay = layout(traj, {key: read_header(traj.files[0])[key]})
+    j = lay.keys.index(key)
     for row, f in enumerate(traj.files):
-        info = _header_cache(f).get(key)
-        if info is None:
-            raise IncompleteTrajectoryError(f"{f}: tensor {key} is missing")
+        name = DTYPE_NAMES[lay.dtype[row, j]]
+        size = np.dtype(_DTYPES[name]).itemsize
+        info = TensorInfo(name, (stop,), int(lay.begin[row, j]), int(lay.begin[row, j]) + stop * size)
         out[row] = read_elements(f, info, start, stop)
     if keep_rm_alpha is not None:
         replay_keep_rm(out, traj, float(keep_rm_alpha))
     return out
-
-
-_HEADERS: dict[Path, dict[str, TensorInfo]] = {}
-
-
-def _header_cache(path: Path) -> dict[str, TensorInfo]:
-    h = _HEADERS.get(path)
-    if h is None:
-        if len(_HEADERS) > 4096:
-            _HEADERS.clear()
-        h = _HEADERS[path] = read_header(path)
-    return h
 
 
 ChunkHook = Callable[[str, int, dict[str, np.ndarray]], None]
@@ -345,9 +368,10 @@ def stream(trajectories: dict[str, Trajectory], keys: dict[str, TensorInfo], dim
     total = sum(info.numel for info in keys.values())
     dim = int(min(dim, total))
     reduced = {name: np.zeros((len(t), dim)) for name, t in trajectories.items()}
+    lays = {name: layout(t, keys) for name, t in trajectories.items()}
     all_chunks = list(chunks(keys, chunk))
     for n, (key, c, start, stop) in enumerate(all_chunks):
-        data = {name: read_chunk(t, key, start, stop, keep_rm.get(name))
+        data = {name: read_chunk(t, key, start, stop, keep_rm.get(name), lays[name])
                 for name, t in trajectories.items()}
         block = projection_block(seed, key, c, stop - start, dim)
         for name, x in data.items():
@@ -403,10 +427,15 @@ def embed(matrix: np.ndarray, method: str, n_components: int, seed: int = 0) -> 
         if n < 3:
             y = x[:, :k] - x[:, :k].mean(0)
         else:
+            from threadpoolctl import threadpool_limits
+
             perplexity = float(max(1.0, min(30.0, (n - 1) / 3.0)))
-            y = TSNE(n_components=n_components, perplexity=perplexity, init="pca",
-                     random_state=seed, method="barnes_hut" if n_components < 4 else "exact",
-                     max_iter=1000).fit_transform(x)
+            # one OpenMP thread: on a few hundred points it is as fast, and busy-waiting OpenMP
+            # threads slow t-SNE down ~10x on a shared, oversubscribed node
+            with threadpool_limits(limits=1, user_api="openmp"):
+                y = TSNE(n_components=n_components, perplexity=perplexity, init="pca",
+                         random_state=seed, method="barnes_hut" if n_components < 4 else "exact",
+                         max_iter=1000).fit_transform(x)
     elif method == "umap":
         import umap
         y = umap.UMAP(n_components=n_components, n_neighbors=max(2, min(15, n - 1)),
