@@ -1,0 +1,81 @@
+"""The workflow as a user drives it: lint, dry runs, config validation, the SLURM profile."""
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+import yaml
+
+from smk import REPO, snakemake
+
+
+def test_lint_is_clean(tmp_path):
+    result = snakemake(tmp_path, "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Lints for" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("target", ["all", "results/zorloo/plots", "results/compare/plots"])
+def test_dry_run_of_main_targets(tmp_path, target):
+    result = snakemake(tmp_path, "-n", "--cores", "2", target)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Job stats" in result.stdout
+
+
+def test_schema_violation_stops_before_any_job_and_names_the_key(tmp_path):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["loop"]["uncertain_fraction"] = 1.5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "--cores", "1", "--configfile", str(bad), "results/data/embedded/train.parquet")
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "uncertain_fraction" in out and "1.5" in out
+    assert not (tmp_path / "results").exists()
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["zopro"]["epsilon"] = 0.1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", "--configfile", str(bad))
+    assert result.returncode != 0
+    assert "epsilon" in result.stdout + result.stderr
+
+
+def test_example_real_model_config_validates_and_plans(tmp_path):
+    example = REPO / "config" / "examples" / "llama-3.2-1b-hh-rlhf.yaml"
+    result = snakemake(tmp_path, "-n", "--configfile", str(example), "results/zorloo/plots")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "base_model" not in re.findall(r"^rule (\w+):", out, flags=re.M), "a real model must not build the tiny base"
+    assert "results/data/hh-rlhf/train.parquet" in out
+
+
+def _dry_run_jobs(out: str) -> dict[str, list[dict[str, str]]]:
+    """Rule name -> resources of each planned job, parsed from a dry run's job listing."""
+    jobs: dict[str, list[dict[str, str]]] = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        head = re.match(r"(?:local)?rule (\w+):", block)
+        res = re.search(r"resources: (.+)", block)
+        if head and res:
+            pairs = dict(kv.split("=", 1) for kv in re.split(r",\s*", res.group(1).strip()) if "=" in kv)
+            jobs.setdefault(head.group(1), []).append(pairs)
+    return jobs
+
+
+def test_slurm_profile_dry_run_assigns_gpus_and_memory(tmp_path):
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    result = snakemake(tmp_path, "-n", "--profile", str(tmp_path / "profiles" / "slurm"), "results/zorloo/plots")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    jobs = _dry_run_jobs(out)
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())["set-resources"]
+    for rule in ("sft", "reward_initial", "train_policy", "refine_reward", "collect_pairs"):
+        assert rule in jobs, f"{rule} missing from the plan"
+        for resources in jobs[rule]:
+            assert resources["gpu"] == str(profile[rule]["gpu"])
+            assert resources["mem_mb"] == str(profile[rule]["mem_mb"])
+            assert resources["slurm_partition"] == profile[rule]["slurm_partition"]
