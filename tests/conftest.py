@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 EMBEDDED_ROWS = {"train": 64, "test": 32}
 TINY_BASE_CFG = {
     "vocab_size": 360, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
-    "epochs": 2, "learning_rate": 3e-3, "batch_size": 16, "max_length": 128,
+    "epochs": 1, "learning_rate": 3e-3, "batch_size": 16, "max_length": 128,
 }
 
 

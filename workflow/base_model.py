@@ -158,7 +158,7 @@ def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], cfg: dict[str, An
                 ema = value if ema is None else 0.95 * ema + 0.05 * value
                 step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{ema:.3f}")
+                bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
     model.eval()
     seconds = time.perf_counter() - start
     log.info("pretrained %d steps in %.1f s, final loss %.4f", step, seconds, ema)

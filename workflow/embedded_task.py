@@ -33,7 +33,7 @@ Data design
 -----------
 ``chosen`` answers are always on topic and well formed, but draw their adjectives from a *mixed*
 distribution (``CHOSEN_MIX``: mostly positive and neutral, some negative), so supervised fine-tuning
-on them gives a policy in the upper middle of the range (about 0.55) that RL can push towards 1.
+on them gives a policy in the upper middle of the range (about 0.55 on average in the data) that RL can push towards 1.
 ``rejected`` answers are clearly worse (by at least ``MIN_GAP`` gold points, so no ties): more
 negative adjectives, off-topic, or malformed (lower-case, no final stop, repeated words).
 """
@@ -76,7 +76,7 @@ ANSWER_TEMPLATES = (
 WEIGHTS = {"topic": 0.25, "sentiment": 0.50, "form": 0.25}
 MIN_WORDS, MAX_WORDS = 3, 14
 MIN_GAP = 0.2                          # chosen beats rejected by at least this many gold points
-CHOSEN_MIX = (0.45, 0.35, 0.20)        # P(positive, neutral, negative) of a chosen adjective
+CHOSEN_MIX = (0.40, 0.30, 0.30)        # P(positive, neutral, negative) of a chosen adjective
 REJECTED_MIX = (0.10, 0.30, 0.60)      # same for rejected answers of the "negative" kind
 REJECTED_KINDS = ("negative", "off_topic", "malformed")
 REJECTED_KIND_P = (0.5, 0.25, 0.25)

@@ -1,0 +1,20 @@
+# The tiny base causal LM of the embedded task (only built when config model.name is null;
+# every stage takes it through base_model_input() / base_model_path() in common.smk).
+
+
+rule base_model:
+    input:
+        train=data_path("train"),
+    output:
+        model=directory("results/base"),
+    params:
+        **config["base_model"],
+    log:
+        "logs/base_model/base_model.log",
+    benchmark:
+        "results/benchmarks/base_model/base_model.tsv"
+    threads: 2
+    resources:
+        **train_resources(),
+    script:
+        "../scripts/build_base_model.py"
