@@ -193,8 +193,10 @@ class UpdateAccumulator:
         al = self.al
         self.n += P.shape[1]
         if al.n_steps:
-            dp = P[al.p_to].astype(np.float64) - P[al.p_from]
-            dr = R[al.r_to].astype(np.float64) - R[al.r_from]
+            dp = P[al.p_to].astype(np.float64)
+            dp -= P[al.p_from]
+            dr = R[al.r_to].astype(np.float64)
+            dr -= R[al.r_from]
             self.pp += np.einsum("ij,ij->i", dp, dp)
             self.rr += np.einsum("ij,ij->i", dr, dr)
             self.pr += np.einsum("ij,ij->i", dp, dr)

@@ -28,8 +28,10 @@ out), so policy and reward live in one common reduced space.
 trajectory of each refinement. With ``keep_rm_alpha = a``, every snapshot ``s`` of reward
 iteration ``i >= 1`` is replaced by ``a * prev + (1 - a) * s`` where ``prev`` is the (already
 replayed) last snapshot of reward iteration ``i - 1``; iteration 0 is left as is. This is the
-averaging the refinement applies to its final adapter, replayed on every intermediate snapshot,
-so the drawn path ends at the averaged model. It is applied to the exact weights (before the
+averaging the refinement applies to its final adapter (workflow/pairs.py), replayed on every
+intermediate snapshot: since refinement i starts from the saved (averaged) adapter of i - 1, the
+replayed first snapshot of each iteration is that adapter and the replayed last snapshot is
+exactly the averaged adapter the refinement saves. It is applied to the exact weights (before the
 projection and before the interplay metrics).
 """
 from __future__ import annotations
