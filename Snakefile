@@ -21,6 +21,9 @@ validate(config, "workflow/schemas/config.schema.yaml")
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/base.smk"
+include: "rules/sft.smk"
+include: "rules/reward.smk"
+include: "rules/evaluate.smk"
 include: "rules/loop.smk"
 include: "rules/plots.smk"
 
@@ -29,4 +32,7 @@ rule all:
     input:
         data_path("train"),
         data_path("test"),
+        "results/reward/iter_0/metrics.csv",
+        "results/sft/evaluation.parquet",
+        "results/base_eval/evaluation_summary.csv",
         expand("results/{m}/evaluation.csv", m=config["loop"]["methods"]),

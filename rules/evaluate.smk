@@ -1,0 +1,48 @@
+# Evaluation of the SFT policy and of the untrained base model on the first
+# evaluation.n_prompts held-out test prompts: sampled answers scored by the gold judge
+# (embedded task) and by reward model 0. One row per sample + a summary with standard errors.
+# workflow.evaluate.run takes named inputs test, reward and (optional) adapter: any rule with
+# those inputs and outputs samples/summary can reuse scripts/evaluate_policy.py.
+
+
+rule evaluate_policy:
+    input:
+        adapter="results/sft/adapter",
+        reward="results/reward/iter_0/adapter",
+        test=data_path("test"),
+        **({"base": base_model_input()} if base_model_input() else {}),
+    output:
+        samples="results/sft/evaluation.parquet",
+        summary="results/sft/evaluation_summary.csv",
+    params:
+        base=base_model_path(),
+    log:
+        "logs/evaluate_policy/sft.log",
+    benchmark:
+        "results/benchmarks/evaluate_policy/sft.tsv"
+    threads: 4
+    resources:
+        **train_resources(),
+    script:
+        "../scripts/evaluate_policy.py"
+
+
+rule evaluate_base:
+    input:
+        reward="results/reward/iter_0/adapter",
+        test=data_path("test"),
+        **({"base": base_model_input()} if base_model_input() else {}),
+    output:
+        samples="results/base_eval/evaluation.parquet",
+        summary="results/base_eval/evaluation_summary.csv",
+    params:
+        base=base_model_path(),
+    log:
+        "logs/evaluate_base/base.log",
+    benchmark:
+        "results/benchmarks/evaluate_base/base.tsv"
+    threads: 4
+    resources:
+        **train_resources(),
+    script:
+        "../scripts/evaluate_policy.py"

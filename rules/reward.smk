@@ -1,0 +1,26 @@
+# Reward model of iteration 0: a LoRA sequence-classification head on the base model,
+# Bradley-Terry on chosen vs rejected (score regression for rows with a `score`, e.g. MT).
+# Held-out pairwise accuracy on the test split is in metrics.csv (heldout_accuracy).
+# Reward models 1..N-1 are refined per method in rules/loop.smk (workflow.reward.train_reward).
+
+
+rule reward_initial:
+    input:
+        train=data_path("train"),
+        test=data_path("test"),
+        **({"base": base_model_input()} if base_model_input() else {}),
+    output:
+        adapter=directory("results/reward/iter_0/adapter"),
+        snapshots=directory("results/reward/iter_0/snapshots"),
+        metrics="results/reward/iter_0/metrics.csv",
+    params:
+        base=base_model_path(),
+    log:
+        "logs/reward_initial/iter_0.log",
+    benchmark:
+        "results/benchmarks/reward_initial/iter_0.tsv"
+    threads: 4
+    resources:
+        **train_resources(),
+    script:
+        "../scripts/train_reward.py"

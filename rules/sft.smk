@@ -1,0 +1,23 @@
+# Supervised fine-tuning: a LoRA adapter on the base causal LM trained on prompt + chosen
+# (loss on the answer tokens only). Stage folder results/sft (docs/design.md).
+
+
+rule sft:
+    input:
+        train=data_path("train"),
+        **({"base": base_model_input()} if base_model_input() else {}),
+    output:
+        adapter=directory("results/sft/adapter"),
+        snapshots=directory("results/sft/snapshots"),
+        metrics="results/sft/metrics.csv",
+    params:
+        base=base_model_path(),
+    log:
+        "logs/sft/sft.log",
+    benchmark:
+        "results/benchmarks/sft/sft.tsv"
+    threads: 4
+    resources:
+        **train_resources(),
+    script:
+        "../scripts/train_sft.py"

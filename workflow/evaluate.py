@@ -1,0 +1,142 @@
+"""Evaluation of a policy on a fixed set of held-out prompts.
+
+For each of the first ``evaluation.n_prompts`` test prompts, ``evaluation.samples_per_prompt``
+answers are sampled (``evaluation.temperature``, ``model.generation_length`` new tokens, seeded)
+and scored by the gold judge (:func:`gold_scorer`) and by a reward model. One row per sample
+(``prompt_index``, ``sample``, ``prompt`` messages, ``prompt_text``, ``answer``, ``gold``,
+``reward``); the summary has ``n``, ``gold_mean``, ``gold_stderr``, ``reward_mean``,
+``reward_stderr`` (stderr = sample standard deviation / sqrt(n)).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from workflow.io import write_csv, write_parquet
+from workflow.models import last_user_text, load_policy, load_reward_model, load_tokenizer, read_rows
+from workflow.reward import reward_scores
+
+
+def gold_scorer(config: dict[str, Any]) -> Callable[[str, str], float] | None:
+    """The gold judge ``(prompt_text, answer_text) -> float`` of the configured dataset, or ``None``.
+
+    The embedded task has an exact gold function. Other datasets have no gold judge here, so
+    their gold scores are NaN; a configured external judge can be plugged in at this hook.
+    """
+    if config.get("dataset", {}).get("name") == "embedded":
+        from workflow.embedded_task import gold_score
+
+        return gold_score
+    return None
+
+
+@torch.no_grad()
+def generate(policy_model, tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int,
+             temperature: float, seed: int, batch_size: int = 64) -> list[str]:
+    """Sample one answer per prompt (message lists) with the tokenizer's chat template; seeded."""
+    device = next(policy_model.parameters()).device
+    was_training = policy_model.training
+    policy_model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    torch.manual_seed(int(seed))
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    answers: list[str] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start:start + batch_size], add_special_tokens=False, padding=True,
+                            return_tensors="pt").to(device)
+            out = policy_model.generate(
+                **enc, do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0,
+                max_new_tokens=int(max_new_tokens), pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new = out[:, enc["input_ids"].shape[1]:]
+            answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+        policy_model.train(was_training)
+    return answers
+
+
+def evaluate(policy_model, tokenizer, reward_model, prompts: list[list[dict[str, str]]], cfg: dict[str, Any],
+             seed: int, reward_tokenizer=None, gold: Callable[[str, str], float] | None = None) -> pd.DataFrame:
+    """Sample answers to ``prompts`` and score them; one row per (prompt, sample).
+
+    ``reward_model=None`` leaves the reward column NaN; ``gold`` defaults to ``gold_scorer(cfg)``.
+    """
+    ecfg = cfg.get("evaluation", {})
+    k = int(ecfg.get("samples_per_prompt", 1))
+    expanded = [list(p) for p in prompts for _ in range(k)]
+    answers = generate(policy_model, tokenizer, expanded, cfg["model"]["generation_length"],
+                       ecfg.get("temperature", 1.0), seed)
+    gold = gold if gold is not None else gold_scorer(cfg)
+    texts = [last_user_text(p) for p in expanded]
+    gold_values = [float(gold(t, a)) if gold else math.nan for t, a in zip(texts, answers)]
+    if reward_model is not None:
+        rewards = reward_scores(reward_model, reward_tokenizer or tokenizer, expanded, answers,
+                                max_length=cfg["model"].get("max_length"))
+    else:
+        rewards = np.full(len(answers), np.nan)
+    return pd.DataFrame({
+        "prompt_index": [i for i in range(len(prompts)) for _ in range(k)],
+        "sample": [j for _ in range(len(prompts)) for j in range(k)],
+        "prompt": expanded,
+        "prompt_text": texts,
+        "answer": answers,
+        "gold": np.asarray(gold_values, dtype=float),
+        "reward": np.asarray(rewards, dtype=float),
+    })
+
+
+def _mean_stderr(values: pd.Series) -> tuple[float, float]:
+    values = values.dropna().to_numpy(dtype=float)
+    if len(values) == 0:
+        return math.nan, math.nan
+    stderr = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+    return float(values.mean()), stderr
+
+
+def summarise(rows: pd.DataFrame) -> pd.DataFrame:
+    """One-row summary: ``n``, gold and reward mean and standard error."""
+    gold_mean, gold_stderr = _mean_stderr(rows["gold"])
+    reward_mean, reward_stderr = _mean_stderr(rows["reward"])
+    return pd.DataFrame([{
+        "n": len(rows), "gold_mean": gold_mean, "gold_stderr": gold_stderr,
+        "reward_mean": reward_mean, "reward_stderr": reward_stderr,
+    }])
+
+
+def evaluation_prompts(test_rows: pd.DataFrame, n_prompts: int) -> list[list[dict[str, str]]]:
+    """The fixed evaluation set: the first ``n_prompts`` held-out prompts."""
+    return [list(p) for p in test_rows["prompt"].iloc[:int(n_prompts)]]
+
+
+def run(job) -> None:
+    """Stage function of ``evaluate_policy`` / ``evaluate_base``.
+
+    Inputs: ``test`` rows, ``reward`` adapter, optional ``adapter`` (the policy; absent = the
+    bare base model). Params: ``base`` path. Outputs: ``samples`` parquet, ``summary`` CSV.
+    """
+    from workflow.extract import task_of
+
+    cfg = job.config
+    task = task_of(cfg["dataset"]["name"])
+    base = job.params["base"]
+    adapter = job.input.get("adapter") or None
+    tokenizer = load_tokenizer(adapter or base, task)
+    policy = load_policy(base, adapter, trainable=False)
+    reward_tokenizer = load_tokenizer(job.input["reward"], task)
+    reward = load_reward_model(base, job.input["reward"], pad_token_id=reward_tokenizer.pad_token_id)
+    prompts = evaluation_prompts(read_rows(job.input["test"]), cfg["evaluation"]["n_prompts"])
+    rows = evaluate(policy, tokenizer, reward, prompts, cfg, job.seed, reward_tokenizer=reward_tokenizer)
+    write_parquet(rows, job.output["samples"])
+    summary = summarise(rows)
+    write_csv(summary, job.output["summary"])
+    print(summary.to_string(index=False))

@@ -1,0 +1,124 @@
+"""Loading helpers: tokenizers, base models, policy and reward adapters, preference rows."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from workflow import runtime
+
+
+def torch_dtype() -> torch.dtype:
+    """bf16 on a GPU that supports it, fp32 everywhere else (``workflow.runtime.use_bf16``)."""
+    return torch.bfloat16 if runtime.use_bf16() else torch.float32
+
+
+def load_tokenizer(path: str, task: str):
+    """Tokenizer of ``path`` with the task's chat template and a pad token."""
+    from workflow.templates import prepare_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prepared = prepare_tokenizer(tokenizer, task)
+    return prepared if prepared is not None else tokenizer
+
+
+def load_causal_lm(path: str, dtype: torch.dtype | None = None):
+    """The base causal LM of ``path`` (folder or hub id) on the runtime device."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch_dtype())
+    return model.to(runtime.device())
+
+
+def load_policy(base_path: str, adapter_path: str | None, trainable: bool = False,
+                adapter_name: str = "default"):
+    """Base causal LM plus the LoRA adapter of ``adapter_path`` (plain ``PeftModel``).
+
+    With ``adapter_path=None`` the bare base model is returned (e.g. to evaluate it).
+    """
+    from peft import PeftModel
+
+    base = load_causal_lm(base_path)
+    if adapter_path is None:
+        return base
+    model = PeftModel.from_pretrained(base, adapter_path, adapter_name=adapter_name, is_trainable=trainable)
+    if not trainable:
+        model.eval()
+    return model
+
+
+def _pad_token_id(*paths: str | None) -> int | None:
+    for path in paths:
+        if path and os.path.exists(os.path.join(path, "tokenizer_config.json")):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            if pad is not None:
+                return int(pad)
+    return None
+
+
+def load_sequence_classifier(base_path: str, pad_token_id: int | None = None, dtype: torch.dtype | None = None):
+    """The base model with a fresh 1-label ``score`` head (the reward model before its adapter)."""
+    model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=dtype or torch_dtype())
+    if pad_token_id is None:
+        pad_token_id = _pad_token_id(base_path)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model.to(runtime.device())
+
+
+def load_reward_model(base_path: str, adapter_path: str, trainable: bool = False,
+                      pad_token_id: int | None = None):
+    """Reward model: 1-label sequence classifier on the base plus its LoRA adapter and head.
+
+    ``config.pad_token_id`` comes from the tokenizer saved with the adapter (else the base's).
+    """
+    from peft import PeftModel
+
+    if pad_token_id is None:
+        pad_token_id = _pad_token_id(adapter_path, base_path)
+    base = load_sequence_classifier(base_path, pad_token_id)
+    model = PeftModel.from_pretrained(base, adapter_path, is_trainable=trainable)
+    if not trainable:
+        model.eval()
+    return model
+
+
+def as_messages(value: Any) -> list[dict[str, str]]:
+    """A list of ``{"role", "content"}`` dicts from a parquet cell (numpy arrays of dicts)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in list(value)]
+
+
+def read_rows(path: str) -> pd.DataFrame:
+    """Preference rows of ``path`` with plain-Python message lists."""
+    rows = pd.read_parquet(path)
+    for column in ("prompt", "chosen", "rejected"):
+        if column in rows:
+            rows[column] = [as_messages(v) for v in rows[column]]
+    if "score" in rows:
+        rows["score"] = rows["score"].astype(float)
+    return rows.reset_index(drop=True)
+
+
+def last_user_text(prompt: list[dict[str, str]]) -> str:
+    """Text of the last user message of a prompt (what gold scorers take)."""
+    for message in reversed(prompt):
+        if message["role"] == "user":
+            return message["content"]
+    return prompt[-1]["content"] if prompt else ""
+
+
+def answer_text(answer: list[dict[str, str]]) -> str:
+    """Concatenated content of answer messages."""
+    return "".join(m["content"] for m in answer)
+
+
+def has_scores(rows: pd.DataFrame) -> bool:
+    """True when ``rows`` carry a usable numeric ``score`` column (e.g. MT direct assessment)."""
+    return "score" in rows and bool(np.isfinite(rows["score"].to_numpy(dtype=float)).any())

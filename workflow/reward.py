@@ -1,0 +1,198 @@
+"""Reward models: a LoRA sequence-classification head (1 label) on the base model.
+
+Objectives:
+- pairs (default): Bradley-Terry, ``-log sigmoid(r(chosen) - r(rejected))`` (trl ``RewardTrainer``);
+- rows with a ``score`` column (MT direct-assessment z-scores), ``reward.score_objective``:
+  - ``regression``: mean squared error between ``r(prompt + chosen)`` and the row's score; the
+    rejected answer is not used (the score replaces the pair, as in the reference system);
+  - ``margin``: Bradley-Terry with the score as the required margin (trl's ``margin`` column).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import set_seed
+
+from workflow.io import atomic_dir, write_csv
+from workflow.lora import lora_config
+from workflow.models import has_scores, load_reward_model, load_sequence_classifier, load_tokenizer, read_rows
+from workflow.sft import log_rows, scratch_dir, trainer_kwargs
+from workflow.snapshots import SnapshotCallback
+
+
+def _trl():
+    from trl import RewardConfig, RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    return RewardConfig, RewardTrainer, DataCollatorForPreference
+
+
+def make_trainer_class():
+    """``RewardTrainer`` with the ``regression`` objective (a ``score`` column, MSE on chosen)."""
+    _, RewardTrainer, DataCollatorForPreference = _trl()
+
+    class ScoreCollator(DataCollatorForPreference):
+        def torch_call(self, examples):
+            batch = super().torch_call(examples)
+            if "score" in examples[0]:
+                batch["score"] = torch.tensor([float(e["score"]) for e in examples], dtype=torch.float)
+            return batch
+
+    class ScoreRewardTrainer(RewardTrainer):
+        """Bradley-Terry as in trl; with a ``score`` in the batch, MSE of r(chosen) on the score."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.data_collator = ScoreCollator(pad_token_id=self.processing_class.pad_token_id,
+                                               pad_to_multiple_of=self.args.pad_to_multiple_of)
+
+        def _set_signature_columns_if_needed(self):
+            if self._signature_columns is None:
+                self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "score"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if "score" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            score = inputs.pop("score")
+            mode = "train" if self.model.training else "eval"
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            chosen, rejected = torch.chunk(outputs.logits.squeeze(-1).float(), chunks=2)
+            loss = nn.functional.mse_loss(chosen, score.to(chosen.device))
+            with torch.no_grad():
+                self._metrics[mode]["mse"].append(loss.item())
+                self._metrics[mode]["accuracy"].append((chosen > rejected).float().mean().item())
+                self._metrics[mode]["mean_reward"].append(chosen.mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return ScoreRewardTrainer
+
+
+def reward_dataset(rows: pd.DataFrame, objective: str | None = None) -> Dataset:
+    """Conversational preference dataset (explicit prompt); adds ``score`` (regression) or
+    ``margin`` (margin objective) when the rows carry scores."""
+    data = {"prompt": list(rows["prompt"]), "chosen": list(rows["chosen"]), "rejected": list(rows["rejected"])}
+    if objective and has_scores(rows):
+        scores = rows["score"].astype(float).fillna(0.0).tolist()
+        data["score" if objective == "regression" else "margin"] = scores
+    return Dataset.from_dict(data)
+
+
+def _texts(tokenizer, prompts, answers) -> list[str]:
+    return [tokenizer.apply_chat_template(list(p) + list(a), tokenize=False) for p, a in zip(prompts, answers)]
+
+
+@torch.no_grad()
+def reward_scores(model, tokenizer, prompts: list, answers: list, batch_size: int = 32,
+                  max_length: int | None = None) -> np.ndarray:
+    """Reward of each ``prompt + answer`` (message lists; a string answer is one assistant message)."""
+    answers = [[{"role": "assistant", "content": a}] if isinstance(a, str) else a for a in answers]
+    texts = _texts(tokenizer, prompts, answers)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    out = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start:start + batch_size], add_special_tokens=False, padding=True,
+                            truncation=max_length is not None, max_length=max_length, return_tensors="pt")
+            logits = model(input_ids=enc["input_ids"].to(device),
+                           attention_mask=enc["attention_mask"].to(device)).logits
+            out.append(logits.squeeze(-1).float().cpu())
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def pairwise_accuracy(model, tokenizer, rows: pd.DataFrame, batch_size: int = 32) -> float:
+    """Fraction of rows whose chosen answer gets a higher reward than the rejected one (ties: 1/2)."""
+    chosen = reward_scores(model, tokenizer, list(rows["prompt"]), list(rows["chosen"]), batch_size)
+    rejected = reward_scores(model, tokenizer, list(rows["prompt"]), list(rows["rejected"]), batch_size)
+    return float(np.mean((chosen > rejected) + 0.5 * (chosen == rejected)))
+
+
+def train_reward(base_path: str, init_adapter: str | None, train_rows: pd.DataFrame,
+                 eval_rows: pd.DataFrame | None, out_dir: str | os.PathLike, cfg: dict[str, Any],
+                 epochs: float, learning_rate: float, seed: int, task: str,
+                 batch_size: int | None = None, max_steps: int = -1) -> dict[str, Any]:
+    """Train a reward model and write ``out_dir/{adapter,snapshots,metrics.csv}`` atomically.
+
+    ``init_adapter``: continue from that reward adapter (LoRA and ``score`` head), e.g. to refine
+    reward model i into i+1 on judged pairs; ``None`` starts a fresh LoRA + head on the base.
+    ``train_rows``/``eval_rows``: preference rows (``prompt``, ``chosen``, ``rejected`` message
+    lists; optional ``score``). The objective is Bradley-Terry, or ``reward.score_objective`` when
+    the training rows carry scores. Returns the summary, with ``heldout_accuracy`` (pairwise
+    accuracy on ``eval_rows``, NaN without them) and ``initial_heldout_accuracy``.
+    """
+    out = Path(out_dir)
+    rcfg = cfg.get("reward", {})
+    batch_size = int(batch_size or rcfg.get("batch_size", 16))
+    objective = rcfg.get("score_objective", "regression") if has_scores(train_rows) else None
+    set_seed(int(seed))
+    tokenizer = load_tokenizer(init_adapter or base_path, task)
+    if init_adapter:
+        model, peft_config = load_reward_model(base_path, init_adapter, trainable=True,
+                                               pad_token_id=tokenizer.pad_token_id), None
+    else:
+        model = load_sequence_classifier(base_path, tokenizer.pad_token_id)
+        peft_config = lora_config(cfg, "SEQ_CLS")
+    RewardConfig, _, _ = _trl()
+    trainer_cls = make_trainer_class()
+    start = time.time()
+    with scratch_dir(out / "adapter") as scratch, atomic_dir(out / "snapshots") as snaps, \
+            atomic_dir(out / "adapter") as adapter:
+        args = RewardConfig(**trainer_kwargs(
+            scratch, epochs, learning_rate, batch_size, seed,
+            max_length=int(cfg["model"]["max_length"]), dataset_num_proc=None, max_steps=max_steps,
+            disable_dropout=True,
+        ))
+        trainer = trainer_cls(
+            model=model, args=args, train_dataset=reward_dataset(train_rows, objective),
+            processing_class=tokenizer, peft_config=peft_config,
+            callbacks=[SnapshotCallback(cfg["snapshots"]["every"], snaps)],
+        )
+        initial = pairwise_accuracy(trainer.model, tokenizer, eval_rows) if eval_rows is not None else float("nan")
+        result = trainer.train()
+        final = pairwise_accuracy(trainer.model, tokenizer, eval_rows) if eval_rows is not None else float("nan")
+        trainer.model.save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)
+        summary = {
+            "stage": "reward",
+            "objective": objective or "bradley_terry",
+            "init_adapter": init_adapter or "",
+            "rows": len(train_rows),
+            "heldout_rows": 0 if eval_rows is None else len(eval_rows),
+            "steps": int(trainer.state.global_step),
+            "train_loss": float(result.training_loss),
+            "initial_heldout_accuracy": initial,
+            "heldout_accuracy": final,
+            "runtime_s": time.time() - start,
+        }
+        metrics = log_rows(trainer.state.log_history)
+        metrics = pd.concat([metrics, pd.DataFrame([{"step": summary["steps"], **summary}])], ignore_index=True)
+        write_csv(metrics, out / "metrics.csv")
+    return summary
+
+
+def run(job) -> None:
+    """Stage function of rule ``reward_initial`` (reward model of iteration 0)."""
+    from workflow.extract import task_of
+
+    cfg = job.config
+    out_dir = Path(job.output["adapter"]).parent
+    assert Path(job.output["snapshots"]).parent == out_dir and Path(job.output["metrics"]).parent == out_dir
+    rcfg = cfg["reward"]
+    summary = train_reward(job.params["base"], None, read_rows(job.input["train"]), read_rows(job.input["test"]),
+                           out_dir, cfg, rcfg["epochs"], rcfg["learning_rate"], job.seed,
+                           task_of(cfg["dataset"]["name"]), batch_size=rcfg["batch_size"])
+    print(summary)

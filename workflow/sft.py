@@ -1,0 +1,154 @@
+"""Supervised fine-tuning: a LoRA adapter on the base causal LM, trained on prompt + chosen.
+
+Rows become trl's conversational prompt-completion format (``prompt`` = the prompt messages,
+``completion`` = the chosen answer messages); with ``completion_only_loss`` the loss covers the
+answer tokens only (the chat template's assistant header belongs to the prompt).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from datasets import Dataset
+from transformers import set_seed
+
+from workflow import runtime
+from workflow.io import atomic_dir, write_csv
+from workflow.lora import lora_config
+from workflow.models import load_causal_lm, load_tokenizer, read_rows
+from workflow.snapshots import SnapshotCallback
+
+
+def trainer_kwargs(output_dir: str, epochs: float, learning_rate: float, batch_size: int, seed: int,
+                   **extra: Any) -> dict[str, Any]:
+    """Arguments every training stage gives its trl config: no checkpoints, no reporting,
+    bf16 on GPU / fp32 on CPU, CPU when no GPU, seeded, tqdm progress, frequent logging."""
+    kwargs = dict(
+        output_dir=output_dir,
+        num_train_epochs=float(epochs),
+        learning_rate=float(learning_rate),
+        per_device_train_batch_size=int(batch_size),
+        per_device_eval_batch_size=int(batch_size),
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        seed=int(seed),
+        data_seed=int(seed),
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        logging_strategy="steps",
+        logging_steps=0.02,            # a ratio: about 50 log rows per run
+        logging_first_step=True,
+        disable_tqdm=False,
+        bf16=runtime.use_bf16(),
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+    )
+    kwargs.update(extra)
+    return kwargs
+
+
+@contextlib.contextmanager
+def scratch_dir(near: str | os.PathLike) -> Any:
+    """A temporary folder for the Trainer's ``output_dir`` beside ``near``, always removed."""
+    parent = Path(near).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=".trainer.", dir=parent)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def sft_dataset(rows: pd.DataFrame) -> Dataset:
+    """Conversational prompt-completion dataset: prompt messages -> chosen answer messages."""
+    return Dataset.from_dict({"prompt": list(rows["prompt"]), "completion": list(rows["chosen"])})
+
+
+def build_sft_trainer(model, tokenizer, train_rows: pd.DataFrame, cfg: dict[str, Any], output_dir: str,
+                      epochs: float, learning_rate: float, batch_size: int, seed: int,
+                      callbacks: list | None = None, peft_config=None, **extra: Any):
+    """The configured ``trl.SFTTrainer`` (completion-only loss, no packing, LoRA when ``peft_config``)."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(**trainer_kwargs(
+        output_dir, epochs, learning_rate, batch_size, seed,
+        max_length=int(cfg["model"]["max_length"]),
+        completion_only_loss=True,
+        packing=False,
+        dataset_num_proc=None,
+        **extra,
+    ))
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=sft_dataset(train_rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
+def log_rows(log_history: list[dict[str, Any]]) -> pd.DataFrame:
+    """Trainer log history as a table (one row per logged step)."""
+    rows = pd.DataFrame(log_history)
+    if "step" in rows:
+        rows.insert(0, "step", rows.pop("step"))
+    return rows
+
+
+def train_sft(base_path: str, train_rows: pd.DataFrame, out_dir: str | os.PathLike, cfg: dict[str, Any],
+              epochs: float, learning_rate: float, batch_size: int, seed: int, task: str,
+              max_steps: int = -1) -> dict[str, Any]:
+    """Train the SFT LoRA adapter; writes ``out_dir/{adapter,snapshots,metrics.csv}`` atomically.
+
+    Returns the summary (steps, final train loss, runtime, rows).
+    """
+    out = Path(out_dir)
+    set_seed(int(seed))
+    tokenizer = load_tokenizer(base_path, task)
+    model = load_causal_lm(base_path)
+    start = time.time()
+    with scratch_dir(out / "adapter") as scratch, atomic_dir(out / "snapshots") as snaps, \
+            atomic_dir(out / "adapter") as adapter:
+        trainer = build_sft_trainer(
+            model, tokenizer, train_rows, cfg, scratch, epochs, learning_rate, batch_size, seed,
+            callbacks=[SnapshotCallback(cfg["snapshots"]["every"], snaps)],
+            peft_config=lora_config(cfg, "CAUSAL_LM"), max_steps=max_steps,
+        )
+        result = trainer.train()
+        trainer.model.save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)
+        summary = {
+            "stage": "sft",
+            "rows": len(train_rows),
+            "steps": int(trainer.state.global_step),
+            "train_loss": float(result.training_loss),
+            "runtime_s": time.time() - start,
+        }
+        metrics = log_rows(trainer.state.log_history)
+        metrics = pd.concat([metrics, pd.DataFrame([{"step": summary["steps"], **summary}])], ignore_index=True)
+        write_csv(metrics, out / "metrics.csv")
+    return summary
+
+
+def run(job) -> None:
+    """Stage function of rule ``sft``."""
+    from workflow.extract import task_of
+
+    cfg = job.config
+    out_dir = Path(job.output["adapter"]).parent
+    assert Path(job.output["snapshots"]).parent == out_dir and Path(job.output["metrics"]).parent == out_dir
+    rows = read_rows(job.input["train"])
+    sft = cfg["sft"]
+    summary = train_sft(job.params["base"], rows, out_dir, cfg, sft["epochs"], sft["learning_rate"],
+                        sft["batch_size"], job.seed, task_of(cfg["dataset"]["name"]))
+    print(summary)
