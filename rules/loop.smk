@@ -9,8 +9,9 @@
 #
 # Reward model 0 is shared (results/reward/iter_0, rules/reward.smk); reward models 1..N-1 are
 # refined per method. zorloo at i >= 1 also reads policy i-2 (SFT for i = 1) and reward i-1, the
-# two ends of its mu and v directions. Evaluation: evaluate_iteration per policy, evaluate_loop_sft
-# once for the SFT reference, evaluation_table per method (workflow/loop_eval.py).
+# two ends of its mu and v directions. Evaluation: evaluate_iteration per policy (same prompts, seed
+# and scorer as evaluate_policy's SFT row in rules/evaluate.smk), evaluation_table per method
+# (workflow/loop_eval.py).
 LOOP_ITERATIONS = int(config["loop"]["iterations"])
 SFT_ADAPTER = "results/sft/adapter"
 
@@ -155,33 +156,9 @@ rule evaluate_iteration:
         "../scripts/evaluate_iteration.py"
 
 
-rule evaluate_loop_sft:
-    input:
-        policy=SFT_ADAPTER,
-        sft=SFT_ADAPTER,
-        reward=f"{reward_dir('rloo', 0)}/adapter",
-        test=data_path("test"),
-        **({"base": base_model_input()} if base_model_input() else {}),
-    output:
-        samples="results/loop_sft/evaluation.parquet",
-        summary="results/loop_sft/evaluation_summary.csv",
-    params:
-        base=base_model_path(),
-        iteration=-1,
-    log:
-        "logs/evaluate_loop_sft/sft.log",
-    benchmark:
-        "results/benchmarks/evaluate_loop_sft/sft.tsv"
-    threads: 4
-    resources:
-        **train_resources(),
-    script:
-        "../scripts/evaluate_iteration.py"
-
-
 rule evaluation_table:
     input:
-        sft="results/loop_sft/evaluation_summary.csv",
+        sft="results/sft/evaluation_summary.csv",  # rule evaluate_policy (rules/evaluate.smk)
         **{f"iter_{i}": f"results/{{method}}/iter_{i}/evaluation_summary.csv" for i in range(LOOP_ITERATIONS)},
     output:
         table="results/{method}/evaluation.csv",

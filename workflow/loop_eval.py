@@ -12,7 +12,8 @@ are paired samples of one prompt set.
 sequence-level KL(pi || pi_SFT), the quantity the KL penalties constrain). The answers are
 re-tokenised as assistant messages of the chat template, so the closing ``<|im_end|>`` is scored
 too (for answers cut at ``model.generation_length`` that token was not generated: a small bias,
-identical for every method). The SFT row has ``kl = 0`` by definition.
+identical for every method). The SFT row (``results/sft/evaluation_summary.csv`` of rule
+``evaluate_policy``: the same prompts, seed and reward model 0) has ``kl = 0`` by definition.
 
 The table has one row per iteration (``-1`` = SFT) with ``gold_mean``, ``gold_stderr``,
 ``reward_mean``, ``reward_stderr``, ``kl``, ``wall_time_s`` and ``peak_mem_mb`` (seconds ``s``
@@ -76,7 +77,7 @@ def sequence_kl(base: str, policy_adapter: str, sft_adapter: str, tokenizer, pro
 
 
 def run(job) -> None:
-    """Stage function of ``evaluate_iteration`` and ``evaluate_loop_sft``.
+    """Stage function of ``evaluate_iteration``.
 
     Inputs: ``policy`` adapter, ``sft`` adapter, ``reward`` adapter, ``test`` rows. Outputs:
     ``samples`` (parquet, one row per answer, with ``kl``) and ``summary`` (CSV, one row).
@@ -135,7 +136,7 @@ def evaluation_table(sft_summary: str, iteration_summaries: list[str], benchmark
     bench_by_iter = {int(re.search(r"_(\d+)\.tsv$", str(b)).group(1)): b for b in benchmarks}
     rows = []
     sft = pd.read_csv(sft_summary).iloc[0]
-    rows.append({"iteration": -1, **{k: float(sft[k]) for k in TABLE_COLUMNS[1:6]},
+    rows.append({"iteration": -1, **{k: float(sft.get(k, 0.0)) for k in TABLE_COLUMNS[1:6]},
                  "wall_time_s": math.nan, "peak_mem_mb": math.nan})
     for path in iteration_summaries:
         i = _iteration_of(path)
