@@ -295,3 +295,33 @@ def test_evaluation_table(tmp_path):
     assert table["wall_time_s"].iloc[1] == 12.5 and table["peak_mem_mb"].iloc[1] == 850.25
     assert np.isnan(table["wall_time_s"].iloc[2])
     assert table["gold_mean"].tolist() == pytest.approx([0.3, 0.4, 0.5])
+
+
+def test_ppo_and_dpo_references_are_the_sft_adapter(tiny_base, adapters, tmp_path):
+    from workflow.models import load_policy, load_reward_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_base, "chat")
+    tok.padding_side = "left"
+    ids = torch.tensor([tok.encode("Tell me about the river.")])
+    sft_logits = _sft_logits(tiny_base, adapters["sft"], ids)
+    prompts = [[{"role": "user", "content": f"Tell me about the river {k}."}] for k in range(4)]
+    # PPO: the SFT adapter is the second adapter "ref" of the policy model
+    model = load_policy(tiny_base, adapters["sft2"], trainable=True)
+    model.load_adapter(adapters["sft"], adapter_name="ref", is_trainable=False)
+    model.set_adapter("default")
+    rm = load_reward_model(tiny_base, adapters["reward"]).merge_and_unload()
+    trainer = policy.build_ppo(model, tok, rm, copy.deepcopy(rm), prompts, CFG, str(tmp_path / "ppo"), 0, [])
+    with torch.no_grad(), trainer.null_ref_context():
+        ref = trainer.model.policy.eval()(ids).logits
+    with torch.no_grad():
+        cur = trainer.model.policy(ids).logits
+    assert torch.allclose(ref, sft_logits, atol=1e-5) and not torch.allclose(cur, sft_logits, atol=1e-3)
+    # online DPO: an explicit frozen base + SFT model
+    model = load_policy(tiny_base, adapters["sft2"], trainable=True)
+    ref_model = load_policy(tiny_base, adapters["sft"])
+    fn = policy.RewardFunction(load_reward_model(tiny_base, adapters["reward"]),
+                               load_tokenizer(adapters["reward"], "chat"), name="rm")
+    trainer = policy.build_dpo(model, ref_model, tok, fn, prompts, CFG, str(tmp_path / "dpo"), 0, [])
+    with torch.no_grad():
+        assert torch.allclose(trainer.ref_model(ids).logits, sft_logits, atol=1e-5)
+    assert not any(p.requires_grad for p in trainer.ref_model.parameters())

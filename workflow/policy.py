@@ -352,7 +352,7 @@ def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch
         temperature=float(pcfg["temperature"]),
         kl_coef=float(pcfg["kl_coef"]),
         cliprange=float(pcfg["clip_range"]),
-        num_ppo_epochs=1,
+        num_ppo_epochs=int(pcfg.get("ppo_epochs", 1)),
         num_mini_batches=1,
         gradient_accumulation_steps=1,
         local_rollout_forward_batch_size=int(pcfg["batch_size"]),
