@@ -94,9 +94,9 @@ def test_loop_runs_resumes_after_interrupt_and_reruns_only_downstream(tmp_path, 
     log = workdir / "logs" / "train_policy" / "rloo_1.log"
     deadline = time.time() + 300
     while not log.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.05)
     assert proc.poll() is None, "the workflow ended before policy 1 started:\n" + proc.communicate()[0]
-    time.sleep(3)  # inside the job
+    time.sleep(0.5)  # the job has started (its log exists) and is still importing / training
     os.killpg(proc.pid, signal.SIGINT)
     first_out = proc.communicate(timeout=120)[0]
     first = ran_jobs(first_out)

@@ -33,7 +33,8 @@ model with its LoRA merged (``merge_and_unload``), and its value model is a sepa
 deep copy of that merged model (PPO never changes the reward model). PPO's rollouts are not
 exposed, so for ``ppo`` ``samples.parquet`` is re-sampled after training from the final policy on
 the iteration's prompts (``policy.rloo_k`` samples each, ``policy.temperature``), then scored the
-same way.
+same way; its reward model is probed once before training so that a NaN-producing adapter fails
+before PPO trains on NaN rewards.
 
 Prompts per iteration
 ---------------------
@@ -433,6 +434,9 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
             for p in value.parameters():
                 p.requires_grad_(True)
             reward_fn.model = merged
+            # PPO scores rollouts inside trl (no callable): probe the reward model once up front so a
+            # NaN-producing adapter fails here, not after a run trained on NaN rewards
+            reward_fn.score(prompts[: int(pcfg["batch_size"])], ["" for _ in prompts[: int(pcfg["batch_size"])]])
             trainer = build_ppo(model, tokenizer, merged, value, prompts, cfg, scratch, seed, callbacks)
         result = trainer.train()
         policy = model
