@@ -12,36 +12,7 @@
 # two ends of its mu and v directions. Evaluation: evaluate_iteration per policy (same prompts, seed
 # and scorer as evaluate_policy's SFT row in rules/evaluate.smk), evaluation_table per method
 # (workflow/loop_eval.py).
-LOOP_ITERATIONS = int(config["loop"]["iterations"])
-SFT_ADAPTER = "results/sft/adapter"
-
-
-def _check_iteration(i, first=0):
-    i = int(i)
-    if not first <= i < LOOP_ITERATIONS:
-        raise ValueError(
-            f"iteration {i} is outside the loop: policies 0..{LOOP_ITERATIONS - 1} and reward models "
-            f"1..{LOOP_ITERATIONS - 1} are trained (loop.iterations = {LOOP_ITERATIONS})"
-        )
-    return i
-
-
-def _train_data():
-    return {"train": data_path("train"), **({"base": base_model_input()} if base_model_input() else {})}
-
-
-def train_policy_inputs(wildcards):
-    i = _check_iteration(wildcards.i)
-    inputs = dict(
-        prev_policy=f"{policy_dir(wildcards.method, i - 1)}/adapter",
-        sft=SFT_ADAPTER,
-        reward=f"{reward_dir(wildcards.method, i)}/adapter",
-        **_train_data(),
-    )
-    if wildcards.method == "zorloo" and i >= 1:
-        inputs["policy_prev2"] = f"{policy_dir(wildcards.method, i - 2)}/adapter"
-        inputs["reward_prev"] = f"{reward_dir(wildcards.method, i - 1)}/adapter"
-    return inputs
+include: "loop_inputs.smk"
 
 
 rule train_policy:
@@ -61,20 +32,10 @@ rule train_policy:
     threads: 4
     resources:
         **train_resources(),
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/train_policy.py"
-
-
-def collect_pairs_inputs(wildcards):
-    i = _check_iteration(wildcards.i)
-    if i >= LOOP_ITERATIONS - 1:
-        raise ValueError(f"pairs {i} would refine reward model {i + 1}, past loop.iterations = {LOOP_ITERATIONS}")
-    return dict(
-        policy=f"{policy_dir(wildcards.method, i)}/adapter",
-        samples=f"{policy_dir(wildcards.method, i)}/samples.parquet",
-        reward=f"{reward_dir(wildcards.method, i)}/adapter",
-        **({"base": base_model_input()} if base_model_input() else {}),
-    )
 
 
 rule collect_pairs:
@@ -91,18 +52,10 @@ rule collect_pairs:
     threads: 4
     resources:
         **train_resources(),
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/collect_pairs.py"
-
-
-def refine_reward_inputs(wildcards):
-    i = _check_iteration(wildcards.i, first=1)
-    return dict(
-        reward=f"{reward_dir(wildcards.method, i - 1)}/adapter",
-        pairs=f"results/{wildcards.method}/iter_{i - 1}/pairs.parquet",
-        test=data_path("test"),
-        **({"base": base_model_input()} if base_model_input() else {}),
-    )
 
 
 rule refine_reward:
@@ -121,19 +74,10 @@ rule refine_reward:
     threads: 4
     resources:
         **train_resources(),
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/refine_reward.py"
-
-
-def evaluate_iteration_inputs(wildcards):
-    i = _check_iteration(wildcards.i)
-    return dict(
-        policy=f"{policy_dir(wildcards.method, i)}/adapter",
-        sft=SFT_ADAPTER,
-        reward=f"{reward_dir(wildcards.method, i)}/adapter",
-        test=data_path("test"),
-        **({"base": base_model_input()} if base_model_input() else {}),
-    )
 
 
 rule evaluate_iteration:
@@ -152,6 +96,8 @@ rule evaluate_iteration:
     threads: 4
     resources:
         **train_resources(),
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/evaluate_iteration.py"
 
@@ -170,5 +116,7 @@ rule evaluation_table:
     resources:
         mem_mb=1000,
         runtime=10,
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/evaluation_table.py"
