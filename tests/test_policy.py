@@ -325,3 +325,13 @@ def test_ppo_and_dpo_references_are_the_sft_adapter(tiny_base, adapters, tmp_pat
     with torch.no_grad():
         assert torch.allclose(trainer.ref_model(ids).logits, sft_logits, atol=1e-5)
     assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+
+
+def test_select_uncertain_keeps_scores_closest_to_zero_and_drops_exact_duplicates():
+    from workflow.pairs import select_uncertain
+
+    p = [{"role": "user", "content": "q"}]
+    samples = pd.DataFrame({"prompt": [p] * 6, "completion": ["a", "a", "b", "c", "d", "e"],
+                            "score": [0.1, 0.1, -0.2, 3.0, -0.05, 1.0]})
+    kept = select_uncertain(samples, 0.6)                    # 5 distinct samples -> 3 kept
+    assert list(kept["completion"]) == ["d", "a", "b"]

@@ -8,7 +8,8 @@
    does. A Bradley-Terry reward model is trained on score *differences*, so 0 is its decision
    boundary only up to an offset; the reference's choice is kept so results are comparable, and
    the kept scores are written next to the pairs (``score_a``) so the choice can be audited.
-   At most one sample per prompt is kept (the most uncertain), so a pair set never repeats a prompt.
+   Exact duplicate samples (same prompt and completion) count once; a prompt may appear in
+   several pairs (templated prompts repeat, and RLOO samples k answers per prompt).
 3. Sample a second answer from policy ``i`` for each kept prompt (``loop.pair_temperature``,
    ``model.generation_length`` new tokens, seeded).
 4. Ask the judge (``workflow.judges``); pairs without a usable verdict are dropped, and the drop
@@ -37,11 +38,13 @@ class PairsError(RuntimeError):
 
 
 def select_uncertain(samples: pd.DataFrame, fraction: float) -> pd.DataFrame:
-    """The ``fraction`` most uncertain samples (|score| smallest), one per prompt, at least one."""
+    """The ``fraction`` most uncertain samples (|score| smallest), at least one; exact duplicates
+    (same prompt and same completion, e.g. RLOO's k samples agreeing) count once."""
     if samples.empty:
         return samples
     frame = samples.copy()
-    frame["_key"] = [repr([(m["role"], m["content"]) for m in p]) for p in frame["prompt"]]
+    frame["_key"] = [repr([(m["role"], m["content"]) for m in p]) + "\x00" + str(c)
+                     for p, c in zip(frame["prompt"], frame["completion"])]
     frame["_abs"] = frame["score"].abs()
     frame = frame.sort_values(["_abs", "_key"], kind="stable").drop_duplicates("_key", keep="first")
     n = max(1, math.ceil(float(fraction) * len(frame) - 1e-9))
