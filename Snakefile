@@ -7,8 +7,8 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 # Make the `workflow/` package importable by scripts and by accelerate-launched workers.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p)
 )
 
 

@@ -16,5 +16,7 @@ rule base_model:
     threads: 2
     resources:
         **train_resources(),
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/build_base_model.py"

@@ -51,3 +51,50 @@ def train_resources():
         runtime=res.get("train_runtime", 60),
         gpu=res.get("gpus", 0),
     )
+
+
+def base_model_param(wildcards, input):
+    """What stages load the base model from: the built folder (an input) or the configured model."""
+    return input.base if "base" in input.keys() else config["model"]["name"]
+
+
+# Extraction (rules/data.smk)
+def _dataset_option(wildcards, key):
+    """``dataset.<key>`` when ``wildcards.dataset`` is the configured dataset, else None."""
+    section = config.get("dataset") or {}
+    return section.get(key) if wildcards.dataset == section.get("name") else None
+
+
+def _split_file(wildcards):
+    """The local file configured for this split (``dataset.files.<split>``), or None."""
+    return (_dataset_option(wildcards, "files") or {}).get(wildcards.split)
+
+
+def _extract_inputs(wildcards):
+    """The split's local file as a named input, so that changing the file reruns the extraction."""
+    path = _split_file(wildcards)
+    return {"file": path} if path else {}
+
+
+def _embedded_rows(wildcards):
+    if wildcards.dataset != "embedded":
+        return None
+    return (config.get("embedded") or {}).get(f"{wildcards.split}_rows")
+
+
+# Plots (rules/plots.smk)
+N_ITERATIONS = int(config["loop"]["iterations"])
+PLOT_FILES = ["{name}.png", "{name}.html", "{name}.csv"]
+
+
+
+def trajectory_inputs(method, k):
+    """Snapshots folders of policy and reward iterations 0..k-1 of ``method``."""
+    return dict(
+        policy=[f"{policy_dir(method, i)}/snapshots" for i in range(int(k))],
+        reward=[f"{reward_dir(method, i)}/snapshots" for i in range(int(k))],
+    )
+
+
+def plots_resources():
+    return dict(mem_mb=2000, runtime=60)

@@ -3,29 +3,6 @@
 # wildcard reads that dataset's default hub id (the embedded one is generated offline).
 
 
-def _dataset_option(wildcards, key):
-    """``dataset.<key>`` when ``wildcards.dataset`` is the configured dataset, else None."""
-    section = config.get("dataset") or {}
-    return section.get(key) if wildcards.dataset == section.get("name") else None
-
-
-def _split_file(wildcards):
-    """The local file configured for this split (``dataset.files.<split>``), or None."""
-    return (_dataset_option(wildcards, "files") or {}).get(wildcards.split)
-
-
-def _extract_inputs(wildcards):
-    """The split's local file as a named input, so that changing the file reruns the extraction."""
-    path = _split_file(wildcards)
-    return {"file": path} if path else {}
-
-
-def _embedded_rows(wildcards):
-    if wildcards.dataset != "embedded":
-        return None
-    return (config.get("embedded") or {}).get(f"{wildcards.split}_rows")
-
-
 rule extract_dataset:
     input:
         unpack(_extract_inputs),
@@ -43,5 +20,7 @@ rule extract_dataset:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/data.yaml"
     script:
         "../scripts/extract_dataset.py"

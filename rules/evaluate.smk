@@ -15,7 +15,7 @@ rule evaluate_policy:
         samples="results/sft/evaluation.parquet",
         summary="results/sft/evaluation_summary.csv",
     params:
-        base=base_model_path(),
+        base=base_model_param,
     log:
         "logs/evaluate_policy/sft.log",
     benchmark:
@@ -23,6 +23,8 @@ rule evaluate_policy:
     threads: 4
     resources:
         **train_resources(),
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/evaluate_policy.py"
 
@@ -36,7 +38,7 @@ rule evaluate_base:
         samples="results/base_eval/evaluation.parquet",
         summary="results/base_eval/evaluation_summary.csv",
     params:
-        base=base_model_path(),
+        base=base_model_param,
     log:
         "logs/evaluate_base/base.log",
     benchmark:
@@ -44,5 +46,7 @@ rule evaluate_base:
     threads: 4
     resources:
         **train_resources(),
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/evaluate_policy.py"

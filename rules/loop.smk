@@ -24,7 +24,7 @@ rule train_policy:
         metrics="results/{method}/iter_{i}/policy/metrics.csv",
         samples="results/{method}/iter_{i}/policy/samples.parquet",
     params:
-        base=base_model_path(),
+        base=base_model_param,
     log:
         "logs/train_policy/{method}_{i}.log",
     benchmark:
@@ -44,7 +44,7 @@ rule collect_pairs:
     output:
         pairs="results/{method}/iter_{i}/pairs.parquet",
     params:
-        base=base_model_path(),
+        base=base_model_param,
     log:
         "logs/collect_pairs/{method}_{i}.log",
     benchmark:
@@ -66,7 +66,7 @@ rule refine_reward:
         snapshots=directory("results/{method}/iter_{i}/reward/snapshots"),
         metrics="results/{method}/iter_{i}/reward/metrics.csv",
     params:
-        base=base_model_path(),
+        base=base_model_param,
     log:
         "logs/refine_reward/{method}_{i}.log",
     benchmark:
@@ -87,7 +87,7 @@ rule evaluate_iteration:
         samples="results/{method}/iter_{i}/evaluation.parquet",
         summary="results/{method}/iter_{i}/evaluation_summary.csv",
     params:
-        base=base_model_path(),
+        base=base_model_param,
         iteration=lambda wc: int(wc.i),
     log:
         "logs/evaluate_iteration/{method}_{i}.log",

@@ -1,23 +1,7 @@
 # Trajectory plots, policy-reward interplay metrics and the comparison of methods
 # (workflow/plots.py; the metrics are defined in workflow/interplay.py).
-N_ITERATIONS = int(config["loop"]["iterations"])
-PLOT_FILES = ["{name}.png", "{name}.html", "{name}.csv"]
-
-
 wildcard_constraints:
     k=r"\d+",
-
-
-def trajectory_inputs(method, k):
-    """Snapshots folders of policy and reward iterations 0..k-1 of ``method``."""
-    return dict(
-        policy=[f"{policy_dir(method, i)}/snapshots" for i in range(int(k))],
-        reward=[f"{reward_dir(method, i)}/snapshots" for i in range(int(k))],
-    )
-
-
-def plots_resources():
-    return dict(mem_mb=2000, runtime=60)
 
 
 rule plot_trajectories:
@@ -38,6 +22,8 @@ rule plot_trajectories:
     threads: 2
     resources:
         **plots_resources(),
+    conda:
+        "../envs/plots.yaml"
     script:
         "../scripts/plot_trajectories.py"
 
@@ -60,6 +46,8 @@ rule plot_trajectories_upto:
     threads: 2
     resources:
         **plots_resources(),
+    conda:
+        "../envs/plots.yaml"
     script:
         "../scripts/plot_trajectories.py"
 
@@ -83,5 +71,7 @@ rule compare_methods:
     resources:
         mem_mb=1000,
         runtime=15,
+    conda:
+        "../envs/plots.yaml"
     script:
         "../scripts/compare_methods.py"

@@ -14,7 +14,7 @@ rule reward_initial:
         snapshots=directory("results/reward/iter_0/snapshots"),
         metrics="results/reward/iter_0/metrics.csv",
     params:
-        base=base_model_path(),
+        base=base_model_param,
     log:
         "logs/reward_initial/iter_0.log",
     benchmark:
@@ -22,5 +22,7 @@ rule reward_initial:
     threads: 4
     resources:
         **train_resources(),
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/train_reward.py"

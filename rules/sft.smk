@@ -11,7 +11,7 @@ rule sft:
         snapshots=directory("results/sft/snapshots"),
         metrics="results/sft/metrics.csv",
     params:
-        base=base_model_path(),
+        base=base_model_param,
     log:
         "logs/sft/sft.log",
     benchmark:
@@ -19,5 +19,7 @@ rule sft:
     threads: 4
     resources:
         **train_resources(),
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/train_sft.py"
