@@ -61,6 +61,7 @@ def _write_probe_module(tmp_path):
         def run(job):
             rank = int(os.environ.get("RANK", 0))
             world = int(os.environ.get("WORLD_SIZE", 1))
+            os.makedirs(job.output["folder"], exist_ok=True)
             out = os.path.join(job.output["folder"], f"rank{rank}.json")
             json.dump({"rank": rank, "world": world, "threads": torch.get_num_threads(),
                        "seed": job.seed, "wildcards": job.wildcards}, open(out, "w"))
@@ -77,8 +78,15 @@ def test_run_job_launches_data_parallel_processes(tmp_path, monkeypatch, process
     job = jobmod.Job(input={}, output={"folder": str(out)}, params={},
                      config={"seed": 7, "resources": {"cpu_processes": processes}},
                      wildcards={"method": "zorloo"}, threads=1)
+    scratch = tmp_path / "scratch"
+    monkeypatch.setenv("ZOPRO_RANK_SCRATCH", str(scratch))
     jobmod.run_job(job, "probe_stage:run")
-    records = sorted((json.loads(p.read_text()) for p in out.iterdir()), key=lambda r: r["rank"])
+    # Only rank 0 writes the real output; other ranks write the same names under the scratch folder.
+    assert sorted(p.name for p in out.iterdir()) == ["rank0.json"]
+    files = [out / "rank0.json"] + [
+        scratch / f"rank{r}" / os.path.relpath(out, "/") / f"rank{r}.json" for r in range(1, processes)
+    ]
+    records = [json.loads(p.read_text()) for p in files]
     assert [r["rank"] for r in records] == list(range(processes))
     assert all(r["world"] == processes and r["seed"] == 7 for r in records)
     assert all(r["wildcards"] == {"method": "zorloo"} for r in records)

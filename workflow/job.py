@@ -6,12 +6,14 @@ than one GPU.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import importlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -132,11 +134,32 @@ def run_script(smk: Any, target: str) -> Any:
         return run_job(job, target)
 
 
+def rank_outputs(outputs: dict[str, Any], rank: int, scratch: str) -> dict[str, Any]:
+    """Outputs of data-parallel process ``rank``: the real ones on rank 0, else the same names
+    under ``scratch/rank{rank}`` (every process then runs the same code, and only rank 0's
+    results land in the workflow's outputs)."""
+    if rank == 0:
+        return outputs
+    base = os.path.join(scratch, f"rank{rank}")
+    return {name: os.path.join(base, os.path.relpath(os.path.abspath(path), "/")) for name, path in outputs.items()}
+
+
 def _main(spec_path: str) -> None:
-    """Worker entry of a distributed launch: ``python -m workflow.job SPEC.json``."""
+    """Worker entry of a distributed launch: ``python -m workflow.job SPEC.json``.
+
+    Processes other than rank 0 write their outputs under ``$ZOPRO_RANK_SCRATCH`` (default: a
+    temporary folder removed at exit).
+    """
     with open(spec_path) as handle:
         spec = json.load(handle)
     job = Job(**spec["job"])
+    rank = int(os.environ.get("RANK", "0"))
+    scratch = os.environ.get("ZOPRO_RANK_SCRATCH")
+    if rank > 0 and not scratch:
+        scratch = tempfile.mkdtemp(prefix=f"zopro-rank{rank}-")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    if rank > 0:
+        job = dataclasses.replace(job, output=rank_outputs(job.output, rank, scratch))
     runtime.configure(job.threads, job.seed, job.config.get("cache_dir"))
     resolve(spec["target"])(job)
 

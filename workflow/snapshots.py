@@ -99,7 +99,9 @@ class SnapshotCallback(TrainerCallback):
     """Save the trainable LoRA tensors before training, every ``ceil(every * max_steps)``
     optimizer steps, and after the last step (never twice for the same step).
 
-    Only the main process writes. ``out_dir`` should be a fresh folder (e.g. inside
+    Every process writes to its own ``out_dir``: in data-parallel runs the job bridge
+    (``workflow.job``) gives processes other than rank 0 scratch outputs, so their snapshots can
+    be compared with rank 0's. ``out_dir`` should be a fresh folder (e.g. inside
     ``workflow.io.atomic_dir``).
     """
 
@@ -110,7 +112,7 @@ class SnapshotCallback(TrainerCallback):
         self.saved: list[int] = []
 
     def _save(self, state: Any, model: torch.nn.Module | None) -> None:
-        if model is None or not state.is_world_process_zero:
+        if model is None:
             return
         if self.saved and self.saved[-1] == state.global_step:
             return
