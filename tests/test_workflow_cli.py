@@ -28,7 +28,7 @@ def test_schema_violation_stops_before_any_job_and_names_the_key(tmp_path):
     config["loop"]["uncertain_fraction"] = 1.5
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(config))
-    result = snakemake(tmp_path, "--cores", "1", "--configfile", str(bad), "results/data/embedded/train.parquet")
+    result = snakemake(tmp_path, "results/data/embedded/train.parquet", "--cores", "1", "--configfile", str(bad))
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert "uncertain_fraction" in out and "1.5" in out
@@ -47,7 +47,7 @@ def test_unknown_config_key_is_rejected(tmp_path):
 
 def test_example_real_model_config_validates_and_plans(tmp_path):
     example = REPO / "config" / "examples" / "llama-3.2-1b-hh-rlhf.yaml"
-    result = snakemake(tmp_path, "-n", "--configfile", str(example), "results/zorloo/plots")
+    result = snakemake(tmp_path, "results/zorloo/plots", "-n", "--configfile", str(example))
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert "base_model" not in re.findall(r"^rule (\w+):", out, flags=re.M), "a real model must not build the tiny base"
