@@ -7,7 +7,6 @@ sequence-classification model saved from that base (the ``rule`` judge only know
 """
 from __future__ import annotations
 
-import copy
 import os
 import re
 import shutil

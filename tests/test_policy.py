@@ -6,7 +6,6 @@ that is what makes the reference checks meaningful.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from workflow.models import load_tokenizer, read_rows
-from workflow.reward import pairwise_accuracy, reward_scores, train_reward
+from workflow.reward import pairwise_accuracy, train_reward
 from workflow.sft import build_sft_trainer, train_sft
 from workflow.snapshots import load_snapshot, normalise_key, read_index
 

@@ -385,9 +385,9 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
     """Train policy ``iteration`` and write ``out_dir/{adapter,snapshots,metrics.csv,samples.parquet}``."""
     from transformers import set_seed
 
-    from workflow.io import atomic_dir, write_csv, write_parquet
+    from workflow.io import atomic_dir, write_parquet
     from workflow.models import load_policy, load_reward_model, load_tokenizer
-    from workflow.sft import log_rows, scratch_dir
+    from workflow.sft import scratch_dir, write_metrics
 
     if method not in METHODS:
         raise PolicyConfigError(f"unknown policy method {method!r}; expected one of {', '.join(METHODS)}")
@@ -461,9 +461,7 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
             "runtime_s": time.time() - start,
         }
         write_parquet(samples, out / "samples.parquet")
-        metrics = log_rows(trainer.state.log_history)
-        metrics = pd.concat([metrics, pd.DataFrame([{"step": steps, **summary}])], ignore_index=True)
-        write_csv(metrics, out / "metrics.csv")
+        write_metrics(trainer.state.log_history, summary, out / "metrics.csv")
     return summary
 
 

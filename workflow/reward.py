@@ -21,10 +21,10 @@ from datasets import Dataset
 from torch import nn
 from transformers import set_seed
 
-from workflow.io import atomic_dir, write_csv
+from workflow.io import atomic_dir
 from workflow.lora import lora_config
 from workflow.models import has_scores, load_reward_model, load_sequence_classifier, load_tokenizer, read_rows
-from workflow.sft import log_rows, scratch_dir, trainer_kwargs
+from workflow.sft import scratch_dir, trainer_kwargs, write_metrics
 from workflow.snapshots import SnapshotCallback
 
 
@@ -178,9 +178,7 @@ def train_reward(base_path: str, init_adapter: str | None, train_rows: pd.DataFr
             "heldout_accuracy": final,
             "runtime_s": time.time() - start,
         }
-        metrics = log_rows(trainer.state.log_history)
-        metrics = pd.concat([metrics, pd.DataFrame([{"step": summary["steps"], **summary}])], ignore_index=True)
-        write_csv(metrics, out / "metrics.csv")
+        write_metrics(trainer.state.log_history, summary, out / "metrics.csv")
     return summary
 
 

@@ -97,12 +97,14 @@ def build_sft_trainer(model, tokenizer, train_rows: pd.DataFrame, cfg: dict[str,
     )
 
 
-def log_rows(log_history: list[dict[str, Any]]) -> pd.DataFrame:
-    """Trainer log history as a table (one row per logged step)."""
+def write_metrics(log_history: list[dict[str, Any]], summary: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write a stage's ``metrics.csv``: the Trainer's log history (one row per logged step) plus
+    one final row holding ``summary`` at step ``summary["steps"]``."""
     rows = pd.DataFrame(log_history)
     if "step" in rows:
         rows.insert(0, "step", rows.pop("step"))
-    return rows
+    rows = pd.concat([rows, pd.DataFrame([{"step": summary["steps"], **summary}])], ignore_index=True)
+    write_csv(rows, path)
 
 
 def train_sft(base_path: str, train_rows: pd.DataFrame, out_dir: str | os.PathLike, cfg: dict[str, Any],
@@ -134,9 +136,7 @@ def train_sft(base_path: str, train_rows: pd.DataFrame, out_dir: str | os.PathLi
             "train_loss": float(result.training_loss),
             "runtime_s": time.time() - start,
         }
-        metrics = log_rows(trainer.state.log_history)
-        metrics = pd.concat([metrics, pd.DataFrame([{"step": summary["steps"], **summary}])], ignore_index=True)
-        write_csv(metrics, out / "metrics.csv")
+        write_metrics(trainer.state.log_history, summary, out / "metrics.csv")
     return summary
 
 

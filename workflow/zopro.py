@@ -50,7 +50,7 @@ from safetensors.torch import load_file
 from trl import RLOOTrainer
 
 from workflow.snapshots import normalise_key
-from workflow.zopro_direction import ZOConfig, ZOEngine, ZOOptimizer, ZOState, gamma_at, perturb  # noqa: F401
+from workflow.zopro_direction import ZOConfig, ZOEngine, ZOOptimizer
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
