@@ -35,6 +35,11 @@ exposed, so for ``ppo`` ``samples.parquet`` is re-sampled after training from th
 the iteration's prompts (``policy.rloo_k`` samples each, ``policy.temperature``), then scored the
 same way; its reward model is probed once before training so that a NaN-producing adapter fails
 before PPO trains on NaN rewards.
+``ppo`` uses ``policy.ppo_kl_coef`` as its KL coefficient when it is set (``null``:
+``policy.kl_coef``). PPO's KL penalty is per token on raw reward-model scores (no group baseline,
+``ppo_epochs`` Adam steps per rollout batch), so the ``kl_coef`` that suits ``rloo``/``dpo`` is too
+weak for it: on the embedded task it drifts far from the SFT policy from iteration 1 on and hacks
+the refined reward models (answers drop the topic word, reward up, gold down).
 
 Prompts per iteration
 ---------------------
@@ -351,7 +356,7 @@ def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch
     kwargs.update(
         response_length=int(cfg["model"]["generation_length"]),
         temperature=float(pcfg["temperature"]),
-        kl_coef=float(pcfg["kl_coef"]),
+        kl_coef=float(pcfg["kl_coef"] if pcfg.get("ppo_kl_coef") is None else pcfg["ppo_kl_coef"]),
         cliprange=float(pcfg["clip_range"]),
         num_ppo_epochs=int(pcfg.get("ppo_epochs", 1)),
         num_mini_batches=1,
