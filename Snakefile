@@ -28,6 +28,14 @@ include: "rules/loop.smk"
 include: "rules/plots.smk"
 
 
+# Light jobs run in the Snakemake process itself, never as cluster jobs (extraction may also need
+# the hub, which login nodes often reach and compute nodes do not).
+localrules:
+    extract_dataset,
+    evaluation_table,
+    compare_methods,
+
+
 rule all:
     input:
         data_path("train"),
