@@ -79,3 +79,42 @@ def test_slurm_profile_dry_run_assigns_gpus_and_memory(tmp_path):
             assert resources["gpu"] == str(profile[rule]["gpu"])
             assert resources["mem_mb"] == str(profile[rule]["mem_mb"])
             assert resources["slurm_partition"] == profile[rule]["slurm_partition"]
+
+
+def test_slurm_profile_submits_training_jobs_with_gpu_memory_and_requeue(tmp_path):
+    """With stub SLURM commands on PATH, the real sbatch call of a GPU rule is recorded and checked."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "sbatch.log"
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {log}\necho 1234\n')
+    for tool in ("sacctmgr", "sshare", "sinfo", "squeue", "sacct", "scontrol"):
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 0\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "wd"),
+           "--profile", str(tmp_path / "profiles" / "slurm"), "results/base"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not log.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+    finally:
+        proc.kill()  # nothing would ever finish on the stub cluster
+        proc.wait(timeout=30)
+    call = log.read_text()
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())["set-resources"]["base_model"]
+    assert "--comment rule_base_model" in call
+    assert f"--gpus={profile['gpu']}" in call
+    assert f"--mem {profile['mem_mb']}" in call
+    assert f"-t {profile['runtime']}" in call and f"-p {profile['slurm_partition']}" in call
+    assert "--requeue" in call
+    # extraction is a local rule: it ran here, it was never submitted
+    assert "rule_extract_dataset" not in call
+    assert (tmp_path / "wd" / "results" / "data" / "embedded" / "train.parquet").exists()
