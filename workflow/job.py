@@ -56,6 +56,14 @@ class Job:
         return int(self.config.get("seed", 0))
 
     @property
+    def stage_dir(self) -> str:
+        """The one folder that holds every output of a training stage (adapter/, snapshots/, ...)."""
+        parents = {os.path.dirname(os.path.normpath(str(path))) for path in self.output.values()}
+        if len(parents) != 1:
+            raise ValueError(f"outputs of a stage must share one folder, got {sorted(parents)}")
+        return parents.pop()
+
+    @property
     def gpus(self) -> int:
         return int(self.resources.get("gpu", 0) or 0)
 

@@ -224,7 +224,7 @@ def run_refine(job) -> None:
 
     cfg = job.config
     method, iteration = job.wildcards["method"], int(job.wildcards["i"])
-    out_dir = Path(job.output["adapter"]).parent
+    out_dir = job.stage_dir
     where = f"{out_dir} ({method} reward model {iteration})"
     summary = refine_reward(job.params["base"], job.input["reward"], job.input["pairs"], job.input.get("test"),
                             str(out_dir), cfg, job.seed + 1009 * iteration + 31, task_of(cfg["dataset"]["name"]),

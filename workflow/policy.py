@@ -478,7 +478,7 @@ def run(job) -> None:
     cfg = job.config
     method = job.wildcards["method"]
     iteration = int(job.wildcards["i"])
-    out_dir = Path(job.output["adapter"]).parent
+    out_dir = job.stage_dir
     rows = read_rows(job.input["train"])
     prompts = iteration_prompts(rows, iteration, cfg, job.seed)
     direction = None

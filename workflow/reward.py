@@ -187,8 +187,7 @@ def run(job) -> None:
     from workflow.extract import task_of
 
     cfg = job.config
-    out_dir = Path(job.output["adapter"]).parent
-    assert Path(job.output["snapshots"]).parent == out_dir and Path(job.output["metrics"]).parent == out_dir
+    out_dir = job.stage_dir
     rcfg = cfg["reward"]
     summary = train_reward(job.params["base"], None, read_rows(job.input["train"]), read_rows(job.input["test"]),
                            out_dir, cfg, rcfg["epochs"], rcfg["learning_rate"], job.seed,

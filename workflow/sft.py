@@ -145,8 +145,7 @@ def run(job) -> None:
     from workflow.extract import task_of
 
     cfg = job.config
-    out_dir = Path(job.output["adapter"]).parent
-    assert Path(job.output["snapshots"]).parent == out_dir and Path(job.output["metrics"]).parent == out_dir
+    out_dir = job.stage_dir
     rows = read_rows(job.input["train"])
     sft = cfg["sft"]
     summary = train_sft(job.params["base"], rows, out_dir, cfg, sft["epochs"], sft["learning_rate"],
