@@ -218,8 +218,6 @@ def refine_reward(base: str, reward_adapter: str, pairs_path: str, test_path: st
 
 def run_refine(job) -> None:
     """Stage function of rule ``refine_reward``."""
-    from pathlib import Path
-
     from workflow.extract import task_of
 
     cfg = job.config
