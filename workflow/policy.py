@@ -190,10 +190,6 @@ def load_adapter_weights(model, adapter_name: str, adapter_dir: str | os.PathLik
     return copied
 
 
-def trainable_count(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 # --------------------------------------------------------------------------------------------
 # generation
 # --------------------------------------------------------------------------------------------
