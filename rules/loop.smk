@@ -25,6 +25,8 @@ rule train_policy:
         samples="results/{method}/iter_{i}/policy/samples.parquet",
     params:
         base=base_model_param,
+        # resumable state of a killed stage (not an output: it survives the kill; workflow/resume.py)
+        checkpoints="results/{method}/iter_{i}/policy/checkpoints",
     log:
         "logs/train_policy/{method}_{i}.log",
     benchmark:

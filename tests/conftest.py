@@ -3,6 +3,7 @@
 ``embedded_frames``  -> {split: DataFrame} from ``workflow.embedded_task.generate_split``
 ``embedded_parquet`` -> {split: parquet path} of those rows
 ``tiny_base``        -> str path of a saved tiny Llama + tokenizer (chat template, pad token set)
+``adapters``         -> {"sft", "sft2", "reward", "reward1"}: random LoRA adapters on ``tiny_base``
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 EMBEDDED_ROWS = {"train": 64, "test": 32}
 TINY_BASE_CFG = {
@@ -49,8 +51,6 @@ def tiny_base(embedded_frames, tmp_path_factory):
     Loads with ``AutoModelForCausalLM``, ``AutoTokenizer`` (chat template set) and
     ``AutoModelForSequenceClassification(num_labels=1)`` (``pad_token_id`` in the config).
     """
-    import torch
-
     from workflow.base_model import build_base_model, dialogues
 
     out = tmp_path_factory.mktemp("tiny_base") / "base"
@@ -58,3 +58,43 @@ def tiny_base(embedded_frames, tmp_path_factory):
     build_base_model(dialogues(embedded_frames["train"]), out, TINY_BASE_CFG, seed=0)
     torch.set_num_threads(threads)
     return str(out)
+
+
+# LoRA of the policy tests' adapters (tests/test_policy.py CFG["lora"] must match it)
+POLICY_TEST_LORA = {"lora": {"r": 4, "alpha": None, "dropout": 0.0, "target_modules": "all-linear"}}
+
+
+def _perturb_lora(model, seed: int, scale: float = 0.05) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_base, tmp_path_factory):
+    """``{"sft": ..., "sft2": ..., "reward": ..., "reward1": ...}`` adapter folders (tokenizer beside each)."""
+    from peft import get_peft_model
+
+    from workflow.lora import lora_config
+    from workflow.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+
+    root = tmp_path_factory.mktemp("adapters")
+    tok = load_tokenizer(tiny_base, "chat")
+    out = {}
+    for name, seed in (("sft", 1), ("sft2", 2)):
+        torch.manual_seed(seed)
+        model = get_peft_model(load_causal_lm(tiny_base), lora_config(POLICY_TEST_LORA))
+        _perturb_lora(model, seed)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = str(root / name)
+    for name, seed in (("reward", 3), ("reward1", 4)):
+        torch.manual_seed(seed)
+        model = get_peft_model(load_sequence_classifier(tiny_base, tok.pad_token_id), lora_config(POLICY_TEST_LORA, "SEQ_CLS"))
+        _perturb_lora(model, seed)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out

@@ -8,13 +8,20 @@ would drift apart unless the projected gradient is averaged across processes.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import glob
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from test_policy import CFG, adapters  # noqa: F401  (module fixture reused)
+from test_policy import CFG
 from workflow import job as jobmod
 from workflow.snapshots import read_index
 
@@ -24,32 +31,111 @@ def _snapshots(folder):
     return list(index["step"]), [load_file(str(os.path.join(folder, f))) for f in index["file"]]
 
 
-def test_zorloo_stage_in_two_processes_keeps_parameters_identical(tiny_base, adapters, embedded_parquet,  # noqa: F811
-                                                                    tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.getcwd(), str(os.path.dirname(__file__))]))
-    scratch = tmp_path / "scratch"
-    monkeypatch.setenv("ZOPRO_RANK_SCRATCH", str(scratch))
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (from /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, **loop) -> jobmod.Job:
+    """The zorloo iteration-1 policy job of rule ``train_policy`` with 2 CPU processes."""
     config = copy.deepcopy(CFG)
     config["snapshots"] = {"every": 0.25}
     config["resources"] = {"cpu_processes": 2}
+    config["policy"]["checkpoint_every"] = 0.25  # both processes checkpoint into one shared folder
+    config["loop"].update(loop)
     out = tmp_path / "results" / "zorloo" / "iter_1" / "policy"
     outputs = {"adapter": str(out / "adapter"), "snapshots": str(out / "snapshots"),
                "metrics": str(out / "metrics.csv"), "samples": str(out / "samples.parquet")}
-    job = jobmod.Job(
+    return jobmod.Job(
         input={"prev_policy": adapters["sft2"], "sft": adapters["sft"], "reward": adapters["reward1"],
                "policy_prev2": adapters["sft"], "reward_prev": adapters["reward"],
                "train": embedded_parquet["train"]},
-        output=outputs, params={"base": tiny_base}, config=config,
+        output=outputs, params={"base": tiny_base, "checkpoints": str(out / "checkpoints")}, config=config,
         wildcards={"method": "zorloo", "i": "1"}, threads=1)
-    jobmod.run_job(job, "workflow.policy:run")
 
+
+def _assert_ranks_identical(outputs, scratch) -> list[dict]:
+    """Rank 0's and rank 1's snapshots hold the same steps and tensors; returns rank 0's."""
     steps0, snaps0 = _snapshots(outputs["snapshots"])
-    rank1 = jobmod.rank_outputs(outputs, 1, str(scratch))
-    steps1, snaps1 = _snapshots(rank1["snapshots"])
+    steps1, snaps1 = _snapshots(jobmod.rank_outputs(outputs, 1, str(scratch))["snapshots"])
     assert steps0 == steps1 and len(steps0) >= 3
     for a, b in zip(snaps0, snaps1):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)          # identical on both processes, every snapshot
+    return snaps0
+
+
+def _env(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.getcwd(), str(os.path.dirname(__file__))]))
+    scratch = tmp_path / "scratch"
+    monkeypatch.setenv("ZOPRO_RANK_SCRATCH", str(scratch))
+    return scratch
+
+
+def test_zorloo_stage_in_two_processes_keeps_parameters_identical(tiny_base, adapters, embedded_parquet,
+                                                                    tmp_path, monkeypatch):
+    scratch = _env(monkeypatch, tmp_path)
+    job = _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet)
+    jobmod.run_job(job, "workflow.policy:run")
+
+    snaps0 = _assert_ranks_identical(job.output, scratch)
     assert any(not torch.equal(snaps0[0][k], snaps0[-1][k]) for k in snaps0[0])   # and training moved them
-    metrics = pd.read_csv(outputs["metrics"])
+    assert not os.path.exists(job.params["checkpoints"])  # removed by rank 0 once every process was done
+    metrics = pd.read_csv(job.output["metrics"])
     assert "zo/g" in metrics.columns and metrics["zo/g"].notna().any()
+
+
+def test_killed_two_process_stage_resumes_on_both_processes(tiny_base, adapters, embedded_parquet, tmp_path,
+                                                             monkeypatch):
+    """SIGKILL the launcher and its workers after a checkpoint (a preempted cluster job), then rerun."""
+    scratch = _env(monkeypatch, tmp_path)
+    job = _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, iteration_fraction=0.5)  # 8 steps
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps(dataclasses.asdict(job)))
+    code = ("import json, sys; from workflow import job; "
+            "job.run_job(job.Job(**json.load(open(sys.argv[1]))), 'workflow.policy:run')")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(spec)], env=os.environ.copy(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    trainer_dir = os.path.join(job.params["checkpoints"], "trainer")
+    deadline = time.time() + 300
+    while not glob.glob(os.path.join(trainer_dir, "checkpoint-*", "trainer_state.json")) \
+            and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the stage ended before its first checkpoint"
+    # a hard kill, as of a preempted job: no process gets to clean up
+    tree = _process_tree(proc.pid)
+    assert len(tree) >= 4  # job, launcher, 2 workers
+    os.killpg(proc.pid, signal.SIGKILL)  # job and launcher; the workers live in sessions of their own
+    proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in tree) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in tree), "a worker outlived its killed launcher"
+    assert not os.path.exists(job.output["adapter"])
+
+    jobmod.run_job(job, "workflow.policy:run")
+    summary = pd.read_csv(job.output["metrics"]).iloc[-1]
+    assert summary["resumed_from_step"] >= 2 and summary["steps"] == 8
+    _assert_ranks_identical(job.output, scratch)

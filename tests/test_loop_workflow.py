@@ -85,22 +85,21 @@ def test_loop_runs_resumes_after_interrupt_and_reruns_only_downstream(tmp_path, 
     assert ("refine_reward", "method=rloo, i=1") in loop_plan
     assert ("collect_pairs", "method=rloo, i=0") in loop_plan
 
-    # (b) interrupt while policy 1 trains
+    # (b) interrupt while policy 1 trains, right after its first trainer checkpoint
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    log = workdir / "logs" / "train_policy" / "rloo_1.log"
+    policy1 = workdir / "results/rloo/iter_1/policy"
     deadline = time.time() + 300
-    while not log.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the workflow ended before policy 1 started:\n" + proc.communicate()[0]
-    time.sleep(0.5)  # the job has started (its log exists) and is still importing / training
+    while (not list(policy1.glob("checkpoints/trainer/checkpoint-*/trainer_state.json"))
+           and proc.poll() is None and time.time() < deadline):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the workflow ended before policy 1 saved a checkpoint:\n" + proc.communicate()[0]
     os.killpg(proc.pid, signal.SIGINT)
     first_out = proc.communicate(timeout=120)[0]
     first = ran_jobs(first_out)
     assert ("train_policy", "method=rloo, i=1") in first
-    policy1 = workdir / "results/rloo/iter_1/policy"
     assert not (policy1 / "adapter").exists() and not (policy1 / "metrics.csv").exists(), "partial output left"
     finished = {j for j in full_plan if j not in planned_jobs(workdir, target, "--configfile", cfg)}
     assert ("refine_reward", "method=rloo, i=1") in finished          # done before the interrupt: not redone
@@ -111,6 +110,10 @@ def test_loop_runs_resumes_after_interrupt_and_reruns_only_downstream(tmp_path, 
     second = ran_jobs(result.stdout + result.stderr)
     assert second == full_plan - finished
     assert ("train_policy", "method=rloo, i=1") in second and not second & finished
+    # policy 1 went on from its checkpoint instead of starting again, and cleaned up after itself
+    assert re.search(r"resuming from \S+checkpoint-\d+ \(step [1-9]", (workdir / "logs/train_policy/rloo_1.log").read_text())
+    assert pd.read_csv(policy1 / "metrics.csv")["resumed_from_step"].iloc[-1] >= 1
+    assert not (policy1 / "checkpoints").exists()
     table = pd.read_csv(workdir / target)
     assert list(table["iteration"]) == [-1, 0, 1]
     assert table[["gold_mean", "reward_mean", "kl"]].notna().all().all()
@@ -119,7 +122,7 @@ def test_loop_runs_resumes_after_interrupt_and_reruns_only_downstream(tmp_path, 
     assert len(pairs) >= 1 and {"prompt", "chosen", "rejected", "judge_drop_rate"} <= set(pairs.columns)
     assert planned_jobs(workdir, target, "--configfile", cfg) == set()    # nothing left to do
 
-    # (c) delete reward model 1 and ask for it again: exactly it and what depends on it are planned.
+    # (c) delete reward model 1 and ask for it again: exactly it and what depends on it rerun.
     # (Snakemake treats a deleted intermediate whose consumers are up to date like a temp() file:
     # plain `snakemake target` does nothing until the deleted file itself is requested.)
     deleted = "results/rloo/iter_1/reward/adapter"
@@ -127,6 +130,12 @@ def test_loop_runs_resumes_after_interrupt_and_reruns_only_downstream(tmp_path, 
     expected = {("refine_reward", "method=rloo, i=1"), ("train_policy", "method=rloo, i=1"),
                 ("evaluate_iteration", "method=rloo, i=1"), ("evaluation_table", "method=rloo")}
     assert planned_jobs(workdir, deleted, target, "--configfile", cfg) == expected
+    untouched = (workdir / "results/rloo/iter_0/policy/adapter/adapter_model.safetensors").stat().st_mtime_ns
+    result = snakemake(workdir, deleted, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ran_jobs(result.stdout + result.stderr) == expected
+    assert (workdir / deleted / "adapter_model.safetensors").exists()
+    assert (workdir / "results/rloo/iter_0/policy/adapter/adapter_model.safetensors").stat().st_mtime_ns == untouched
 
 
 @pytest.fixture(scope="module")

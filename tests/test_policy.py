@@ -30,42 +30,6 @@ CFG = {
 }
 
 
-def _perturb_lora(model, seed: int, scale: float = 0.05) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * scale)
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_base, tmp_path_factory):
-    """``{"sft": ..., "sft2": ..., "reward": ..., "reward1": ...}`` adapter folders (tokenizer beside each)."""
-    from peft import get_peft_model
-
-    from workflow.lora import lora_config
-    from workflow.models import load_causal_lm, load_sequence_classifier, load_tokenizer
-
-    root = tmp_path_factory.mktemp("adapters")
-    tok = load_tokenizer(tiny_base, "chat")
-    out = {}
-    for name, seed in (("sft", 1), ("sft2", 2)):
-        torch.manual_seed(seed)
-        model = get_peft_model(load_causal_lm(tiny_base), lora_config(CFG))
-        _perturb_lora(model, seed)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        out[name] = str(root / name)
-    for name, seed in (("reward", 3), ("reward1", 4)):
-        torch.manual_seed(seed)
-        model = get_peft_model(load_sequence_classifier(tiny_base, tok.pad_token_id), lora_config(CFG, "SEQ_CLS"))
-        _perturb_lora(model, seed)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        out[name] = str(root / name)
-    return out
-
-
 def test_iteration_chunks_are_seeded_disjoint_and_wrap():
     loop = {"intraepoch": True, "iteration_fraction": 0.3}
     chunks = [policy.iteration_indices(10, i, loop, seed=5) for i in range(4)]

@@ -152,12 +152,31 @@ def rank_outputs(outputs: dict[str, Any], rank: int, scratch: str) -> dict[str, 
     return {name: os.path.join(base, os.path.relpath(os.path.abspath(path), "/")) for name, path in outputs.items()}
 
 
+def _die_with_launcher() -> None:
+    """Ask Linux to send this worker SIGTERM when its launcher dies.
+
+    torchrun starts workers in sessions of their own, so a launcher killed outright (SIGKILL, a
+    crashed job script) would otherwise leave them training on and writing outputs after the
+    job has failed.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # it died before the request
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _main(spec_path: str) -> None:
     """Worker entry of a distributed launch: ``python -m workflow.job SPEC.json``.
 
     Processes other than rank 0 write their outputs under ``$ZOPRO_RANK_SCRATCH`` (default: a
-    temporary folder removed at exit).
+    temporary folder removed at exit). Each worker dies with its launcher.
     """
+    _die_with_launcher()
     with open(spec_path) as handle:
         spec = json.load(handle)
     job = Job(**spec["job"])

@@ -52,6 +52,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -238,11 +239,15 @@ class PolicySnapshotCallback:
 
 
 def _common_args(scratch: str, cfg: dict[str, Any], seed: int, n_prompts: int) -> dict[str, Any]:
+    """Trainer arguments of every method; ``scratch`` (the Trainer's output folder) receives a
+    checkpoint every ``policy.checkpoint_every`` of the steps (0: none), see :mod:`workflow.resume`."""
     from workflow.sft import trainer_kwargs
 
     pcfg = cfg["policy"]
+    every = float(pcfg.get("checkpoint_every", 0) or 0)
+    saving = dict(save_strategy="steps", save_steps=every, save_total_limit=1, save_only_model=False) if every else {}
     return trainer_kwargs(scratch, pcfg["epochs"], pcfg["learning_rate"], pcfg["batch_size"], seed,
-                          logging_steps=1)
+                          logging_steps=1, **saving)
 
 
 def _rloo_args(scratch, cfg, seed, n_prompts, config_cls=None):
@@ -360,6 +365,7 @@ def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch
         local_rollout_forward_batch_size=int(pcfg["batch_size"]),
         total_episodes=int(math.ceil(float(pcfg["epochs"]) * len(prompts))),
         num_sample_generations=0,
+        save_strategy="no",  # trl's PPOTrainer cannot resume from its checkpoints
         stop_token="eos",
         missing_eos_penalty=None,
         ref_adapter_name="ref",
@@ -382,12 +388,20 @@ def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch
 # --------------------------------------------------------------------------------------------
 def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str, sft_adapter: str,
                  reward_adapter: str, prompts: list, out_dir: str | os.PathLike, cfg: dict[str, Any],
-                 seed: int, task: str, direction_inputs: dict[str, str] | None = None) -> dict[str, Any]:
-    """Train policy ``iteration`` and write ``out_dir/{adapter,snapshots,metrics.csv,samples.parquet}``."""
+                 seed: int, task: str, direction_inputs: dict[str, str] | None = None,
+                 checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train policy ``iteration`` and write ``out_dir/{adapter,snapshots,metrics.csv,samples.parquet}``.
+
+    ``checkpoint_dir``: where the stage keeps its resumable state (:mod:`workflow.resume`); a
+    killed stage rerun with the same config and inputs continues from its last checkpoint
+    (``ppo`` excepted: trl's PPOTrainer cannot resume, it restarts the iteration). ``None``: a
+    temporary folder, no resume.
+    """
     from transformers import set_seed
 
     from workflow.io import atomic_dir, write_parquet
     from workflow.models import load_policy, load_reward_model, load_tokenizer
+    from workflow.resume import StageCheckpoints, fingerprint
     from workflow.sft import scratch_dir, write_metrics
 
     if method not in METHODS:
@@ -410,22 +424,30 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
                                batch_size=max(32, int(pcfg["batch_size"])), max_length=max_len)
     zo = method == "zorloo" and int(iteration) >= 1
     kind = "zopro" if zo else ("rloo" if method == "zorloo" else method)
+    inputs = [prev_adapter, sft_adapter, reward_adapter, *(direction_inputs or {}).values()]
     start = time.time()
     with scratch_dir(out / "adapter") as scratch, atomic_dir(out / "snapshots") as snaps, \
             atomic_dir(out / "adapter") as adapter:
-        callbacks = [PolicySnapshotCallback(cfg["snapshots"]["every"], snaps)]
+        state = StageCheckpoints(checkpoint_dir or scratch, fingerprint(
+            cfg, inputs, method=method, iteration=int(iteration), seed=int(seed), prompts=prompts))
+        print(f"policy {method} iteration {iteration}: {state.describe()}")
+        reward_fn.records = state.resumed_samples()
+        trainer_dir = str(state.trainer_dir)
+        callbacks = [PolicySnapshotCallback(cfg["snapshots"]["every"], state.snapshots),
+                     state.callback(reward_fn.samples)]
         if kind == "rloo":
-            trainer = build_rloo(model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callbacks, sft_adapter)
+            trainer = build_rloo(model, tokenizer, reward_fn, prompts, cfg, trainer_dir, seed, callbacks,
+                                 sft_adapter)
         elif kind == "zopro":
             if not direction_inputs:
                 raise PolicyConfigError(f"zorloo iteration {iteration} needs the mu/v adapters as inputs")
-            trainer = build_zorloo(model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callbacks,
+            trainer = build_zorloo(model, tokenizer, reward_fn, prompts, cfg, trainer_dir, seed, callbacks,
                                    sft_adapter, direction_inputs)
         elif kind == "dpo":
             ref_model = load_policy(base_path, sft_adapter, trainable=False)
             for p in ref_model.parameters():
                 p.requires_grad_(False)
-            trainer = build_dpo(model, ref_model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callbacks)
+            trainer = build_dpo(model, ref_model, tokenizer, reward_fn, prompts, cfg, trainer_dir, seed, callbacks)
         else:  # ppo
             model.load_adapter(sft_adapter, adapter_name="ref", is_trainable=False)
             model.set_adapter("default")
@@ -438,12 +460,16 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
             # PPO scores rollouts inside trl (no callable): probe the reward model once up front so a
             # NaN-producing adapter fails here, not after a run trained on NaN rewards
             reward_fn.score(prompts[: int(pcfg["batch_size"])], ["" for _ in prompts[: int(pcfg["batch_size"])]])
-            trainer = build_ppo(model, tokenizer, merged, value, prompts, cfg, scratch, seed, callbacks)
-        result = trainer.train()
+            trainer = build_ppo(model, tokenizer, merged, value, prompts, cfg, trainer_dir, seed, callbacks)
+        if kind == "ppo":
+            result = trainer.train()
+        else:
+            result = trainer.train(resume_from_checkpoint=str(state.checkpoint) if state.checkpoint else None)
         policy = model
         policy.set_adapter("default")
         policy.save_pretrained(adapter, selected_adapters=["default"])
         tokenizer.save_pretrained(adapter)
+        shutil.copytree(state.snapshots, snaps, dirs_exist_ok=True)
         if kind == "ppo":
             k = int(pcfg["rloo_k"])
             rep = [p for p in prompts for _ in range(k)]
@@ -456,13 +482,14 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
         steps = int(trainer.state.global_step)
         summary = {
             "stage": "policy", "method": method, "iteration": int(iteration), "trainer": kind,
-            "prompts": len(prompts), "steps": steps,
+            "prompts": len(prompts), "steps": steps, "resumed_from_step": state.step,
             "train_loss": float(getattr(result, "training_loss", float("nan")) if result is not None else float("nan")),
             "sample_reward_mean": float(samples["score"].mean()),
             "runtime_s": time.time() - start,
         }
         write_parquet(samples, out / "samples.parquet")
         write_metrics(trainer.state.log_history, summary, out / "metrics.csv")
+    state.finish()
     return summary
 
 
@@ -483,5 +510,6 @@ def run(job) -> None:
                      "reward_i": job.input["reward"], "reward_prev": job.input["reward_prev"]}
     summary = train_policy(method, iteration, job.params["base"], job.input["prev_policy"], job.input["sft"],
                            job.input["reward"], prompts, out_dir, cfg, job.seed + 1009 * iteration,
-                           task_of(cfg["dataset"]["name"]), direction_inputs=direction)
+                           task_of(cfg["dataset"]["name"]), direction_inputs=direction,
+                           checkpoint_dir=job.params.get("checkpoints"))
     print(summary)

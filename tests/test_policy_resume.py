@@ -1,0 +1,113 @@
+"""Resuming a killed policy stage from its own trainer checkpoints (workflow/resume.py).
+
+A stage is "killed" by an exception raised from the reward function in the middle of a step
+(after a checkpoint was saved); rerunning the stage with the same config and inputs must resume
+from that checkpoint and end exactly where an uninterrupted run ends.
+"""
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+import torch
+
+from test_policy import CFG
+from workflow import policy
+from workflow.snapshots import read_index
+
+
+class Killed(KeyboardInterrupt):
+    """Stands for the SIGINT / SIGKILL of a real run."""
+
+
+def _cfg(**policy_overrides):
+    cfg = copy.deepcopy(CFG)
+    cfg["policy"].update(checkpoint_every=0.25, **policy_overrides)
+    cfg["snapshots"]["every"] = 0.25
+    return cfg
+
+
+def _run(method, tiny_base, adapters, prompts, out, checkpoints, cfg):
+    iteration = 1 if method == "zorloo" else 0
+    direction = None
+    if method == "zorloo":
+        direction = {"policy_prev": adapters["sft2"], "policy_prev2": adapters["sft"],
+                     "reward_i": adapters["reward1"], "reward_prev": adapters["reward"]}
+    prev = adapters["sft2"] if method == "zorloo" else adapters["sft"]
+    reward = adapters["reward1"] if method == "zorloo" else adapters["reward"]
+    return policy.train_policy(method, iteration, tiny_base, prev, adapters["sft"], reward, prompts, out, cfg,
+                               seed=0, task="chat", direction_inputs=direction, checkpoint_dir=checkpoints)
+
+
+def _kill_at_step(monkeypatch, step: int) -> None:
+    """Make the reward function raise while the trainer computes step ``step + 1``."""
+    original = policy.RewardFunction.__call__
+
+    def call(self, prompts, completions, step_=None, **kwargs):
+        state = kwargs.get("trainer_state")
+        if state is not None and state.global_step == step:
+            raise Killed(f"killed during step {step + 1}")
+        return original(self, prompts, completions, step_, **kwargs)
+
+    monkeypatch.setattr(policy.RewardFunction, "__call__", call)
+
+
+@pytest.mark.parametrize("method", ["rloo", "zorloo", "dpo"])
+def test_killed_stage_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(
+        method, tiny_base, adapters, embedded_frames, tmp_path, monkeypatch):
+    # rloo/zorloo: 2 prompts per step (batch 4, k 2), dpo: 4 per step -> 8 steps each
+    prompts = [list(p) for p in embedded_frames["train"]["prompt"].iloc[:32 if method == "dpo" else 16]]
+    whole = _run(method, tiny_base, adapters, prompts, tmp_path / "whole", tmp_path / "whole_ckpt", _cfg())
+    assert whole["resumed_from_step"] == 0
+    steps = whole["steps"]
+    assert steps >= 6
+    every = -(-steps // 4)  # checkpoint_every 0.25
+    kill_step = 2 * every + 1  # one step after the second checkpoint
+
+    out, ckpt = tmp_path / "killed", tmp_path / "killed_ckpt"
+    with monkeypatch.context() as patch:
+        _kill_at_step(patch, kill_step)
+        with pytest.raises(Killed):
+            _run(method, tiny_base, adapters, prompts, out, ckpt, _cfg())
+    assert not (out / "adapter").exists() and not (out / "samples.parquet").exists()  # no half outputs
+    assert (ckpt / "trainer" / f"checkpoint-{2 * every}" / "trainer_state.json").exists()
+    assert read_index(ckpt / "snapshots")["step"].max() >= 2 * every
+
+    resumed = _run(method, tiny_base, adapters, prompts, out, ckpt, _cfg())
+    assert resumed["resumed_from_step"] == 2 * every
+    assert resumed["steps"] == steps
+    assert not ckpt.exists()  # the resumable state is removed once the outputs are written
+    a, b = policy.adapter_state(tmp_path / "whole" / "adapter"), policy.adapter_state(out / "adapter")
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    assert read_index(out / "snapshots")["step"].tolist() == read_index(tmp_path / "whole" / "snapshots")["step"].tolist()
+    samples_a = pd.read_parquet(tmp_path / "whole" / "samples.parquet")
+    samples_b = pd.read_parquet(out / "samples.parquet")
+    assert samples_b["step"].tolist() == samples_a["step"].tolist()
+    assert samples_b["completion"].tolist() == samples_a["completion"].tolist()
+    # the log history continues from the checkpoint: the same rows as the uninterrupted run's
+    log_a, log_b = (pd.read_csv(tmp_path / d / "metrics.csv") for d in ("whole", "killed"))
+    assert log_b["step"].tolist() == log_a["step"].tolist()
+
+
+def test_changed_config_discards_the_saved_state(tiny_base, adapters, embedded_frames, tmp_path,
+                                                  monkeypatch):
+    prompts = policy.iteration_prompts(embedded_frames["train"], 0, CFG, seed=0)[:16]
+    ckpt = tmp_path / "ckpt"
+    with monkeypatch.context() as patch:
+        _kill_at_step(patch, 5)
+        with pytest.raises(Killed):
+            _run("rloo", tiny_base, adapters, prompts, tmp_path / "out", ckpt, _cfg())
+    assert (ckpt / "trainer").exists()
+    summary = _run("rloo", tiny_base, adapters, prompts, tmp_path / "out", ckpt, _cfg(learning_rate=5e-3))
+    assert summary["resumed_from_step"] == 0
+
+
+def test_ppo_restarts_its_iteration(tiny_base, adapters, embedded_frames, tmp_path):
+    prompts = policy.iteration_prompts(embedded_frames["train"], 0, CFG, seed=0)[:8]
+    ckpt = tmp_path / "ckpt"
+    summary = _run("ppo", tiny_base, adapters, prompts, tmp_path / "out", ckpt, _cfg())
+    assert summary["resumed_from_step"] == 0 and summary["steps"] >= 1
+    assert not ckpt.exists()
