@@ -238,7 +238,7 @@ class PolicySnapshotCallback:
         return _Policy(every, out_dir)
 
 
-def _common_args(scratch: str, cfg: dict[str, Any], seed: int, n_prompts: int) -> dict[str, Any]:
+def _common_args(scratch: str, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     """Trainer arguments of every method; ``scratch`` (the Trainer's output folder) receives a
     checkpoint every ``policy.checkpoint_every`` of the steps (0: none), see :mod:`workflow.resume`."""
     from workflow.sft import trainer_kwargs
@@ -250,17 +250,17 @@ def _common_args(scratch: str, cfg: dict[str, Any], seed: int, n_prompts: int) -
                           logging_steps=1, **saving)
 
 
-def _rloo_args(scratch, cfg, seed, n_prompts, config_cls=None):
+def _rloo_args(scratch: str, cfg: dict[str, Any], seed: int):
+    """RLOO (and ZOPrO) trainer arguments: k samples per prompt, KL to the reference, PPO-clip."""
     from trl import RLOOConfig
 
-    config_cls = config_cls or RLOOConfig
     pcfg = cfg["policy"]
     k = int(pcfg["rloo_k"])
     batch = int(pcfg["batch_size"])
     if batch % k:
         raise PolicyConfigError(f"policy.batch_size ({batch}) must be a multiple of policy.rloo_k ({k}): "
                                 "every batch holds whole groups of k samples per prompt")
-    kwargs = _common_args(scratch, cfg, seed, n_prompts)
+    kwargs = _common_args(scratch, cfg, seed)
     kwargs.update(
         num_generations=k,
         max_completion_length=int(cfg["model"]["generation_length"]),
@@ -273,14 +273,14 @@ def _rloo_args(scratch, cfg, seed, n_prompts, config_cls=None):
         log_completions=False,
         disable_dropout=True,
     )
-    return config_cls(**kwargs)
+    return RLOOConfig(**kwargs)
 
 
 def build_rloo(model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callbacks, sft_adapter):
     from datasets import Dataset
     from trl import RLOOTrainer
 
-    args = _rloo_args(scratch, cfg, seed, len(prompts))
+    args = _rloo_args(scratch, cfg, seed)
     trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=args,
                           train_dataset=Dataset.from_dict({"prompt": prompts}),
                           processing_class=tokenizer, callbacks=callbacks)
@@ -314,7 +314,7 @@ def build_zorloo(model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callb
     from workflow.zopro import ZOPrOTrainer, load_direction_inputs
     from workflow.zopro_direction import ZOConfig
 
-    args = _rloo_args(scratch, cfg, seed, len(prompts))
+    args = _rloo_args(scratch, cfg, seed)
     args.lr_scheduler_type = "constant"
     args.learning_rate = float(cfg["zopro"]["learning_rate"])
     mu, v = load_direction_inputs(direction_inputs["policy_prev"], direction_inputs["policy_prev2"],
@@ -332,7 +332,7 @@ def build_dpo(model, ref_model, tokenizer, reward_fn, prompts, cfg, scratch, see
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
     pcfg = cfg["policy"]
-    kwargs = _common_args(scratch, cfg, seed, len(prompts))
+    kwargs = _common_args(scratch, cfg, seed)
     kwargs.update(
         max_new_tokens=int(cfg["model"]["generation_length"]),
         max_length=int(cfg["model"]["max_length"]),
@@ -353,7 +353,7 @@ def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     pcfg = cfg["policy"]
-    kwargs = _common_args(scratch, cfg, seed, len(prompts))
+    kwargs = _common_args(scratch, cfg, seed)
     kwargs.update(
         response_length=int(cfg["model"]["generation_length"]),
         temperature=float(pcfg["temperature"]),
