@@ -88,19 +88,22 @@ def test_rloo_reference_is_the_sft_adapter(tiny_base, adapters, tmp_path):
     assert trainable and all(".default." in n for n in trainable)
 
 
+def stage_inputs(method: str, adapters: dict) -> tuple[int, str, str, dict | None]:
+    """``(iteration, previous policy, reward model, zorloo mu/v inputs)`` of a test stage: zorloo
+    runs its zeroth-order iteration 1, the other methods iteration 0."""
+    if method != "zorloo":
+        return 0, adapters["sft"], adapters["reward"], None
+    direction = {"policy_prev": adapters["sft2"], "policy_prev2": adapters["sft"],
+                 "reward_i": adapters["reward1"], "reward_prev": adapters["reward"]}
+    return 1, adapters["sft2"], adapters["reward1"], direction
+
+
 @pytest.mark.parametrize("method", ["rloo", "dpo", "ppo", "zorloo"])
 def test_one_policy_iteration(method, tiny_base, adapters, embedded_frames, tmp_path):
     from workflow.snapshots import read_index
 
-    iteration = 1 if method == "zorloo" else 0
-    rows = embedded_frames["train"]
-    prompts = policy.iteration_prompts(rows, iteration, CFG, seed=0)[:8]
-    direction = None
-    if method == "zorloo":
-        direction = {"policy_prev": adapters["sft2"], "policy_prev2": adapters["sft"],
-                     "reward_i": adapters["reward1"], "reward_prev": adapters["reward"]}
-    reward = adapters["reward1"] if method == "zorloo" else adapters["reward"]
-    prev = adapters["sft2"] if method == "zorloo" else adapters["sft"]
+    iteration, prev, reward, direction = stage_inputs(method, adapters)
+    prompts = policy.iteration_prompts(embedded_frames["train"], iteration, CFG, seed=0)[:8]
     before = policy.adapter_state(prev)
     rm_before = policy.adapter_state(reward)
     summary = policy.train_policy(method, iteration, tiny_base, prev, adapters["sft"], reward, prompts,

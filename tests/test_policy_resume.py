@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from test_policy import CFG
+from test_policy import CFG, stage_inputs
 from workflow import policy
 from workflow.snapshots import read_index
 
@@ -29,13 +29,7 @@ def _cfg(**policy_overrides):
 
 
 def _run(method, tiny_base, adapters, prompts, out, checkpoints, cfg):
-    iteration = 1 if method == "zorloo" else 0
-    direction = None
-    if method == "zorloo":
-        direction = {"policy_prev": adapters["sft2"], "policy_prev2": adapters["sft"],
-                     "reward_i": adapters["reward1"], "reward_prev": adapters["reward"]}
-    prev = adapters["sft2"] if method == "zorloo" else adapters["sft"]
-    reward = adapters["reward1"] if method == "zorloo" else adapters["reward"]
+    iteration, prev, reward, direction = stage_inputs(method, adapters)
     return policy.train_policy(method, iteration, tiny_base, prev, adapters["sft"], reward, prompts, out, cfg,
                                seed=0, task="chat", direction_inputs=direction, checkpoint_dir=checkpoints)
 
