@@ -45,6 +45,11 @@ def test_summary_stderr():
     assert summary["gold_stderr"] == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)
     assert summary["reward_mean"] == 0.5 and summary["reward_stderr"] == 0.0  # NaNs are left out
     assert math.isnan(summarise(pd.DataFrame({"gold": [np.nan], "reward": [1.0]})).iloc[0]["gold_mean"])
+    # two samples per prompt: the error is that of the 2 prompt means (1.5, 3.5), not of 4 samples
+    rows["prompt_index"] = [0, 0, 1, 1]
+    summary = summarise(rows).iloc[0]
+    assert summary["gold_mean"] == 2.5 and summary["n"] == 4
+    assert summary["gold_stderr"] == pytest.approx(np.std([1.5, 3.5], ddof=1) / np.sqrt(2))
 
 
 def test_gold_scorer_hook():
@@ -79,4 +84,5 @@ def test_run_writes_samples_and_summary(tiny_base, embedded_parquet, reward_adap
     summary = pd.read_csv(job.output["summary"])
     assert len(rows) == 12 and list(summary.columns) == ["n", "gold_mean", "gold_stderr", "reward_mean", "reward_stderr"]
     assert summary["gold_mean"][0] == pytest.approx(rows["gold"].mean())
-    assert summary["gold_stderr"][0] == pytest.approx(rows["gold"].std(ddof=1) / math.sqrt(len(rows)))
+    per_prompt = rows.groupby("prompt_index")["gold"].mean()  # several samples per prompt: cluster them
+    assert summary["gold_stderr"][0] == pytest.approx(per_prompt.std(ddof=1) / math.sqrt(len(per_prompt)))

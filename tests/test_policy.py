@@ -293,6 +293,41 @@ def test_ppo_and_dpo_references_are_the_sft_adapter(tiny_base, adapters, tmp_pat
     assert not any(p.requires_grad for p in trainer.ref_model.parameters())
 
 
+def test_ppo_scores_rollouts_where_the_reward_model_was_trained(tiny_base, adapters, tmp_path):
+    """PPO's reward (trl ``get_reward`` on left-padded query + response ids) equals ``reward_scores``
+    on the chat rendering, for a stopped response followed by padding and for a truncated one."""
+    from trl.experimental.utils import get_reward
+
+    from workflow.models import load_policy, load_reward_model, load_tokenizer
+    from workflow.reward import reward_scores
+
+    tok = load_tokenizer(tiny_base, "chat")
+    tok.padding_side = "left"
+    rm = load_reward_model(tiny_base, adapters["reward"]).merge_and_unload().eval()
+    prompts = [[{"role": "user", "content": "Tell me about the river."}],
+               [{"role": "user", "content": "What is the old garden like?"}]]
+    answers = ["The river is calm and bright.", "It is lovely"]
+    model = load_policy(tiny_base, adapters["sft2"], trainable=True)
+    model.load_adapter(adapters["sft"], adapter_name="ref", is_trainable=False)
+    model.set_adapter("default")
+    trainer = policy.build_ppo(model, tok, rm, copy.deepcopy(rm), prompts, CFG, str(tmp_path / "ppo"), 0, [])
+    queries = [tok.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=False)
+               for p in prompts]
+    queries = [list(q["input_ids"]) if isinstance(q, dict) else list(q) for q in queries]
+    responses = [tok(answers[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id],  # stopped
+                 tok(answers[1], add_special_tokens=False)["input_ids"]]                       # truncated
+    width_q, width_r = max(map(len, queries)), max(map(len, responses)) + 2
+    ids = torch.tensor([[tok.pad_token_id] * (width_q - len(q)) + q + r + [tok.pad_token_id] * (width_r - len(r))
+                        for q, r in zip(queries, responses)])
+    with torch.no_grad():
+        _, got, _ = get_reward(trainer.reward_model, ids, tok.pad_token_id, width_q)
+    want = reward_scores(rm, tok, prompts, answers)
+    assert got.numpy() == pytest.approx(want, abs=1e-4)
+    with torch.no_grad():   # the bare model reads the stop token and does not agree
+        _, bare, _ = get_reward(rm, ids, tok.pad_token_id, width_q)
+    assert abs(float(bare[0]) - float(want[0])) > 1e-3
+
+
 def test_select_uncertain_keeps_scores_closest_to_zero_and_drops_exact_duplicates():
     from workflow.pairs import select_uncertain
 

@@ -5,7 +5,7 @@ answers are sampled (``evaluation.temperature``, ``model.generation_length`` new
 and scored by the gold judge (:func:`gold_scorer`) and by a reward model. One row per sample
 (``prompt_index``, ``sample``, ``prompt`` messages, ``prompt_text``, ``answer``, ``gold``,
 ``reward``); the summary has ``n``, ``gold_mean``, ``gold_stderr``, ``reward_mean``,
-``reward_stderr`` (stderr = sample standard deviation / sqrt(n)).
+``reward_stderr`` (stderr over prompts: standard deviation of the per-prompt means / sqrt(prompts)).
 """
 from __future__ import annotations
 
@@ -94,18 +94,24 @@ def evaluate(policy_model, tokenizer, reward_model, prompts: list[list[dict[str,
     })
 
 
-def _mean_stderr(values: pd.Series) -> tuple[float, float]:
-    values = values.dropna().to_numpy(dtype=float)
+def _mean_stderr(values: pd.Series, clusters: pd.Series | None = None) -> tuple[float, float]:
+    """Mean and its standard error; with ``clusters`` (the prompt of each sample) the error is that
+    of the mean over clusters, since samples of one prompt are not independent."""
+    keep = values.notna()
+    values = values[keep].astype(float)
     if len(values) == 0:
         return math.nan, math.nan
-    stderr = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+    units = values.groupby(clusters[keep]).mean() if clusters is not None else values
+    stderr = float(units.std(ddof=1) / math.sqrt(len(units))) if len(units) > 1 else math.nan
     return float(values.mean()), stderr
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """One-row summary: ``n``, gold and reward mean and standard error."""
-    gold_mean, gold_stderr = _mean_stderr(rows["gold"])
-    reward_mean, reward_stderr = _mean_stderr(rows["reward"])
+    """One-row summary: ``n``, gold and reward mean and standard error (over prompts when
+    ``rows`` has a ``prompt_index`` column: the mean of a prompt's samples is one unit)."""
+    clusters = rows["prompt_index"] if "prompt_index" in rows else None
+    gold_mean, gold_stderr = _mean_stderr(rows["gold"], clusters)
+    reward_mean, reward_stderr = _mean_stderr(rows["reward"], clusters)
     return pd.DataFrame([{
         "n": len(rows), "gold_mean": gold_mean, "gold_stderr": gold_stderr,
         "reward_mean": reward_mean, "reward_stderr": reward_stderr,

@@ -30,7 +30,14 @@ otherwise turn NaN into 0 silently) and records every scored rollout. Those reco
 trainer's own rollouts and become ``samples.parquet``. ``ppo`` needs a sequence-classification
 model object (``get_reward`` reads the backbone and ``score`` head directly), so it gets the reward
 model with its LoRA merged (``merge_and_unload``), and its value model is a separate, trainable
-deep copy of that merged model (PPO never changes the reward model). PPO's rollouts are not
+deep copy of that merged model (PPO never changes the reward model). ``get_reward`` reads the
+score at a rollout's last token, the stop token, one token short of where the reward model was
+trained and where ``reward_scores`` reads it (the end of the chat rendering: ``<|im_end|>`` and a
+newline for the embedded task); :class:`TemplateEndReward` appends the template's end so that PPO
+optimises the same scores as the other methods (read at the stop token, reward model 0 of the
+embedded task scored about 5 lower and ranked held-out pairs worse, 0.90 against 0.93; PPO's
+gold at iteration 2, seeds 0/1/2, was 0.48/0.63/0.54 without the wrapper, 0.61/0.70/0.72 with it).
+PPO's rollouts are not
 exposed, so for ``ppo`` ``samples.parquet`` is re-sampled after training from the final policy on
 the iteration's prompts (``policy.rloo_k`` samples each, ``policy.temperature``), then scored the
 same way; its reward model is probed once before training so that a NaN-producing adapter fails
@@ -38,8 +45,9 @@ before PPO trains on NaN rewards.
 ``ppo`` uses ``policy.ppo_kl_coef`` as its KL coefficient when it is set (``null``:
 ``policy.kl_coef``). PPO's KL penalty is per token on raw reward-model scores (no group baseline,
 ``ppo_epochs`` Adam steps per rollout batch), so the ``kl_coef`` that suits ``rloo``/``dpo`` is too
-weak for it: on the embedded task it drifts far from the SFT policy from iteration 1 on and hacks
-the refined reward models (answers drop the topic word, reward up, gold down).
+weak for it: on the embedded task (measured before :class:`TemplateEndReward` existed) it drifted
+far from the SFT policy from iteration 1 on and hacked the refined reward models (answers dropped
+the topic word, reward up, gold down).
 
 Prompts per iteration
 ---------------------
@@ -348,6 +356,66 @@ def build_dpo(model, ref_model, tokenizer, reward_fn, prompts, cfg, scratch, see
                             processing_class=tokenizer, reward_processing_classes=None, callbacks=callbacks)
 
 
+def template_end_ids(tokenizer) -> list[int]:
+    """Token ids the chat template renders after an assistant answer (e.g. ``<|im_end|>``, newline)."""
+    marker = "\x00answer\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                         tokenize=False)
+    return list(tokenizer(text.split(marker)[-1], add_special_tokens=False)["input_ids"])
+
+
+class TemplateEndReward(torch.nn.Module):
+    """Reward model for trl's PPO that scores a rollout where the reward model was trained to.
+
+    trl's ``get_reward`` reads the score at the last non-pad token of ``query + response``, i.e. at
+    the stop token; the reward model was trained (and :class:`RewardFunction` scores) on the full
+    chat rendering, whose last token is the template's end (``<|im_end|>`` then a newline for the
+    embedded task). This wrapper appends the missing template tokens after each row's last token
+    (the whole template end when the response did not stop) and hands ``get_reward`` the hidden
+    state of the true last token at the position it reads.
+    """
+
+    base_model_prefix = "backbone"
+
+    def __init__(self, reward_model, end_ids: Sequence[int], stop_id: int):
+        super().__init__()
+        self.reward_model = reward_model
+        self.score = reward_model.score
+        self.config = reward_model.config
+        self.end_ids = [int(t) for t in end_ids]
+        self.stop_id = int(stop_id)
+
+    def backbone(self, input_ids, attention_mask, position_ids=None, **kwargs):
+        from types import SimpleNamespace
+
+        n, width = input_ids.shape
+        mask = attention_mask.long()
+        last = (mask * torch.arange(width, device=mask.device)).argmax(1)
+        stopped = input_ids[torch.arange(n), last] == self.stop_id
+        ends_with_stop = self.end_ids[:1] == [self.stop_id]
+        tails = [self.end_ids[1:] if ends_with_stop and bool(s) else self.end_ids for s in stopped]
+        extra = max(len(t) for t in tails)
+        ids = torch.zeros((n, width + extra), dtype=input_ids.dtype, device=input_ids.device)
+        new_mask = torch.zeros_like(ids, dtype=torch.bool)
+        ids[:, :width] = input_ids
+        new_mask[:, :width] = attention_mask.bool()
+        end = last.clone()
+        for row, tail in enumerate(tails):
+            if tail:
+                pos = int(last[row]) + 1
+                ids[row, pos:pos + len(tail)] = torch.tensor(tail, dtype=ids.dtype, device=ids.device)
+                new_mask[row, pos:pos + len(tail)] = True
+                end[row] = pos + len(tail) - 1
+        positions = new_mask.long().cumsum(1) - new_mask.long()
+        out = getattr(self.reward_model, self.reward_model.base_model_prefix)(
+            input_ids=ids, attention_mask=new_mask, position_ids=positions, return_dict=True,
+            output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1]
+        read = hidden[:, :width].clone()
+        read[torch.arange(n), last] = hidden[torch.arange(n), end]
+        return SimpleNamespace(hidden_states=(read,))
+
+
 def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch, seed, callbacks):
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -373,6 +441,7 @@ def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch
         remove_unused_columns=False,
     )
     args = PPOConfig(**kwargs)
+    reward_model = TemplateEndReward(reward_model, template_end_ids(tokenizer), tokenizer.eos_token_id)
     ids = [tokenizer.apply_chat_template(list(p), tokenize=True, add_generation_prompt=True, return_dict=False)
            for p in prompts]
     ids = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in ids]
