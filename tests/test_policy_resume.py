@@ -105,3 +105,26 @@ def test_ppo_restarts_its_iteration(tiny_base, adapters, embedded_frames, tmp_pa
     summary = _run("ppo", tiny_base, adapters, prompts, tmp_path / "out", ckpt, _cfg())
     assert summary["resumed_from_step"] == 0 and summary["steps"] >= 1
     assert not ckpt.exists()
+
+
+def test_fingerprint_follows_config_inputs_and_code_but_not_plot_settings(tmp_path, monkeypatch):
+    import os
+
+    from workflow import resume
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    cfg = _cfg()
+    base = resume.fingerprint(cfg, [adapter], method="rloo")
+    assert resume.fingerprint(copy.deepcopy(cfg), [adapter], method="rloo") == base
+    assert resume.fingerprint({**cfg, "plots": {"layer": 3}}, [adapter], method="rloo") == base
+    assert resume.fingerprint(_cfg(learning_rate=0.5), [adapter], method="rloo") != base
+    assert resume.fingerprint(cfg, [adapter], method="dpo") != base
+    stat = (adapter / "adapter_model.safetensors").stat()
+    os.utime(adapter / "adapter_model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten
+    assert resume.fingerprint(cfg, [adapter], method="rloo") != base
+    changed = resume.fingerprint(cfg, [adapter], method="rloo")
+    original = resume.Path.read_bytes
+    monkeypatch.setattr(resume.Path, "read_bytes", lambda self: original(self) + b"# edited")  # the code changed
+    assert resume.fingerprint(cfg, [adapter], method="rloo") != changed

@@ -4,7 +4,7 @@ A policy stage keeps its work in progress in one folder (``<stage>/checkpoints``
 workflow), which is not a Snakemake output, so it survives a killed or failed job::
 
     checkpoints/
-      fingerprint.json       what this state belongs to: the config and the stage's input files
+      fingerprint.json       what this state belongs to: config, code and the stage's input files
       trainer/checkpoint-N/  the HF Trainer's latest checkpoint: adapter, optimizer (ZOPrO's ZO
                              state included), scheduler, RNG states, trainer state and log history
       snapshots/             the snapshot folder being written (workflow.snapshots format)
@@ -41,8 +41,10 @@ _IGNORED_SECTIONS = ("plots", "evaluation")
 
 
 def fingerprint(config: dict[str, Any], inputs: Iterable[str | os.PathLike], **extra: Any) -> str:
-    """Hash of a stage's identity: its config (without plots/evaluation), ``extra``, and the path,
-    size and modification time of every file of its ``inputs`` (files or folders)."""
+    """Hash of a stage's identity: its config (without plots/evaluation), ``extra``, the source of
+    this package (a fixed bug must not resume from the buggy run), and the path, size and
+    modification time of every file of its ``inputs`` (files or folders)."""
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.rglob("*.py"))))
     files = []
     for item in inputs:
         path = Path(item)
@@ -51,7 +53,7 @@ def fingerprint(config: dict[str, Any], inputs: Iterable[str | os.PathLike], **e
             stat = p.stat()
             files.append([str(p), stat.st_size, stat.st_mtime_ns])
     payload = {"config": {k: v for k, v in config.items() if k not in _IGNORED_SECTIONS},
-               "extra": extra, "files": files}
+               "extra": extra, "code": code.hexdigest(), "files": files}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
