@@ -346,7 +346,7 @@ def build_dpo(model, ref_model, tokenizer, reward_fn, prompts, cfg, scratch, see
         max_length=int(cfg["model"]["max_length"]),
         temperature=float(pcfg["temperature"]),
         top_k=0, top_p=1.0,
-        beta=[float(pcfg["kl_coef"])],
+        beta=[float(pcfg["kl_coef"] if pcfg.get("dpo_beta") is None else pcfg["dpo_beta"])],
         disable_dropout=True,
         remove_unused_columns=False,
     )
