@@ -76,7 +76,9 @@ LOOP_RULES = {"train_policy", "collect_pairs", "refine_reward", "evaluate_iterat
 def test_loop_runs_resumes_after_interrupt_and_reruns_only_downstream(tmp_path, tiny_base):
     workdir = tmp_path / "run"
     workdir.mkdir()
-    cfg = write_config(workdir, tiny_config(tiny_base))
+    # 8 epochs: 32 steps per policy stage (about 2 s on a quiet machine), so that the interrupt lands
+    # well inside policy 1 however fast the machine is (a checkpoint every 4 steps)
+    cfg = write_config(workdir, tiny_config(tiny_base, policy={"epochs": 8}))
     target = "results/rloo/evaluation.csv"
     args = [target, "--cores", "2", "--max-threads", "1", "--configfile", cfg]  # --configfile takes several values: last
     full_plan = planned_jobs(workdir, target, "--configfile", cfg)
