@@ -90,8 +90,10 @@ def test_loop_runs_resumes_after_interrupt_and_reruns_only_downstream(tmp_path, 
     # (b) interrupt while policy 1 trains, right after its first trainer checkpoint
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # SIGINT must act as Ctrl-C even when this test runs in the background, where the shell starts
+    # it with SIGINT ignored and Python would keep ignoring it
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     policy1 = workdir / "results/rloo/iter_1/policy"
     deadline = time.time() + 300
     while (not list(policy1.glob("checkpoints/trainer/checkpoint-*/trainer_state.json"))
