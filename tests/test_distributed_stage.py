@@ -134,6 +134,9 @@ def test_killed_two_process_stage_resumes_on_both_processes(tiny_base, adapters,
         time.sleep(0.05)
     assert not any(_alive(pid) for pid in tree), "a worker outlived its killed launcher"
     assert not os.path.exists(job.output["adapter"])
+    # each process kept its own snapshots (rank 0 at the top, rank 1 under rank1/)
+    for own in ("", "rank1"):
+        assert os.path.exists(os.path.join(job.params["checkpoints"], own, "snapshots", "index.csv"))
 
     jobmod.run_job(job, "workflow.policy:run")
     summary = pd.read_csv(job.output["metrics"]).iloc[-1]

@@ -57,19 +57,6 @@ def fingerprint(config: dict[str, Any], inputs: Iterable[str | os.PathLike], **e
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _barrier() -> None:
-    """Wait for every data-parallel process (no-op in a single process)."""
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
-
-
-def _rank() -> int:
-    from accelerate import PartialState
-
-    return int(PartialState().process_index)
-
-
 def complete_checkpoints(trainer_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """``(step, folder)`` of the complete Trainer checkpoints in ``trainer_dir``, oldest first."""
     found = []
@@ -90,15 +77,18 @@ class StageCheckpoints:
     """
 
     def __init__(self, root: str | os.PathLike, stage_fingerprint: str):
+        from workflow.runtime import processes
+
         self.root = Path(root)
-        self.rank = _rank()
+        self.processes = processes()
+        self.rank = int(self.processes.process_index)
         self.trainer_dir = self.root / "trainer"
         own = self.root if self.rank == 0 else self.root / f"rank{self.rank}"
         self.snapshots = own / "snapshots"
         self.samples_path = own / "samples.parquet"
         if self.rank == 0:
             self._validate(stage_fingerprint)
-        _barrier()
+        self.processes.wait_for_everyone()
         checkpoints = complete_checkpoints(self.trainer_dir)
         self.checkpoint: Path | None = checkpoints[-1][1] if checkpoints else None
         self.step = checkpoints[-1][0] if checkpoints else 0
@@ -160,6 +150,6 @@ class StageCheckpoints:
 
     def finish(self) -> None:
         """Remove the state once every process is done with it (call after writing the outputs)."""
-        _barrier()
+        self.processes.wait_for_everyone()
         if self.rank == 0:
             shutil.rmtree(self.root, ignore_errors=True)

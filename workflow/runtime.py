@@ -30,6 +30,15 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def processes():
+    """The data-parallel state (``accelerate.PartialState``) as the Trainer will set it up: CPU
+    processes join with gloo when there is no GPU (a plain ``PartialState()`` would then see one
+    process), GPUs with NCCL; a single process outside ``accelerate launch``."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def use_bf16() -> bool:
     """bf16 on a GPU that supports it, fp32 everywhere else."""
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
