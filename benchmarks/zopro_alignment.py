@@ -49,6 +49,8 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def probe_step(trainer, inputs, step: int) -> list[dict]:
     """Alignment and finite-difference rows of one rollout batch (parameters are left unchanged)."""
+    from workflow.zopro_direction import perturb
+
     engine = trainer.build_engine()
     params = engine.params
 
@@ -60,25 +62,22 @@ def probe_step(trainer, inputs, step: int) -> list[dict]:
         grad = _flat(torch.autograd.grad(loss_fn(), params))
     rows = [{"step": step, "setting": "cos_mu", "value": _cos(-grad, _flat(m if m is not None else torch.zeros_like(p)
                                                                            for m, p in zip(engine.direction.mu, params)))}]
-    seed = engine.config.seed
+    seed, update_step = engine.config.seed, engine.state.step
     for gamma in GAMMAS:
-        zs = [_flat(z for _, z in engine.direction.iter_z(params, seed, engine.state.step, j, gamma))
+        zs = [_flat(z for _, z in engine.direction.iter_z(params, seed, update_step, j, gamma))
               for j in range(max(QS))]
         for q in QS:
             update = -sum(float(grad @ z) * z for z in zs[:q]) / q
             rows.append({"step": step, "setting": f"cos_est gamma={gamma} q={q}", "value": _cos(-grad, update)})
-    z0 = zs[0]  # gamma 0: pure noise direction, the hardest case for a finite difference
-    exact = float(grad @ z0)
+    # direction 0 at gamma 0 (pure noise), the hardest case for a finite difference
+    exact = float(grad @ _flat(z for _, z in engine.direction.iter_z(params, seed, update_step, 0, 0.0)))
     with torch.no_grad():
         for eps in EPSILONS:
-            for k, (_, z) in enumerate(engine.direction.iter_z(params, seed, engine.state.step, 0, 0.0)):
-                params[k].add_(z, alpha=eps)
+            perturb(params, eps, engine.direction, seed, update_step, 0, 0.0)
             plus = float(loss_fn())
-            for k, (_, z) in enumerate(engine.direction.iter_z(params, seed, engine.state.step, 0, 0.0)):
-                params[k].add_(z, alpha=-2 * eps)
+            perturb(params, -2 * eps, engine.direction, seed, update_step, 0, 0.0)
             minus = float(loss_fn())
-            for k, (_, z) in enumerate(engine.direction.iter_z(params, seed, engine.state.step, 0, 0.0)):
-                params[k].add_(z, alpha=eps)
+            perturb(params, eps, engine.direction, seed, update_step, 0, 0.0)
             estimate = (plus - minus) / (2 * eps)
             rows.append({"step": step, "setting": f"fd_rel_err eps={eps:g}",
                          "value": abs(estimate - exact) / abs(exact) if exact else math.nan})

@@ -1,5 +1,5 @@
 # The tiny base causal LM of the embedded task (only built when config model.name is null;
-# every stage takes it through base_model_input() / base_model_path() in common.smk).
+# every stage takes it through base_inputs() / base_model_param in common.smk).
 
 
 rule base_model:

@@ -1,5 +1,4 @@
 # Paths and input functions shared by every stage. The results layout is documented in README.md.
-import os
 
 METHODS = ["ppo", "dpo", "rloo", "zorloo"]
 DATASET = config["dataset"]["name"]
@@ -23,14 +22,9 @@ def builds_base_model():
     return not config["model"].get("name")
 
 
-def base_model_path():
-    """Folder or hub id every stage loads the base causal LM from."""
-    return "results/base" if builds_base_model() else config["model"]["name"]
-
-
-def base_model_input(wildcards=None):
-    """The base-model folder as a rule input, only when the workflow builds it."""
-    return "results/base" if builds_base_model() else []
+def base_inputs():
+    """``{"base": "results/base"}`` as named rule inputs when the workflow builds the base model, else ``{}``."""
+    return {"base": "results/base"} if builds_base_model() else {}
 
 
 def policy_dir(method, i):
@@ -85,7 +79,6 @@ def _embedded_rows(wildcards):
 # Plots (rules/plots.smk)
 N_ITERATIONS = int(config["loop"]["iterations"])
 PLOT_FILES = ["{name}.png", "{name}.html", "{name}.csv"]
-
 
 
 def trajectory_inputs(method, k):

@@ -10,7 +10,7 @@ rule evaluate_policy:
         adapter="results/sft/adapter",
         reward="results/reward/iter_0/adapter",
         test=data_path("test"),
-        **({"base": base_model_input()} if base_model_input() else {}),
+        **base_inputs(),
     output:
         samples="results/sft/evaluation.parquet",
         summary="results/sft/evaluation_summary.csv",
@@ -33,7 +33,7 @@ rule evaluate_base:
     input:
         reward="results/reward/iter_0/adapter",
         test=data_path("test"),
-        **({"base": base_model_input()} if base_model_input() else {}),
+        **base_inputs(),
     output:
         samples="results/base_eval/evaluation.parquet",
         summary="results/base_eval/evaluation_summary.csv",

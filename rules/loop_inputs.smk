@@ -14,17 +14,14 @@ def _check_iteration(i, first=0):
     return i
 
 
-def _train_data():
-    return {"train": data_path("train"), **({"base": base_model_input()} if base_model_input() else {})}
-
-
 def train_policy_inputs(wildcards):
     i = _check_iteration(wildcards.i)
     inputs = dict(
         prev_policy=f"{policy_dir(wildcards.method, i - 1)}/adapter",
         sft=SFT_ADAPTER,
         reward=f"{reward_dir(wildcards.method, i)}/adapter",
-        **_train_data(),
+        train=data_path("train"),
+        **base_inputs(),
     )
     if wildcards.method == "zorloo" and i >= 1:
         inputs["policy_prev2"] = f"{policy_dir(wildcards.method, i - 2)}/adapter"
@@ -40,7 +37,7 @@ def collect_pairs_inputs(wildcards):
         policy=f"{policy_dir(wildcards.method, i)}/adapter",
         samples=f"{policy_dir(wildcards.method, i)}/samples.parquet",
         reward=f"{reward_dir(wildcards.method, i)}/adapter",
-        **({"base": base_model_input()} if base_model_input() else {}),
+        **base_inputs(),
     )
 
 
@@ -50,7 +47,7 @@ def refine_reward_inputs(wildcards):
         reward=f"{reward_dir(wildcards.method, i - 1)}/adapter",
         pairs=f"results/{wildcards.method}/iter_{i - 1}/pairs.parquet",
         test=data_path("test"),
-        **({"base": base_model_input()} if base_model_input() else {}),
+        **base_inputs(),
     )
 
 
@@ -61,5 +58,5 @@ def evaluate_iteration_inputs(wildcards):
         sft=SFT_ADAPTER,
         reward=f"{reward_dir(wildcards.method, i)}/adapter",
         test=data_path("test"),
-        **({"base": base_model_input()} if base_model_input() else {}),
+        **base_inputs(),
     )

@@ -8,7 +8,7 @@ rule reward_initial:
     input:
         train=data_path("train"),
         test=data_path("test"),
-        **({"base": base_model_input()} if base_model_input() else {}),
+        **base_inputs(),
     output:
         adapter=directory("results/reward/iter_0/adapter"),
         snapshots=directory("results/reward/iter_0/snapshots"),

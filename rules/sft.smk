@@ -5,7 +5,7 @@
 rule sft:
     input:
         train=data_path("train"),
-        **({"base": base_model_input()} if base_model_input() else {}),
+        **base_inputs(),
     output:
         adapter=directory("results/sft/adapter"),
         snapshots=directory("results/sft/snapshots"),

@@ -461,17 +461,17 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
                  checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train policy ``iteration`` and write ``out_dir/{adapter,snapshots,metrics.csv,samples.parquet}``.
 
-    ``checkpoint_dir``: where the stage keeps its resumable state (:mod:`workflow.resume`); a
-    killed stage rerun with the same config and inputs continues from its last checkpoint
-    (``ppo`` excepted: trl's PPOTrainer cannot resume, it restarts the iteration). ``None``: a
-    temporary folder, no resume.
+    ``checkpoint_dir`` (default ``out_dir/checkpoints``): where the stage keeps its resumable state
+    (:mod:`workflow.resume`); a killed stage rerun with the same config and inputs continues from
+    its last checkpoint (``ppo`` excepted: trl's PPOTrainer cannot resume, it restarts the
+    iteration). Data-parallel processes must all be given the same folder.
     """
     from transformers import set_seed
 
     from workflow.io import atomic_dir, write_parquet
     from workflow.models import load_policy, load_reward_model, load_tokenizer
     from workflow.resume import StageCheckpoints, fingerprint
-    from workflow.sft import scratch_dir, write_metrics
+    from workflow.sft import write_metrics
 
     if method not in METHODS:
         raise PolicyConfigError(f"unknown policy method {method!r}; expected one of {', '.join(METHODS)}")
@@ -495,9 +495,8 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
     kind = "zopro" if zo else ("rloo" if method == "zorloo" else method)
     inputs = [prev_adapter, sft_adapter, reward_adapter, *(direction_inputs or {}).values()]
     start = time.time()
-    with scratch_dir(out / "adapter") as scratch, atomic_dir(out / "snapshots") as snaps, \
-            atomic_dir(out / "adapter") as adapter:
-        state = StageCheckpoints(checkpoint_dir or scratch, fingerprint(
+    with atomic_dir(out / "snapshots") as snaps, atomic_dir(out / "adapter") as adapter:
+        state = StageCheckpoints(checkpoint_dir or out / "checkpoints", fingerprint(
             cfg, inputs, method=method, iteration=int(iteration), seed=int(seed), prompts=prompts))
         print(f"policy {method} iteration {iteration}: {state.describe()}")
         reward_fn.records = state.resumed_samples()
@@ -528,7 +527,8 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
             reward_fn.model = merged
             # PPO scores rollouts inside trl (no callable): probe the reward model once up front so a
             # NaN-producing adapter fails here, not after a run trained on NaN rewards
-            reward_fn.score(prompts[: int(pcfg["batch_size"])], ["" for _ in prompts[: int(pcfg["batch_size"])]])
+            probe = prompts[: int(pcfg["batch_size"])]
+            reward_fn.score(probe, [""] * len(probe))
             trainer = build_ppo(model, tokenizer, merged, value, prompts, cfg, trainer_dir, seed, callbacks)
         if kind == "ppo":
             result = trainer.train()
@@ -538,7 +538,6 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
         policy.set_adapter("default")
         policy.save_pretrained(adapter, selected_adapters=["default"])
         tokenizer.save_pretrained(adapter)
-        shutil.copytree(state.snapshots, snaps, dirs_exist_ok=True)
         if kind == "ppo":
             k = int(pcfg["rloo_k"])
             rep = [p for p in prompts for _ in range(k)]
@@ -558,6 +557,8 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
         }
         write_parquet(samples, out / "samples.parquet")
         write_metrics(trainer.state.log_history, summary, out / "metrics.csv")
+        os.rmdir(snaps)
+        shutil.move(state.snapshots, snaps)  # a rename: the snapshots are not copied
     state.finish()
     return summary
 

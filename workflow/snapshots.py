@@ -102,7 +102,8 @@ class SnapshotCallback(TrainerCallback):
     Every process writes to its own ``out_dir``: in data-parallel runs the job bridge
     (``workflow.job``) gives processes other than rank 0 scratch outputs, so their snapshots can
     be compared with rank 0's. ``out_dir`` should be a fresh folder (e.g. inside
-    ``workflow.io.atomic_dir``).
+    ``workflow.io.atomic_dir``) or one cut back to the step a resumed run starts from
+    (``workflow.resume.StageCheckpoints``).
     """
 
     def __init__(self, every: float, out_dir: str | os.PathLike):
