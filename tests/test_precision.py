@@ -94,8 +94,8 @@ def test_logits_are_fp32_inside_bf16_autocast(set_precision, tiny_base, adapters
     ids = torch.tensor([load_tokenizer(tiny_base, "chat").encode("Tell me about the river.")], device=head.weight.device)
     with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16):
         out = model(input_ids=ids, output_hidden_states=True)
-    assert out.logits.dtype == torch.float32
-    assert torch.equal(out.logits, out.hidden_states[-1].float() @ head.weight.float().T)
+    assert out.logits.dtype == torch.float32  # and not bf16-rounded (8 significant bits) on the way:
+    torch.testing.assert_close(out.logits, out.hidden_states[-1].float() @ head.weight.float().T, rtol=1e-5, atol=1e-6)
 
 
 def test_rloo_first_update_ratio_is_one_under_bf16(set_precision, tiny_base, adapters, embedded_frames, tmp_path):
