@@ -105,7 +105,7 @@ def run_job(job: Job, target: str) -> Any:
     runtime.require_gpus(job.gpus)
     if job.processes > 1:
         return _launch_distributed(job, target, job.processes)
-    runtime.configure(job.threads, job.seed, job.config.get("cache_dir"))
+    runtime.configure(job.threads, job.seed, job.config.get("cache_dir"), job.config.get("precision"))
     return resolve(target)(job)
 
 
@@ -187,7 +187,7 @@ def _main(spec_path: str) -> None:
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     if rank > 0:
         job = dataclasses.replace(job, output=rank_outputs(job.output, rank, scratch))
-    runtime.configure(job.threads, job.seed, job.config.get("cache_dir"))
+    runtime.configure(job.threads, job.seed, job.config.get("cache_dir"), job.config.get("precision"))
     resolve(spec["target"])(job)
 
 

@@ -7,14 +7,35 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from workflow import runtime
 
 
 def torch_dtype() -> torch.dtype:
-    """bf16 on a GPU that supports it, fp32 everywhere else (``workflow.runtime.use_bf16``)."""
+    """The dtype of base models: bf16 when ``workflow.runtime.use_bf16()`` (config ``precision``), else fp32."""
     return torch.bfloat16 if runtime.use_bf16() else torch.float32
+
+
+class FP32Head(torch.nn.Linear):
+    """An output head (``lm_head``, a reward model's ``score``) that computes in fp32 outside
+    autocast, whatever the dtype of its weights and input: bf16 logits keep 8 significant bits,
+    which dominated the log-prob and KL-estimate error of a bf16 base (README, "Precision")."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias)
+
+
+def fp32_head(module: torch.nn.Module) -> FP32Head:
+    """Turn the ``Linear`` head ``module`` into an :class:`FP32Head` in place (same parameters, so
+    tied embeddings stay tied and state-dict keys are unchanged)."""
+    if not isinstance(module, torch.nn.Linear):
+        raise TypeError(f"expected a Linear output head, got {type(module).__name__}")
+    module.__class__ = FP32Head
+    return module
 
 
 def load_tokenizer(path: str, task: str):
@@ -27,14 +48,17 @@ def load_tokenizer(path: str, task: str):
 
 
 def load_causal_lm(path: str, dtype: torch.dtype | None = None):
-    """The base causal LM of ``path`` (folder or hub id) on the runtime device."""
+    """The base causal LM of ``path`` (folder or hub id) on the runtime device; its ``lm_head``
+    computes fp32 logits (:class:`FP32Head`)."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch_dtype())
+    fp32_head(model.get_output_embeddings())
     return model.to(runtime.device())
 
 
 def load_policy(base_path: str, adapter_path: str | None, trainable: bool = False,
                 adapter_name: str = "default"):
-    """Base causal LM plus the LoRA adapter of ``adapter_path`` (plain ``PeftModel``).
+    """Base causal LM plus the LoRA adapter of ``adapter_path`` (plain ``PeftModel``; PEFT keeps
+    LoRA weights fp32 on a bf16 base, ``autocast_adapter_dtype``).
 
     With ``adapter_path=None`` the bare base model is returned (e.g. to evaluate it).
     """
@@ -60,8 +84,13 @@ def _pad_token_id(*paths: str | None) -> int | None:
 
 
 def load_sequence_classifier(base_path: str, pad_token_id: int | None = None, dtype: torch.dtype | None = None):
-    """The base model with a fresh 1-label ``score`` head (the reward model before its adapter)."""
+    """The base model with a fresh 1-label ``score`` head (the reward model before its adapter).
+
+    The head is fp32 whatever the base's dtype (:class:`FP32Head`): a trained head then keeps fp32
+    weights and optimizer states, as the LoRA weights do.
+    """
     model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=dtype or torch_dtype())
+    fp32_head(model.score.float())
     if pad_token_id is None:
         pad_token_id = _pad_token_id(base_path)
     if pad_token_id is not None:
@@ -73,13 +102,16 @@ def load_reward_model(base_path: str, adapter_path: str, trainable: bool = False
                       pad_token_id: int | None = None):
     """Reward model: 1-label sequence classifier on the base plus its LoRA adapter and head.
 
-    ``config.pad_token_id`` comes from the tokenizer saved with the adapter (else the base's).
+    A frozen reward model (``trainable=False``: scoring) loads in fp32 whatever the precision: on a
+    bf16 base, scores moved by a few % of their spread (README, "Precision"). A trainable one
+    follows the precision. ``config.pad_token_id`` comes from the tokenizer saved with the adapter
+    (else the base's).
     """
     from peft import PeftModel
 
     if pad_token_id is None:
         pad_token_id = _pad_token_id(adapter_path, base_path)
-    base = load_sequence_classifier(base_path, pad_token_id)
+    base = load_sequence_classifier(base_path, pad_token_id, dtype=None if trainable else torch.float32)
     model = PeftModel.from_pretrained(base, adapter_path, is_trainable=trainable)
     if not trainable:
         model.eval()

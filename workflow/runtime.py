@@ -1,18 +1,27 @@
 """Per-job runtime set-up: threads, seeds, caches, device and precision."""
 from __future__ import annotations
 
+import functools
 import os
 import random
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+SCHEMA = Path(__file__).with_name("schemas") / "config.schema.yaml"
 
-def configure(threads: int, seed: int, cache_dir: str | None = None) -> None:
-    """Cap torch threads at the real CPU count, seed every RNG and point HF caches at ``cache_dir``.
+_precision: str | None = None  # config "precision" of this process (set_precision); None: not set yet
+
+
+def configure(threads: int, seed: int, cache_dir: str | None = None, precision: str | None = None) -> None:
+    """Cap torch threads at the real CPU count, seed every RNG, point HF caches at ``cache_dir``
+    and set the process-wide ``precision`` (the job's ``config["precision"]``, see :func:`set_precision`).
 
     Snakemake does not cap ``--cores`` at the machine's cores, so ``threads`` may exceed them.
     """
+    set_precision(precision)
     if cache_dir:
         cache = os.path.abspath(cache_dir)
         os.environ.setdefault("HF_HOME", cache)
@@ -39,9 +48,40 @@ def processes():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+@functools.cache
+def schema_property(key: str) -> dict[str, Any]:
+    """The schema of top-level config key ``key`` (its ``enum``, ``default``, ...)."""
+    import yaml
+
+    with open(SCHEMA) as handle:
+        return yaml.safe_load(handle)["properties"][key]
+
+
+def set_precision(precision: str | None) -> None:
+    """Set the precision every stage of this process follows: ``auto``, ``fp32`` or ``bf16``
+    (``None``: the schema's default)."""
+    global _precision
+    spec = schema_property("precision")
+    value = spec["default"] if precision is None else str(precision)
+    if value not in spec["enum"]:
+        raise ValueError(f"precision must be one of {', '.join(spec['enum'])}, got {precision!r}")
+    _precision = value
+
+
+def precision() -> str:
+    """The process-wide precision (the schema's default until :func:`set_precision` is called)."""
+    if _precision is None:
+        set_precision(None)
+    return _precision
+
+
 def use_bf16() -> bool:
-    """bf16 on a GPU that supports it, fp32 everywhere else."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    """Whether base models load in bf16 and trainers autocast to bf16: precision ``bf16`` (on any
+    device, the CPU included), or ``auto`` on a GPU that supports bf16; fp32 otherwise."""
+    choice = precision()
+    if choice == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return choice == "bf16"
 
 
 def require_gpus(requested: int) -> None:

@@ -28,8 +28,9 @@ from workflow.snapshots import SnapshotCallback
 
 def trainer_kwargs(output_dir: str, epochs: float, learning_rate: float, batch_size: int, seed: int,
                    **extra: Any) -> dict[str, Any]:
-    """Arguments every training stage gives its trl config: no checkpoints, no reporting,
-    bf16 on GPU / fp32 on CPU, CPU when no GPU, seeded, tqdm progress, frequent logging."""
+    """Arguments every training stage gives its trl config: no checkpoints, no reporting, bf16
+    autocast when ``runtime.use_bf16()`` (config ``precision``; the CPU included), else fp32, CPU
+    when no GPU, seeded, tqdm progress, frequent logging."""
     kwargs = dict(
         output_dir=output_dir,
         num_train_epochs=float(epochs),
