@@ -425,7 +425,7 @@ def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch
     kwargs.update(
         response_length=int(cfg["model"]["generation_length"]),
         temperature=float(pcfg["temperature"]),
-        kl_coef=float(pcfg["kl_coef"] if pcfg.get("ppo_kl_coef") is None else pcfg["ppo_kl_coef"]),
+        kl_coef=kl_coefficient("ppo", cfg),
         cliprange=float(pcfg["clip_range"]),
         num_ppo_epochs=int(pcfg.get("ppo_epochs", 1)),
         num_mini_batches=1,
@@ -450,6 +450,30 @@ def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch
     return PPOTrainer(args=args, processing_class=tokenizer, model=model, ref_model=None,
                       reward_model=reward_model, train_dataset=train, value_model=value_model,
                       eval_dataset=eval_ds, callbacks=callbacks)
+
+
+def kl_coefficient(kind: str, cfg: dict[str, Any]) -> float:
+    """The configured KL coefficient of ``kind`` (``ppo``: ``policy.ppo_kl_coef`` unless null)."""
+    pcfg = cfg["policy"]
+    if kind == "ppo" and pcfg.get("ppo_kl_coef") is not None:
+        return float(pcfg["ppo_kl_coef"])
+    return float(pcfg["kl_coef"])
+
+
+def kl_controller(kind: str, cfg: dict[str, Any], prev_adapter: str):
+    """The adaptive KL callback of a stage (``policy.kl_target`` set; not online DPO, whose beta is
+    not a reward penalty), starting from the previous iteration's last coefficient; else None."""
+    from workflow.kl_control import AdaptiveKLCallback, KLTarget, previous_coefficient
+
+    pcfg = cfg["policy"]
+    if pcfg.get("kl_target") is None or kind == "dpo":
+        return None
+    initial = kl_coefficient(kind, cfg)
+    if initial <= 0:
+        raise PolicyConfigError("policy.kl_target needs a positive starting coefficient: policy.kl_coef "
+                                f"{'/ policy.ppo_kl_coef ' if kind == 'ppo' else ''}is {initial}")
+    target = KLTarget(float(pcfg["kl_target"]), float(pcfg["kl_horizon"]))
+    return AdaptiveKLCallback(target, previous_coefficient(Path(prev_adapter).parent, initial))
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,6 +527,9 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
         trainer_dir = str(state.trainer_dir)
         callbacks = [PolicySnapshotCallback(cfg["snapshots"]["every"], state.snapshots),
                      state.callback(reward_fn.samples)]
+        kl_control = kl_controller(kind, cfg, prev_adapter)
+        if kl_control is not None:
+            callbacks.append(kl_control)
         if kind == "rloo":
             trainer = build_rloo(model, tokenizer, reward_fn, prompts, cfg, trainer_dir, seed, callbacks,
                                  sft_adapter)
@@ -530,6 +557,8 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
             probe = prompts[: int(pcfg["batch_size"])]
             reward_fn.score(probe, [""] * len(probe))
             trainer = build_ppo(model, tokenizer, merged, value, prompts, cfg, trainer_dir, seed, callbacks)
+        if kl_control is not None:
+            kl_control.bind(trainer)
         if kind == "ppo":
             result = trainer.train()
         else:

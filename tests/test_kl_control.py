@@ -1,0 +1,94 @@
+"""Adaptive KL control: the controller's update, its reading of trl's logs, and a real policy stage."""
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+from test_policy import CFG, stage_inputs
+
+from workflow import policy
+from workflow.kl_control import KLTarget, previous_coefficient, sequence_kl
+
+
+def test_update_is_proportional_clipped_and_ignores_nan():
+    control = KLTarget(target=2.0, horizon=10)
+    assert control.update(0.1, 2.0) == pytest.approx(0.1)            # on target: unchanged
+    assert control.update(0.1, 2.2) == pytest.approx(0.1 * 1.01)     # 10% over: +1%
+    assert control.update(0.1, 50.0) == pytest.approx(0.1 * 1.02)    # clipped at +20% / horizon
+    assert control.update(0.1, 0.0) == pytest.approx(0.1 * 0.98)     # clipped at -20% / horizon
+    assert control.update(0.1, float("nan")) == 0.1
+
+
+def test_sequence_kl_of_each_trainer_log():
+    assert sequence_kl({"objective/kl": 3.5}) == 3.5                                  # PPO
+    assert sequence_kl({"kl": 0.25, "completions/mean_length": 12.0}) == 3.0          # RLOO per token
+    assert sequence_kl({"loss": 1.0}) is None
+
+
+def test_previous_coefficient(tmp_path):
+    assert previous_coefficient(tmp_path, 0.01) == 0.01                               # no metrics (SFT)
+    pd.DataFrame({"step": [1, 2, 3], "kl_coef": [0.02, 0.03, None]}).to_csv(tmp_path / "metrics.csv")
+    assert previous_coefficient(tmp_path, 0.01) == 0.03
+    pd.DataFrame({"step": [1]}).to_csv(tmp_path / "metrics.csv")
+    assert previous_coefficient(tmp_path, 0.01) == 0.01
+
+
+@pytest.mark.parametrize("method", ["rloo", "ppo", "zorloo"])
+def test_stage_steers_the_coefficient(method, tiny_base, adapters, embedded_frames, tmp_path):
+    """Every logged coefficient is the controller's update of the one before with that step's KL,
+    starting from the configured coefficient: a target far above the rollouts' KL lowers it at
+    every step, a target far below raises it (at every step whose KL estimate is positive)."""
+    iteration, prev, reward, direction = stage_inputs(method, adapters)
+    prompts = policy.iteration_prompts(embedded_frames["train"], iteration, CFG, seed=0)[:8]
+    for target in (1e-6, 1e6):
+        cfg = copy.deepcopy(CFG)
+        cfg["policy"].update(kl_target=target, kl_horizon=2, ppo_kl_coef=None)
+        out = tmp_path / f"{target}"
+        policy.train_policy(method, iteration, tiny_base, prev, adapters["sft"], reward, prompts, out, cfg,
+                            seed=0, task="chat", direction_inputs=direction)
+        rows = pd.read_csv(out / "metrics.csv")
+        rows = rows[rows["kl_coef"].notna()]
+        assert len(rows) >= 2
+        control, coef = KLTarget(target, 2), cfg["policy"]["kl_coef"]
+        for row in rows.to_dict("records"):
+            kl = sequence_kl({k: v for k, v in row.items() if pd.notna(v)})
+            coef = control.update(coef, kl)
+            assert row["kl_coef"] == pytest.approx(coef, rel=1e-9)
+        coefs = rows["kl_coef"].to_numpy()
+        if target == 1e6:
+            assert (coefs[1:] < coefs[:-1]).all() and coefs[0] < cfg["policy"]["kl_coef"]
+        else:
+            assert (coefs[1:] > coefs[:-1]).any()
+
+
+class _Trainer:
+    def __init__(self, args):
+        self.args, self.beta = args, 0.01
+
+
+def test_callback_sets_the_coefficient_each_trainer_reads():
+    from types import SimpleNamespace
+
+    from workflow.kl_control import AdaptiveKLCallback
+
+    rloo = _Trainer(SimpleNamespace(beta=0.01))
+    AdaptiveKLCallback(KLTarget(1.0, 10), 0.3).bind(rloo)
+    assert rloo.beta == 0.3                                     # RLOO and ZOPrO read trainer.beta
+    ppo = _Trainer(SimpleNamespace(kl_coef=0.2))
+    callback = AdaptiveKLCallback(KLTarget(1.0, 10), 0.3).bind(ppo)
+    assert ppo.args.kl_coef == 0.3                              # PPO reads args.kl_coef every step
+    state = SimpleNamespace(log_history=[{"step": 1, "kl_coef": 0.7}])
+    callback.on_train_begin(None, state, None)                  # a resume continues the logged value
+    assert ppo.args.kl_coef == 0.7
+
+
+def test_dpo_and_fixed_coefficient_have_no_controller(adapters):
+    cfg = copy.deepcopy(CFG)
+    assert policy.kl_controller("rloo", cfg, adapters["sft"]) is None
+    cfg["policy"].update(kl_target=1.0, kl_horizon=10)
+    assert policy.kl_controller("dpo", cfg, adapters["sft"]) is None
+    assert policy.kl_controller("rloo", cfg, adapters["sft"]) is not None
+    cfg["policy"]["kl_coef"] = 0.0
+    with pytest.raises(policy.PolicyConfigError, match="policy.kl_coef"):
+        policy.kl_controller("rloo", cfg, adapters["sft"])

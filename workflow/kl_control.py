@@ -1,0 +1,104 @@
+"""Adaptive KL control of a policy stage: steer the KL penalty's coefficient toward a target KL to SFT.
+
+A fixed coefficient means different things under different reward models: the scores of a refined
+reward model have another scale than those of its predecessor, and with raw Bradley-Terry scores
+(spread of several units) the default ``kl_coef`` of 0.01 is too weak to hold the policy near SFT.
+This is the proportional controller of Ziegler et al. (2019, "Fine-Tuning Language Models from
+Human Preferences"), applied after every optimiser step::
+
+    error = clip(KL / target - 1, -0.2, 0.2)
+    coef  = coef * (1 + error / horizon)
+
+``KL`` is the sequence-level KL to the SFT reference on the step's rollouts as the trainer itself
+estimated it (RLOO: its per-token ``kl`` times ``completions/mean_length``; PPO:
+``objective/kl``), ``horizon`` is in optimiser steps. The coefficient is written into each log row
+(``kl_coef``), so it is in ``metrics.csv``, survives a resume (restored from the log history) and
+carries over to the next iteration (:func:`previous_coefficient`).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from transformers import TrainerCallback
+
+COLUMN = "kl_coef"
+
+
+@dataclass(frozen=True)
+class KLTarget:
+    """Settings of the controller (``policy.kl_target`` and ``policy.kl_horizon``)."""
+
+    target: float
+    horizon: float
+
+    def update(self, coef: float, kl: float) -> float:
+        """The coefficient after one step whose rollouts had sequence-level KL ``kl``."""
+        if not math.isfinite(kl):
+            return coef
+        error = min(0.2, max(-0.2, kl / self.target - 1.0))
+        return coef * (1.0 + error / self.horizon)
+
+
+def sequence_kl(logs: dict[str, Any]) -> float | None:
+    """Sequence-level KL to the reference in one trainer log row, or None when the row has none."""
+    if "objective/kl" in logs:  # PPO, online DPO: summed over tokens, mean over rollouts
+        return float(logs["objective/kl"])
+    if "kl" in logs and "completions/mean_length" in logs:  # RLOO: mean per completion token
+        return float(logs["kl"]) * float(logs["completions/mean_length"])
+    return None
+
+
+class AdaptiveKLCallback(TrainerCallback):
+    """Adapts ``trainer.beta`` (RLOO, ZOPrO) or ``trainer.args.kl_coef`` (PPO) after every logged step."""
+
+    def __init__(self, control: KLTarget, initial: float):
+        self.control = control
+        self.initial = float(initial)
+        self.trainer = None
+
+    def bind(self, trainer) -> AdaptiveKLCallback:
+        """Attach the trainer whose coefficient this callback steers; sets the starting value."""
+        self.trainer = trainer
+        self._set(self.initial)
+        return self
+
+    def _get(self) -> float:
+        return float(self.trainer.args.kl_coef if hasattr(self.trainer.args, "kl_coef") else self.trainer.beta)
+
+    def _set(self, value: float) -> None:
+        if hasattr(self.trainer.args, "kl_coef"):
+            self.trainer.args.kl_coef = float(value)
+        else:
+            self.trainer.beta = float(value)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """On a resume, continue from the coefficient of the last logged step."""
+        logged = [row[COLUMN] for row in state.log_history if COLUMN in row]
+        if logged:
+            self._set(logged[-1])
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        kl = sequence_kl(logs or {})
+        if kl is None or not state.log_history:
+            return
+        coef = self.control.update(self._get(), kl)
+        self._set(coef)
+        state.log_history[-1][COLUMN] = coef
+
+
+def previous_coefficient(stage_dir: str | os.PathLike, default: float) -> float:
+    """The last ``kl_coef`` logged in ``stage_dir/metrics.csv`` (the previous iteration's policy
+    stage), else ``default`` (iteration 0, whose predecessor is SFT, or a fixed coefficient)."""
+    path = Path(stage_dir) / "metrics.csv"
+    if not path.exists():
+        return float(default)
+    metrics = pd.read_csv(path)
+    if COLUMN not in metrics:
+        return float(default)
+    values = metrics[COLUMN].dropna()
+    return float(values.iloc[-1]) if len(values) else float(default)
