@@ -11,7 +11,7 @@ import pytest
 import yaml
 from peft import get_peft_model
 
-from workflow.evaluate import evaluate, evaluation_prompts, gold_scorer, run, summarise
+from workflow.evaluate import evaluate, evaluation_prompts, gold_scorer, reward_gold_accuracy, run, summarise
 from workflow.job import Job
 from workflow.lora import lora_config
 from workflow.models import load_policy, load_sequence_classifier, load_tokenizer, read_rows
@@ -82,7 +82,22 @@ def test_run_writes_samples_and_summary(tiny_base, embedded_parquet, reward_adap
     run(job)
     rows = pd.read_parquet(job.output["samples"])
     summary = pd.read_csv(job.output["summary"])
-    assert len(rows) == 12 and list(summary.columns) == ["n", "gold_mean", "gold_stderr", "reward_mean", "reward_stderr"]
+    assert len(rows) == 12 and list(summary.columns) == ["n", "gold_mean", "gold_stderr", "reward_mean", "reward_stderr",
+                                                          "reward_gold_accuracy"]
     assert summary["gold_mean"][0] == pytest.approx(rows["gold"].mean())
     per_prompt = rows.groupby("prompt_index")["gold"].mean()  # several samples per prompt: cluster them
     assert summary["gold_stderr"][0] == pytest.approx(per_prompt.std(ddof=1) / math.sqrt(len(per_prompt)))
+
+
+def test_reward_gold_accuracy_counts_pairs_within_prompts():
+    rows = pd.DataFrame({
+        "prompt_index": [0, 0, 1, 1, 2, 2, 3, 3],
+        "gold": [0.1, 0.5, 0.2, 0.9, 0.3, 0.3, 0.0, 1.0],
+        "reward": [1.0, 2.0, 5.0, -1.0, 0.0, 9.0, 4.0, 4.0],
+    })
+    # prompt 0 agrees, 1 disagrees, 2 has a gold tie (left out), 3 a reward tie (half)
+    assert reward_gold_accuracy(rows) == pytest.approx(1.5 / 3)
+    assert summarise(rows).iloc[0]["reward_gold_accuracy"] == pytest.approx(0.5)
+    # pairs never cross prompts: one sample per prompt gives no pair
+    assert math.isnan(reward_gold_accuracy(rows.drop_duplicates("prompt_index")))
+    assert math.isnan(reward_gold_accuracy(rows.assign(gold=np.nan)))

@@ -106,15 +106,39 @@ def _mean_stderr(values: pd.Series, clusters: pd.Series | None = None) -> tuple[
     return float(values.mean()), stderr
 
 
+def reward_gold_accuracy(rows: pd.DataFrame) -> float:
+    """How often the reward model orders two answers to one prompt as the gold judge does: over
+    every pair of samples of a prompt whose gold scores differ, the fraction whose reward scores
+    differ in the same direction (ties in reward count half). NaN without gold or pairs.
+
+    On the policy's own answers this is the reward-hacking signal: a reward model that the policy
+    has learnt to exploit still scores its answers higher while ranking them worse than gold.
+    """
+    if "prompt_index" not in rows or rows["gold"].isna().all() or rows["reward"].isna().all():
+        return math.nan
+    agree, total = 0.0, 0
+    for _, group in rows.groupby("prompt_index"):
+        gold, reward = group["gold"].to_numpy(float), group["reward"].to_numpy(float)
+        for a in range(len(gold)):
+            for b in range(a + 1, len(gold)):
+                if gold[a] == gold[b] or not np.isfinite([gold[a], gold[b], reward[a], reward[b]]).all():
+                    continue
+                total += 1
+                agree += 0.5 if reward[a] == reward[b] else float((gold[a] > gold[b]) == (reward[a] > reward[b]))
+    return agree / total if total else math.nan
+
+
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     """One-row summary: ``n``, gold and reward mean and standard error (over prompts when
-    ``rows`` has a ``prompt_index`` column: the mean of a prompt's samples is one unit)."""
+    ``rows`` has a ``prompt_index`` column: the mean of a prompt's samples is one unit) and
+    :func:`reward_gold_accuracy`."""
     clusters = rows["prompt_index"] if "prompt_index" in rows else None
     gold_mean, gold_stderr = _mean_stderr(rows["gold"], clusters)
     reward_mean, reward_stderr = _mean_stderr(rows["reward"], clusters)
     return pd.DataFrame([{
         "n": len(rows), "gold_mean": gold_mean, "gold_stderr": gold_stderr,
         "reward_mean": reward_mean, "reward_stderr": reward_stderr,
+        "reward_gold_accuracy": reward_gold_accuracy(rows),
     }])
 
 

@@ -16,7 +16,9 @@ identical for every method). The SFT row (``results/sft/evaluation_summary.csv``
 ``evaluate_policy``: the same prompts, seed and reward model 0) has ``kl = 0`` by definition.
 
 The table has one row per iteration (``-1`` = SFT) with ``gold_mean``, ``gold_stderr``,
-``reward_mean``, ``reward_stderr``, ``kl``, ``wall_time_s`` and ``peak_mem_mb`` (seconds ``s``
+``reward_mean``, ``reward_stderr``, ``kl``, ``reward_gold_accuracy`` (``workflow.evaluate``: how often
+reward model ``i`` orders two answers of policy ``i`` as gold does; its fall while ``reward_mean``
+rises is reward hacking), ``wall_time_s`` and ``peak_mem_mb`` (seconds ``s``
 and ``max_rss`` of the ``train_policy`` benchmark file of that iteration; NaN for SFT).
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ import pandas as pd
 import torch
 
 TABLE_COLUMNS = ["iteration", "gold_mean", "gold_stderr", "reward_mean", "reward_stderr", "kl",
-                 "wall_time_s", "peak_mem_mb"]
+                 "reward_gold_accuracy", "wall_time_s", "peak_mem_mb"]
 
 
 @torch.no_grad()
@@ -135,13 +137,14 @@ def evaluation_table(sft_summary: str, iteration_summaries: list[str], benchmark
     bench_by_iter = {int(re.search(r"_(\d+)\.tsv$", str(b)).group(1)): b for b in benchmarks}
     rows = []
     sft = pd.read_csv(sft_summary).iloc[0]
-    rows.append({"iteration": -1, **{k: float(sft.get(k, 0.0)) for k in TABLE_COLUMNS[1:6]},
+    sft_values = {k: float(sft.get(k, 0.0 if k == "kl" else math.nan)) for k in TABLE_COLUMNS[1:7]}
+    rows.append({"iteration": -1, **sft_values,
                  "wall_time_s": math.nan, "peak_mem_mb": math.nan})
     for path in iteration_summaries:
         i = _iteration_of(path)
         summary = pd.read_csv(path).iloc[0]
         seconds, rss = benchmark_numbers(bench_by_iter.get(i))
-        rows.append({"iteration": i, **{k: float(summary[k]) for k in TABLE_COLUMNS[1:6]},
+        rows.append({"iteration": i, **{k: float(summary.get(k, math.nan)) for k in TABLE_COLUMNS[1:7]},
                      "wall_time_s": seconds, "peak_mem_mb": rss})
     return pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values("iteration").reset_index(drop=True)
 

@@ -62,13 +62,15 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+
+from workflow.models import last_user_text
 
 METHODS = ("ppo", "dpo", "rloo", "zorloo")
 
@@ -116,12 +118,14 @@ def completion_text(completion: Any) -> str:
 class RewardFunction:
     """Reward callable for trl: LoRA reward model scores, NaN check, rollout recording."""
 
-    def __init__(self, model, tokenizer, name: str, batch_size: int = 32, max_length: int | None = None):
+    def __init__(self, model, tokenizer, name: str, batch_size: int = 32, max_length: int | None = None,
+                 gold: Callable[[str, str], float] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.batch_size = int(batch_size)
         self.max_length = max_length
+        self.gold = gold  # the task's gold judge (prompt text, answer) -> float, recorded beside the score
         self.records: list[dict[str, Any]] = []
         self.__name__ = "reward_model"
 
@@ -148,11 +152,12 @@ class RewardFunction:
         state = kwargs.get("trainer_state")
         step = int(getattr(state, "global_step", 0)) if state is not None else (step or 0)
         for p, c, s in zip(prompts, texts, scores):
-            self.records.append({"prompt": list(p), "completion": c, "score": float(s), "step": step})
+            gold = float(self.gold(last_user_text(list(p)), c.strip())) if self.gold else math.nan
+            self.records.append({"prompt": list(p), "completion": c, "score": float(s), "gold": gold, "step": step})
         return [float(s) for s in scores]
 
     def samples(self) -> pd.DataFrame:
-        return pd.DataFrame(self.records, columns=["prompt", "completion", "score", "step"])
+        return pd.DataFrame(self.records, columns=["prompt", "completion", "score", "gold", "step"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,6 +497,7 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
     """
     from transformers import set_seed
 
+    from workflow.evaluate import gold_scorer
     from workflow.io import atomic_dir, write_parquet
     from workflow.models import load_policy, load_reward_model, load_tokenizer
     from workflow.resume import StageCheckpoints, fingerprint
@@ -514,7 +520,8 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
         p.requires_grad_(False)
     max_len = int(cfg["model"]["max_length"])
     reward_fn = RewardFunction(reward, reward_tokenizer, name=f"{reward_adapter} (iteration {iteration})",
-                               batch_size=max(32, int(pcfg["batch_size"])), max_length=max_len)
+                               batch_size=max(32, int(pcfg["batch_size"])), max_length=max_len,
+                               gold=gold_scorer(cfg))
     zo = method == "zorloo" and int(iteration) >= 1
     kind = "zopro" if zo else ("rloo" if method == "zorloo" else method)
     inputs = [prev_adapter, sft_adapter, reward_adapter, *(direction_inputs or {}).values()]
