@@ -125,6 +125,15 @@ def results_block(results: Path) -> str:
                    ["SFT", *heads], gold)
     lines += table("Gain over SFT and, in brackets, z = gain / sqrt(se² + se_SFT²):", heads, gain)
     lines += table("KL to SFT (sequence-level, mean over the evaluation answers):", heads, kl)
+
+    def agreement(t: pd.DataFrame, column: str) -> str:
+        i = -1 if column == "SFT" else int(column.split()[1])
+        value = t.loc[i, "reward_gold_accuracy"] if i in t.index and "reward_gold_accuracy" in t else math.nan
+        return "" if pd.isna(value) else f"{value:.3f}"
+
+    if any("reward_gold_accuracy" in t for t in tables.values()):
+        lines += table("How often reward model i orders two answers of policy i as gold does (`reward_gold_accuracy`; "
+                       "a fall while the reward score rises is reward hacking):", ["SFT", *heads], agreement)
     return "\n".join(lines)
 
 

@@ -87,6 +87,15 @@ def test_block_holds_the_deterministic_results_only(run):
     assert "| rloo | +0.076 (3.5) | +0.167 (7.9) | +0.199 (8.8) |" in block
     assert "| rloo | 0.40 | 1.10 | 2.05 |" in block
     assert "123" not in block and "987" not in block and "580" not in block  # no wall time or memory
+    assert "reward_gold_accuracy" not in block  # runs from before the column have no agreement table
+
+
+def test_block_shows_the_reward_gold_agreement_when_evaluated(run):
+    path = run / "results" / "rloo" / "evaluation.csv"
+    pd.read_csv(path).assign(reward_gold_accuracy=[0.81, 0.79, 0.7, 0.62]).to_csv(path, index=False)
+    block = sr.results_block(run / "results")
+    assert "| rloo | 0.810 | 0.790 | 0.700 | 0.620 |" in block
+    assert "| dpo |  |  |  |  |" in block  # dpo's table has no such column
 
 
 def test_write_then_check_passes(run, readme):
