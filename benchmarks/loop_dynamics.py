@@ -13,13 +13,16 @@ too loose. Evaluation numbers (held-out prompts) are in ``results/{method}/evalu
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workflow.kl_control import COLUMN as KL_COEF
-from workflow.kl_control import sequence_kl
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from workflow.kl_control import COLUMN as KL_COEF  # noqa: E402
+from workflow.kl_control import sequence_kl  # noqa: E402
 
 
 def stage_windows(stage: Path, windows: int) -> pd.DataFrame:
