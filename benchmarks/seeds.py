@@ -2,10 +2,13 @@
 
 For every seed the workflow runs in a folder of its own (``--dir``/seed_<s>: data, base model, SFT,
 reward model 0 and the loop all depend on the seed) with the repository's ``config.yaml``, any
-``--configfile`` overlays, and ``seed=<s>``. Then, per method and seed, the table gives SFT's gold
-score, the last iteration's gold score (mean ± standard error over prompts), their difference and
-``z = difference / sqrt(se_SFT^2 + se_last^2)``. Finished folders are reused (Snakemake skips the
-jobs whose outputs exist), so an interrupted benchmark resumes.
+``--configfile`` overlays, and ``seed=<s>``. Then, per method, seed and iteration, the table gives
+the gold score (mean ± standard error over prompts), its gain over SFT with
+``z = gain / sqrt(se_SFT^2 + se^2)``, its drop against the iteration before in the same units, the KL
+to SFT, and whether the method meets every criterion on that seed: each iteration beats SFT by more
+than 2 standard errors, loses at most 2 against the one before, and stays below KL 3. A Markdown
+summary for the README follows. Finished folders are reused (Snakemake skips the jobs whose
+outputs exist), so an interrupted benchmark resumes.
 
     .venv/bin/python benchmarks/seeds.py --methods ppo dpo rloo --seeds 0 1 2 --dir /work/seeds \\
         --out results/benchmarks/seeds.csv
@@ -13,7 +16,6 @@ jobs whose outputs exist), so an interrupted benchmark resumes.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import subprocess
 import sys
@@ -22,6 +24,10 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+# the criteria of issue "robust baseline": every iteration beats SFT by more than 2 standard errors,
+# loses at most 2 against the iteration before, and stays below KL 3 to SFT
+MIN_Z, MAX_KL, MAX_DROP_Z = 2.0, 3.0, 2.0
 
 
 def run_seed(seed: int, methods: list[str], workdir: Path, cores: str, overlays: list[str]) -> None:
@@ -38,19 +44,40 @@ def run_seed(seed: int, methods: list[str], workdir: Path, cores: str, overlays:
         raise SystemExit(f"seed {seed}: snakemake failed (exit {done.returncode}), see {log}")
 
 
-def gains(seed: int, methods: list[str], workdir: Path) -> list[dict]:
-    """One row per method: SFT and last-iteration gold, difference and its z score."""
+def iteration_rows(seed: int, methods: list[str], workdir: Path) -> list[dict]:
+    """One row per method and iteration: gold, gain over SFT and its z, the drop against the
+    iteration before (SFT before iteration 0) in standard errors, KL to SFT, and whether the
+    method passes the CI gate's criteria (``summarise_run.gate_method``) on this seed."""
+    from summarise_run import gate_method, z_score
+
     rows = []
     for method in methods:
         table = pd.read_csv(workdir / "results" / method / "evaluation.csv").set_index("iteration")
-        sft, last = table.loc[-1], table.loc[table.index.max()]
-        diff = float(last.gold_mean - sft.gold_mean)
-        se = math.sqrt(float(sft.gold_stderr) ** 2 + float(last.gold_stderr) ** 2)
-        rows.append({"method": method, "seed": seed, "iteration": int(table.index.max()),
-                     "sft_gold": float(sft.gold_mean), "sft_se": float(sft.gold_stderr),
-                     "last_gold": float(last.gold_mean), "last_se": float(last.gold_stderr),
-                     "difference": diff, "z": diff / se if se > 0 else math.nan, "kl": float(last.kl)})
+        verdict = gate_method(method, table, MIN_Z, MAX_KL, MAX_DROP_Z)
+        sft, previous = table.loc[-1], table.loc[-1]
+        for i in sorted(int(k) for k in table.index if k >= 0):
+            row = table.loc[i]
+            rows.append({"method": method, "seed": seed, "iteration": i, "sft_gold": float(sft.gold_mean),
+                         "gold": float(row.gold_mean), "gold_se": float(row.gold_stderr),
+                         "gain": float(row.gold_mean - sft.gold_mean),
+                         "z": z_score(row.gold_mean, row.gold_stderr, sft.gold_mean, sft.gold_stderr),
+                         "drop_z": -z_score(row.gold_mean, row.gold_stderr, previous.gold_mean, previous.gold_stderr),
+                         "kl": float(row.kl), "passes": verdict.passed})
+            previous = row
     return rows
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """Per method and seed: each iteration's gain over SFT (z) [KL to SFT], and the verdict."""
+    iterations = sorted(table["iteration"].unique())
+    lines = ["| method | seed | " + " | ".join(f"iter {i}" for i in iterations) + " | all criteria |",
+             "|" + " --- |" * (len(iterations) + 3)]
+    for (method, seed), group in table.groupby(["method", "seed"], sort=True):
+        cells = {int(r.iteration): f"{r.gain:+.3f} ({r.z:.1f}) [{r.kl:.2f}]" for r in group.itertuples()}
+        verdict = "pass" if bool(group["passes"].all()) else "FAIL"
+        lines.append(f"| {method} | {seed} | " + " | ".join(cells.get(int(i), "") for i in iterations)
+                     + f" | {verdict} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -67,11 +94,13 @@ def main() -> None:
         workdir = Path(args.dir) / f"seed_{seed}"
         print(f"seed {seed}: running in {workdir}", flush=True)
         run_seed(seed, args.methods, workdir, args.cores, args.configfile)
-        rows += gains(seed, args.methods, workdir)
+        rows += iteration_rows(seed, args.methods, workdir)
     table = pd.DataFrame(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print()
+    print(markdown(table))
 
 
 if __name__ == "__main__":
