@@ -49,8 +49,12 @@ CHANGES = {
     "evaluation.temperature": ({"evaluation": {"temperature": 0.5}},
                                {SFT_EVAL, _job("evaluate_iteration", 0), _job("evaluate_iteration", 1), TABLE}),
     "plots.extrapolate": ({"plots": {"extrapolate": 3}}, {PLOTS}),
+    "loop.iterations": ({"loop": {"iterations": 3}}, {_job("train_policy", 2), _job("collect_pairs", 1),
+                                                       _job("refine_reward", 2), _job("evaluate_iteration", 2),
+                                                       TABLE, PLOTS}),
     "loop.methods": ({"loop": {"methods": ["zorloo", "rloo"]}}, set()),  # read by `all` and compare only
     "resources.train_mem_mb": ({"resources": {"train_mem_mb": 3000}}, set()),
+    "cache_dir": ({"cache_dir": ".cache/elsewhere"}, set()),
 }
 
 
@@ -97,6 +101,16 @@ def test_unchanged_config_plans_nothing(finished_run):
 def test_a_setting_reruns_its_stage_and_downstream_only(finished_run, key):
     overlay, expected = CHANGES[key]
     assert plan(finished_run, overlay=overlay) == expected
+
+
+def test_summary_names_the_outputs_whose_settings_changed(finished_run):
+    snakefile, workdir, cfg = finished_run
+    overlay = workdir / "plots_overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"plots": {"extrapolate": 3}}))
+    result = snakemake(workdir, *TARGETS, "--summary", "--configfile", str(cfg), str(overlay), snakefile=snakefile)
+    assert result.returncode == 0, result.stdout + result.stderr
+    changed = [line.split("\t")[0] for line in result.stdout.splitlines() if "params changed" in line]
+    assert changed == ["results/zorloo/plots"], result.stdout
 
 
 def test_a_code_change_reruns_the_stages_that_run_it(finished_run):
