@@ -4,6 +4,8 @@ import os
 
 from snakemake.utils import min_version, validate
 
+from workflow.config_checks import check_config
+
 min_version("9.0")
 
 # Make the `workflow/` package importable by scripts and by accelerate-launched workers.
@@ -16,6 +18,7 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
+check_config(config)  # settings that clash (workflow/config_checks.py), before any job
 
 
 include: "rules/common.smk"

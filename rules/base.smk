@@ -8,7 +8,8 @@ rule base_model:
     output:
         model=directory("results/base"),
     params:
-        **config["base_model"],
+        settings=settings("base_model", "model.max_length", "precision"),
+        code=stage_code("workflow.base_model"),
     log:
         "logs/base_model/base_model.log",
     benchmark:

@@ -1,4 +1,6 @@
 # Paths and input functions shared by every stage. The results layout is documented in README.md.
+from workflow.rerun import code_hash, stage_settings
+
 
 METHODS = ["ppo", "dpo", "rloo", "zorloo"]
 DATASET = config["dataset"]["name"]
@@ -45,6 +47,30 @@ def train_resources():
         runtime=res.get("train_runtime", 60),
         gpu=res.get("gpus", 0),
     )
+
+
+# Params of every stage besides its own, see workflow/rerun.py. `settings` holds the config values
+# the stage reads (its job gets them as its config), `code` a hash of the Python it runs; a change
+# to either reruns the stage and everything downstream (Snakemake's params trigger).
+MODEL_SETTINGS = ("model.name", "model.max_length", "dataset.name", "precision")
+EVAL_SETTINGS = ("evaluation", "model", "dataset.name", "precision")
+
+
+def settings(*keys):
+    """The config values of ``keys`` (sections or dotted paths) a stage reads, ``seed`` included."""
+    return stage_settings(config, ("seed", *keys))
+
+
+def stage_code(module):
+    """Hash of the stage's module, the job bridge and the workflow modules they import."""
+    return code_hash(module, "workflow.job")
+
+
+def policy_settings(wildcards):
+    """Settings of train_policy: ``zopro`` only where ZOPrO trains (zorloo, iteration >= 1)."""
+    zopro = ("zopro",) if wildcards.method == "zorloo" and int(wildcards.i) >= 1 else ()
+    return settings("policy", "loop.intraepoch", "loop.iteration_fraction", "snapshots", "model",
+                    "dataset.name", "precision", *zopro)
 
 
 def base_model_param(wildcards, input):

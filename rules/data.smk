@@ -14,6 +14,8 @@ rule extract_dataset:
         hub_config=lambda wc: _dataset_option(wc, "hub_config"),
         max_rows=lambda wc: _dataset_option(wc, "max_rows"),
         embedded_rows=_embedded_rows,
+        settings=settings(),
+        code=stage_code("workflow.extract"),
     log:
         "logs/extract_dataset/{dataset}_{split}.log",
     threads: 1

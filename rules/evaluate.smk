@@ -16,6 +16,8 @@ rule evaluate_policy:
         summary="results/sft/evaluation_summary.csv",
     params:
         base=base_model_param,
+        settings=settings(*EVAL_SETTINGS),
+        code=stage_code("workflow.evaluate"),
     log:
         "logs/evaluate_policy/sft.log",
     benchmark:
@@ -39,6 +41,8 @@ rule evaluate_base:
         summary="results/base_eval/evaluation_summary.csv",
     params:
         base=base_model_param,
+        settings=settings(*EVAL_SETTINGS),
+        code=stage_code("workflow.evaluate"),
     log:
         "logs/evaluate_base/base.log",
     benchmark:

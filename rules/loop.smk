@@ -25,6 +25,8 @@ rule train_policy:
         samples="results/{method}/iter_{i}/policy/samples.parquet",
     params:
         base=base_model_param,
+        settings=policy_settings,
+        code=stage_code("workflow.policy"),
         # resumable state of a killed stage (not an output: it survives the kill; workflow/resume.py)
         checkpoints="results/{method}/iter_{i}/policy/checkpoints",
     log:
@@ -47,6 +49,8 @@ rule collect_pairs:
         pairs="results/{method}/iter_{i}/pairs.parquet",
     params:
         base=base_model_param,
+        settings=settings("loop.uncertain_fraction", "loop.pair_temperature", "judge", "model", "dataset.name", "precision"),
+        code=stage_code("workflow.pairs"),
     log:
         "logs/collect_pairs/{method}_{i}.log",
     benchmark:
@@ -69,6 +73,17 @@ rule refine_reward:
         metrics="results/{method}/iter_{i}/reward/metrics.csv",
     params:
         base=base_model_param,
+        settings=settings(
+            "reward.refine_epochs",
+            "reward.refine_learning_rate",
+            "reward.batch_size",
+            "reward.score_objective",
+            "loop.keep_rm_close",
+            "loop.keep_rm_alpha",
+            "snapshots",
+            *MODEL_SETTINGS,
+        ),
+        code=stage_code("workflow.pairs"),
     log:
         "logs/refine_reward/{method}_{i}.log",
     benchmark:
@@ -91,6 +106,8 @@ rule evaluate_iteration:
     params:
         base=base_model_param,
         iteration=lambda wc: int(wc.i),
+        settings=settings(*EVAL_SETTINGS),
+        code=stage_code("workflow.loop_eval"),
     log:
         "logs/evaluate_iteration/{method}_{i}.log",
     benchmark:
@@ -112,6 +129,8 @@ rule evaluation_table:
         table="results/{method}/evaluation.csv",
     params:
         benchmarks=lambda wc: [f"results/benchmarks/train_policy/{wc.method}_{i}.tsv" for i in range(LOOP_ITERATIONS)],
+        settings=settings(),
+        code=stage_code("workflow.loop_eval"),
     log:
         "logs/evaluation_table/{method}.log",
     threads: 1

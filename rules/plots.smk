@@ -15,6 +15,9 @@ rule plot_trajectories:
             category="Trajectories",
             subcategory="{method}",
         ),
+    params:
+        settings=settings("plots", "loop.keep_rm_alpha"),
+        code=stage_code("workflow.plots"),
     log:
         "logs/plot_trajectories/{method}.log",
     benchmark:
@@ -39,6 +42,9 @@ rule plot_trajectories_upto:
             category="Trajectories",
             subcategory="{method} (first {k} iterations)",
         ),
+    params:
+        settings=settings("plots", "loop.keep_rm_alpha"),
+        code=stage_code("workflow.plots"),
     log:
         "logs/plot_trajectories_upto/{method}_{k}.log",
     benchmark:
@@ -65,6 +71,8 @@ rule compare_methods:
         ),
     params:
         methods=list(config["loop"]["methods"]),
+        settings=settings(),
+        code=stage_code("workflow.plots"),
     log:
         "logs/compare_methods/compare.log",
     threads: 1

@@ -15,6 +15,16 @@ rule reward_initial:
         metrics="results/reward/iter_0/metrics.csv",
     params:
         base=base_model_param,
+        settings=settings(
+            "reward.epochs",
+            "reward.learning_rate",
+            "reward.batch_size",
+            "reward.score_objective",
+            "lora",
+            "snapshots",
+            *MODEL_SETTINGS,
+        ),
+        code=stage_code("workflow.reward"),
     log:
         "logs/reward_initial/iter_0.log",
     benchmark:

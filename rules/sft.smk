@@ -12,6 +12,8 @@ rule sft:
         metrics="results/sft/metrics.csv",
     params:
         base=base_model_param,
+        settings=settings("sft", "lora", "snapshots", *MODEL_SETTINGS),
+        code=stage_code("workflow.sft"),
     log:
         "logs/sft/sft.log",
     benchmark:

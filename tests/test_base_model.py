@@ -45,7 +45,7 @@ def test_base_model_stage(embedded_parquet, tmp_path):
     out = tmp_path / "results" / "base"
     cfg = {"vocab_size": 320, "hidden_size": 16, "intermediate_size": 32, "num_layers": 1, "num_heads": 2,
            "epochs": 0.5, "learning_rate": 3e-3, "batch_size": 32}
-    job = Job(input={"train": embedded_parquet["train"]}, output={"model": str(out)}, params=cfg,
+    job = Job(input={"train": embedded_parquet["train"]}, output={"model": str(out)}, params={},
               config={"seed": 0, "base_model": cfg, "model": {"max_length": 64}}, wildcards={})
     threads = torch.get_num_threads()
     run(job)

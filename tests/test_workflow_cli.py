@@ -118,3 +118,14 @@ def test_slurm_profile_submits_training_jobs_with_gpu_memory_and_requeue(tmp_pat
     # extraction is a local rule: it ran here, it was never submitted
     assert "rule_extract_dataset" not in call
     assert (tmp_path / "wd" / "results" / "data" / "embedded" / "train.parquet").exists()
+
+
+def test_nested_override_with_a_configfile_overlay(tmp_path):
+    """README "Nested overrides": an overlay of the nested keys only, merged over config.yaml."""
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("loop:\n  iterations: 2\npolicy:\n  kl_coef: 0.05\n")
+    result = snakemake(tmp_path, "results/rloo/evaluation.csv", "-n", "--configfile", str(overlay))
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    policies = re.findall(r"^rule train_policy:.*?wildcards: method=rloo, i=(\d+)", out, flags=re.M | re.S)
+    assert sorted(policies) == ["0", "1"]

@@ -198,6 +198,6 @@ def build_base_model(conversations: Sequence[Sequence[Message] | str], out_dir: 
 def run(job) -> None:
     """Stage ``base_model``: ``job.input['train']`` parquet -> ``job.output['model']`` folder."""
     df = pd.read_parquet(job.input["train"])
-    cfg = {**job.config.get("base_model", {}), **job.params}
-    cfg.setdefault("max_length", job.config.get("model", {}).get("max_length", DEFAULTS["max_length"]))
+    cfg = {**job.config["base_model"],
+           "max_length": job.config.get("model", {}).get("max_length", DEFAULTS["max_length"])}
     build_base_model(dialogues(df), job.output["model"], cfg, job.seed)

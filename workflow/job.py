@@ -23,6 +23,11 @@ from typing import Any
 from workflow import runtime
 
 
+# Config keys every job gets besides its settings, and which are not rerun triggers: where caches
+# live and how a job is spread over processes (resources, like those the SLURM profile sets).
+RUNTIME_KEYS = ("cache_dir", "resources")
+
+
 @dataclasses.dataclass
 class Job:
     """Inputs, outputs, params and resources of one rule instance."""
@@ -38,13 +43,23 @@ class Job:
 
     @classmethod
     def from_snakemake(cls, smk: Any) -> Job:
-        """Build a job from the ``snakemake`` object of a ``script:`` directive (named items only)."""
+        """Build a job from the ``snakemake`` object of a ``script:`` directive (named items only).
+
+        The job's ``config`` is the rule's ``settings`` param (the values the stage reads, see
+        :mod:`workflow.rerun`) plus the :data:`RUNTIME_KEYS`; the ``settings`` and ``code`` params
+        are not repeated in ``params``.
+        """
         resources = {k: v for k, v in smk.resources.items() if not k.startswith("_")}
+        params = dict(smk.params.items())
+        settings = params.pop("settings", None)
+        params.pop("code", None)
+        config = dict(smk.config) if settings is None else {
+            **{k: smk.config[k] for k in RUNTIME_KEYS if k in smk.config}, **settings}
         return cls(
             input=dict(smk.input.items()),
             output=dict(smk.output.items()),
-            params=dict(smk.params.items()),
-            config=dict(smk.config),
+            params=params,
+            config=config,
             wildcards=dict(smk.wildcards.items()),
             threads=int(smk.threads),
             resources=resources,

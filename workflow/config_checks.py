@@ -1,0 +1,91 @@
+"""Settings that clash, checked by the Snakefile right after schema validation, before any job.
+
+The schema checks each key alone; :func:`check_config` checks keys against each other and against
+the disk, so that a configuration that would fail after hours of training fails before the first
+job, with a message that names the keys and says what to do. Relative paths are read from the
+working directory (``snakemake -d``), as the jobs read them.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+# A hub id: `name` or `org/name`; anything else that does not exist on disk is a missing local path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class ConfigError(ValueError):
+    """Settings that cannot run together."""
+
+
+def model_problem(key: str, name: str) -> str | None:
+    """Why ``name`` (the value of config ``key``) cannot be loaded as a model, or None.
+
+    A hub id passes; a local folder must hold ``config.json`` and a tokenizer (``save_pretrained``).
+    """
+    path = Path(os.path.expanduser(name))
+    if not path.exists():
+        if HUB_ID.match(name):
+            return None
+        return f"{key}: {name!r} does not exist (and is not a hub id such as org/name); fix the path"
+    if not path.is_dir():
+        return f"{key}: {name!r} is a file; point it at the model's folder (a save_pretrained output)"
+    if not (path / "config.json").is_file():
+        return (f"{key}: {name!r} has no config.json, so it is not a saved model; point it at the folder "
+                "that save_pretrained wrote (config.json, weights and tokenizer files)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return (f"{key}: {name!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
+                "into the model folder (tokenizer.save_pretrained)")
+    return None
+
+
+def judge_problems(config: dict[str, Any]) -> list[str]:
+    """Problems of the ``judge`` section (it judges the pairs of iterations 0..loop.iterations-2)."""
+    if int(config["loop"]["iterations"]) < 2:
+        return []  # one iteration collects no pairs: no judge runs
+    judge, dataset = config["judge"], config["dataset"]["name"]
+    kind, model = judge["kind"], judge.get("model")
+    if kind == "rule":
+        if dataset != "embedded":
+            return [f"judge.kind: rule is the embedded task's gold function, but dataset.name is {dataset!r}; "
+                    "set judge.kind to llm or reward_model and judge.model to the judge's hub id or folder "
+                    "(or loop.iterations: 1, which judges no pairs)"]
+        return []
+    if not model:
+        return [f"judge.kind: {kind} needs judge.model (a hub id or local folder of the judge model), "
+                "which is null; set judge.model"]
+    problem = model_problem("judge.model", str(model))
+    return [problem] if problem else []
+
+
+def policy_problems(config: dict[str, Any]) -> list[str]:
+    """Problems of the ``policy`` section that trl or the stage would only raise while training."""
+    policy = config["policy"]
+    problems = []
+    batch, k = int(policy["batch_size"]), int(policy["rloo_k"])
+    if batch % k:
+        problems.append(f"policy.batch_size ({batch}) must be a multiple of policy.rloo_k ({k}): every batch holds "
+                        f"whole groups of rloo_k samples per prompt; e.g. policy.batch_size: {k * max(1, round(batch / k))}")
+    if policy.get("kl_target") is not None:
+        if float(policy["kl_coef"]) <= 0:
+            problems.append("policy.kl_target is set, so the adaptive KL coefficient needs a positive start: "
+                            "policy.kl_coef is 0; set policy.kl_coef > 0 or policy.kl_target: null")
+        if policy.get("ppo_kl_coef") is not None and float(policy["ppo_kl_coef"]) <= 0:
+            problems.append("policy.kl_target is set, so ppo's adaptive KL coefficient needs a positive start: "
+                            "policy.ppo_kl_coef is 0; set it > 0 (or null: policy.kl_coef) or policy.kl_target: null")
+    return problems
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` listing every clash in the (schema-valid) ``config``."""
+    problems = []
+    if config["model"].get("name"):
+        problem = model_problem("model.name", str(config["model"]["name"]))
+        problems += [problem] if problem else []
+    problems += judge_problems(config)
+    problems += policy_problems(config)
+    if problems:
+        raise ConfigError("the configuration cannot run (nothing was started):\n  - " + "\n  - ".join(problems))
