@@ -561,7 +561,8 @@ def test_rule_extract_dataset_runs_and_reruns_when_the_file_changes(tmp_path):
     from smk import snakemake
 
     source = write_records(tmp_path / "hh_test.jsonl", HH_RECORDS)
-    (tmp_path / "cfg.yaml").write_text(json.dumps({"dataset": {"name": "hh-rlhf", "files": {"test": str(source)}}}))
+    (tmp_path / "cfg.yaml").write_text(json.dumps({"dataset": {"name": "hh-rlhf", "files": {"test": str(source)}},
+                                                        "loop": {"iterations": 1}}))  # no judge needed
     target = "results/data/hh-rlhf/test.parquet"
     done = snakemake(tmp_path, "--cores", "1", "--configfile", "cfg.yaml", "--", target, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

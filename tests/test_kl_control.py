@@ -11,12 +11,13 @@ from workflow import policy
 from workflow.kl_control import KLTarget, previous_coefficient, sequence_kl
 
 
-def test_update_is_proportional_clipped_and_ignores_nan():
-    control = KLTarget(target=2.0, horizon=10)
+def test_update_is_proportional_clipped_floored_and_ignores_nan():
+    control = KLTarget(target=2.0, horizon=10, floor=0.05)
     assert control.update(0.1, 2.0) == pytest.approx(0.1)            # on target: unchanged
     assert control.update(0.1, 2.2) == pytest.approx(0.1 * 1.01)     # 10% over: +1%
     assert control.update(0.1, 50.0) == pytest.approx(0.1 * 1.02)    # clipped at +20% / horizon
     assert control.update(0.1, 0.0) == pytest.approx(0.1 * 0.98)     # clipped at -20% / horizon
+    assert control.update(0.05, 0.0) == 0.05                         # never below the floor
     assert control.update(0.1, float("nan")) == 0.1
 
 
@@ -37,8 +38,8 @@ def test_previous_coefficient(tmp_path):
 @pytest.mark.parametrize("method", ["rloo", "ppo", "zorloo"])
 def test_stage_steers_the_coefficient(method, tiny_base, adapters, embedded_frames, tmp_path):
     """Every logged coefficient is the controller's update of the one before with that step's KL,
-    starting from the configured coefficient: a target far above the rollouts' KL lowers it at
-    every step, a target far below raises it (at every step whose KL estimate is positive)."""
+    starting from the configured coefficient, which is also its floor: a target far above the
+    rollouts' KL keeps the configured value, a target far below raises it."""
     iteration, prev, reward, direction = stage_inputs(method, adapters)
     prompts = policy.iteration_prompts(embedded_frames["train"], iteration, CFG, seed=0)[:8]
     for target in (1e-6, 1e6):
@@ -50,14 +51,15 @@ def test_stage_steers_the_coefficient(method, tiny_base, adapters, embedded_fram
         rows = pd.read_csv(out / "metrics.csv")
         rows = rows[rows["kl_coef"].notna()]
         assert len(rows) >= 2
-        control, coef = KLTarget(target, 2), cfg["policy"]["kl_coef"]
+        control, coef = KLTarget(target, 2, floor=cfg["policy"]["kl_coef"]), cfg["policy"]["kl_coef"]
         for row in rows.to_dict("records"):
             kl = sequence_kl({k: v for k, v in row.items() if pd.notna(v)})
             coef = control.update(coef, kl)
             assert row["kl_coef"] == pytest.approx(coef, rel=1e-9)
         coefs = rows["kl_coef"].to_numpy()
+        assert (coefs >= cfg["policy"]["kl_coef"]).all()
         if target == 1e6:
-            assert (coefs[1:] < coefs[:-1]).all() and coefs[0] < cfg["policy"]["kl_coef"]
+            assert (coefs == cfg["policy"]["kl_coef"]).all()
         else:
             assert (coefs[1:] > coefs[:-1]).any()
 
@@ -73,10 +75,10 @@ def test_callback_sets_the_coefficient_each_trainer_reads():
     from workflow.kl_control import AdaptiveKLCallback
 
     rloo = _Trainer(SimpleNamespace(beta=0.01))
-    AdaptiveKLCallback(KLTarget(1.0, 10), 0.3).bind(rloo)
+    AdaptiveKLCallback(KLTarget(1.0, 10, 0.01), 0.3).bind(rloo)
     assert rloo.beta == 0.3                                     # RLOO and ZOPrO read trainer.beta
     ppo = _Trainer(SimpleNamespace(kl_coef=0.2))
-    callback = AdaptiveKLCallback(KLTarget(1.0, 10), 0.3).bind(ppo)
+    callback = AdaptiveKLCallback(KLTarget(1.0, 10, 0.01), 0.3).bind(ppo)
     assert ppo.args.kl_coef == 0.3                              # PPO reads args.kl_coef every step
     state = SimpleNamespace(log_history=[{"step": 1, "kl_coef": 0.7}])
     callback.on_train_begin(None, state, None)                  # a resume continues the logged value

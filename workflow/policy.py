@@ -477,7 +477,7 @@ def kl_controller(kind: str, cfg: dict[str, Any], prev_adapter: str):
     if initial <= 0:
         raise PolicyConfigError("policy.kl_target needs a positive starting coefficient: policy.kl_coef "
                                 f"{'/ policy.ppo_kl_coef ' if kind == 'ppo' else ''}is {initial}")
-    target = KLTarget(float(pcfg["kl_target"]), float(pcfg["kl_horizon"]))
+    target = KLTarget(float(pcfg["kl_target"]), float(pcfg["kl_horizon"]), floor=initial)
     return AdaptiveKLCallback(target, previous_coefficient(Path(prev_adapter).parent, initial))
 
 
