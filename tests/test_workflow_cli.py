@@ -129,3 +129,12 @@ def test_nested_override_with_a_configfile_overlay(tmp_path):
     assert result.returncode == 0, out
     policies = re.findall(r"^rule train_policy:.*?wildcards: method=rloo, i=(\d+)", out, flags=re.M | re.S)
     assert sorted(policies) == ["0", "1"]
+
+
+def test_fixed_kl_overlay_plans_the_study_with_fixed_coefficients(tmp_path):
+    """README "Methods": `--configfile config/examples/fixed-kl.yaml` turns the KL budget off."""
+    overlay = REPO / "config" / "examples" / "fixed-kl.yaml"
+    assert yaml.safe_load(overlay.read_text()) == {"policy": {"kl_target": None}}
+    result = snakemake(tmp_path, "-n", "--cores", "all", "results/compare/plots", "--configfile", str(overlay))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "train_policy" in result.stdout
