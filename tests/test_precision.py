@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_policy import CFG
 
 from workflow import policy, runtime
 from workflow.models import (FP32Head, load_policy, load_reward_model, load_sequence_classifier,
@@ -21,17 +22,6 @@ from workflow.models import (FP32Head, load_policy, load_reward_model, load_sequ
 REWARD_TOLERANCE = 1e-5
 # |ratio - 1| at the first update of a rollout batch: float rounding of sequence log-prob sums
 RATIO_TOLERANCE = 1e-4
-
-CFG = {
-    "seed": 0,
-    "dataset": {"name": "embedded"},
-    "model": {"max_length": 128, "generation_length": 8},
-    "lora": {"r": 4, "alpha": None, "dropout": 0.0, "target_modules": "all-linear"},
-    "snapshots": {"every": 0.5},
-    "loop": {"intraepoch": False},
-    "policy": {"learning_rate": 1e-2, "batch_size": 4, "epochs": 1, "kl_coef": 0.05, "temperature": 1.0,
-               "rloo_k": 2, "clip_range": 0.2},
-}
 
 
 @pytest.fixture
