@@ -15,7 +15,8 @@ def test_update_is_proportional_clipped_floored_and_ignores_nan():
     control = KLTarget(target=2.0, horizon=10, floor=0.05)
     assert control.update(0.1, 2.0) == pytest.approx(0.1)            # on target: unchanged
     assert control.update(0.1, 2.2) == pytest.approx(0.1 * 1.01)     # 10% over: +1%
-    assert control.update(0.1, 50.0) == pytest.approx(0.1 * 1.02)    # clipped at +20% / horizon
+    assert control.update(0.1, 3.0) == pytest.approx(0.1 * 1.05)     # 50% over: +5%
+    assert control.update(0.1, 50.0) == pytest.approx(0.1 * 1.1)     # clipped at +100% / horizon
     assert control.update(0.1, 0.0) == pytest.approx(0.1 * 0.98)     # clipped at -20% / horizon
     assert control.update(0.05, 0.0) == 0.05                         # never below the floor
     assert control.update(0.1, float("nan")) == 0.1
