@@ -36,7 +36,7 @@ def test_previous_coefficient(tmp_path):
     assert previous_coefficient(tmp_path, 0.01) == 0.01
 
 
-@pytest.mark.parametrize("method", ["rloo", "ppo", "zorloo"])
+@pytest.mark.parametrize("method", ["rloo", "ppo", "zorloo", "dpo"])
 def test_stage_steers_the_coefficient(method, tiny_base, adapters, embedded_frames, tmp_path):
     """Every logged coefficient is the controller's update of the one before with that step's KL,
     starting from the configured coefficient, which is also its floor: a target far above the
@@ -45,7 +45,7 @@ def test_stage_steers_the_coefficient(method, tiny_base, adapters, embedded_fram
     prompts = policy.iteration_prompts(embedded_frames["train"], iteration, CFG, seed=0)[:8]
     for target in (1e-6, 1e6):
         cfg = copy.deepcopy(CFG)
-        cfg["policy"].update(kl_target=target, kl_horizon=2, ppo_kl_coef=None)
+        cfg["policy"].update(kl_target=target, kl_horizon=2, ppo_kl_coef=None, dpo_beta=None)
         out = tmp_path / f"{target}"
         policy.train_policy(method, iteration, tiny_base, prev, adapters["sft"], reward, prompts, out, cfg,
                             seed=0, task="chat", direction_inputs=direction)
@@ -81,17 +81,21 @@ def test_callback_sets_the_coefficient_each_trainer_reads():
     ppo = _Trainer(SimpleNamespace(kl_coef=0.2))
     callback = AdaptiveKLCallback(KLTarget(1.0, 10, 0.01), 0.3).bind(ppo)
     assert ppo.args.kl_coef == 0.3                              # PPO reads args.kl_coef every step
+    dpo = _Trainer(SimpleNamespace(beta=[0.1]))
+    dpo._beta = [0.1]
+    AdaptiveKLCallback(KLTarget(1.0, 10, 0.01), 0.3).bind(dpo)
+    assert dpo._beta == 0.3                                     # online DPO's beta property reads _beta
     state = SimpleNamespace(log_history=[{"step": 1, "kl_coef": 0.7}])
     callback.on_train_begin(None, state, None)                  # a resume continues the logged value
     assert ppo.args.kl_coef == 0.7
 
 
-def test_dpo_and_fixed_coefficient_have_no_controller(adapters):
+def test_fixed_coefficient_has_no_controller_and_budget_needs_a_positive_one(adapters):
     cfg = copy.deepcopy(CFG)
     assert policy.kl_controller("rloo", cfg, adapters["sft"]) is None
     cfg["policy"].update(kl_target=1.0, kl_horizon=10)
-    assert policy.kl_controller("dpo", cfg, adapters["sft"]) is None
-    assert policy.kl_controller("rloo", cfg, adapters["sft"]) is not None
+    for method in ("rloo", "ppo", "dpo"):
+        assert policy.kl_controller(method, cfg, adapters["sft"]) is not None
     cfg["policy"]["kl_coef"] = 0.0
     with pytest.raises(policy.PolicyConfigError, match="policy.kl_coef"):
         policy.kl_controller("rloo", cfg, adapters["sft"])

@@ -64,7 +64,9 @@ def sequence_kl(logs: dict[str, Any]) -> float | None:
 
 
 class AdaptiveKLCallback(TrainerCallback):
-    """Adapts ``trainer.beta`` (RLOO, ZOPrO) or ``trainer.args.kl_coef`` (PPO) after every logged step."""
+    """Adapts ``trainer.beta`` (RLOO, ZOPrO, online DPO) or ``trainer.args.kl_coef`` (PPO) after every
+    logged step. Online DPO's beta is not a reward penalty but plays the same part: the larger it
+    is, the closer DPO's implicit reward keeps the policy to the reference."""
 
     def __init__(self, control: KLTarget, initial: float):
         self.control = control
@@ -81,8 +83,10 @@ class AdaptiveKLCallback(TrainerCallback):
         return float(self.trainer.args.kl_coef if hasattr(self.trainer.args, "kl_coef") else self.trainer.beta)
 
     def _set(self, value: float) -> None:
-        if hasattr(self.trainer.args, "kl_coef"):
+        if hasattr(self.trainer.args, "kl_coef"):  # PPO reads args.kl_coef at every step
             self.trainer.args.kl_coef = float(value)
+        elif hasattr(self.trainer, "_beta"):  # online DPO: beta is a read-only property over _beta
+            self.trainer._beta = float(value)
         else:
             self.trainer.beta = float(value)
 

@@ -351,7 +351,7 @@ def build_dpo(model, ref_model, tokenizer, reward_fn, prompts, cfg, scratch, see
         max_length=int(cfg["model"]["max_length"]),
         temperature=float(pcfg["temperature"]),
         top_k=0, top_p=1.0,
-        beta=[float(pcfg["kl_coef"] if pcfg.get("dpo_beta") is None else pcfg["dpo_beta"])],
+        beta=[kl_coefficient("dpo", cfg)],
         disable_dropout=True,
         remove_unused_columns=False,
     )
@@ -458,25 +458,28 @@ def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch
 
 
 def kl_coefficient(kind: str, cfg: dict[str, Any]) -> float:
-    """The configured KL coefficient of ``kind`` (``ppo``: ``policy.ppo_kl_coef`` unless null)."""
+    """The configured KL coefficient of ``kind``: ``policy.ppo_kl_coef`` for ppo and
+    ``policy.dpo_beta`` for dpo unless null, else ``policy.kl_coef``."""
     pcfg = cfg["policy"]
-    if kind == "ppo" and pcfg.get("ppo_kl_coef") is not None:
-        return float(pcfg["ppo_kl_coef"])
+    own = {"ppo": "ppo_kl_coef", "dpo": "dpo_beta"}.get(kind)
+    if own and pcfg.get(own) is not None:
+        return float(pcfg[own])
     return float(pcfg["kl_coef"])
 
 
 def kl_controller(kind: str, cfg: dict[str, Any], prev_adapter: str):
-    """The adaptive KL callback of a stage (``policy.kl_target`` set; not online DPO, whose beta is
-    not a reward penalty), starting from the previous iteration's last coefficient; else None."""
+    """The adaptive KL callback of a stage (``policy.kl_target`` set), starting from the previous
+    iteration's last coefficient; else None."""
     from workflow.kl_control import AdaptiveKLCallback, KLTarget, previous_coefficient
 
     pcfg = cfg["policy"]
-    if pcfg.get("kl_target") is None or kind == "dpo":
+    if pcfg.get("kl_target") is None:
         return None
     initial = kl_coefficient(kind, cfg)
     if initial <= 0:
-        raise PolicyConfigError("policy.kl_target needs a positive starting coefficient: policy.kl_coef "
-                                f"{'/ policy.ppo_kl_coef ' if kind == 'ppo' else ''}is {initial}")
+        own = {"ppo": "policy.ppo_kl_coef / ", "dpo": "policy.dpo_beta / "}.get(kind, "")
+        raise PolicyConfigError(f"policy.kl_target needs a positive starting coefficient: {own}policy.kl_coef "
+                                f"is {initial}")
     target = KLTarget(float(pcfg["kl_target"]), float(pcfg["kl_horizon"]), floor=initial)
     return AdaptiveKLCallback(target, previous_coefficient(Path(prev_adapter).parent, initial))
 
