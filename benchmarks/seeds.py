@@ -88,12 +88,15 @@ def main() -> None:
     parser.add_argument("--cores", default="all")
     parser.add_argument("--configfile", nargs="*", default=[], help="config overlays after config.yaml")
     parser.add_argument("--out", default="results/benchmarks/seeds.csv")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="tabulate the seed folders as they are, without running Snakemake")
     args = parser.parse_args()
     rows = []
     for seed in args.seeds:
         workdir = Path(args.dir) / f"seed_{seed}"
-        print(f"seed {seed}: running in {workdir}", flush=True)
-        run_seed(seed, args.methods, workdir, args.cores, args.configfile)
+        if not args.summarise_only:
+            print(f"seed {seed}: running in {workdir}", flush=True)
+            run_seed(seed, args.methods, workdir, args.cores, args.configfile)
         rows += iteration_rows(seed, args.methods, workdir)
     table = pd.DataFrame(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ def test_update_is_proportional_clipped_floored_and_ignores_nan():
     assert control.update(0.1, 50.0) == pytest.approx(0.1 * 1.1)     # clipped at +100% / horizon
     assert control.update(0.1, 0.0) == pytest.approx(0.1 * 0.98)     # clipped at -20% / horizon
     assert control.update(0.05, 0.0) == 0.05                         # never below the floor
+    assert KLTarget(2.0, 10, floor=0.05, ceiling=0.1).update(0.1, 50.0) == 0.1   # nor above a ceiling
     assert control.update(0.1, float("nan")) == 0.1
 
 
@@ -96,6 +97,9 @@ def test_fixed_coefficient_has_no_controller_and_budget_needs_a_positive_one(ada
     cfg["policy"].update(kl_target=1.0, kl_horizon=10)
     for method in ("rloo", "ppo", "dpo"):
         assert policy.kl_controller(method, cfg, adapters["sft"]) is not None
+    cfg["policy"]["dpo_beta_max"] = 0.3
+    assert policy.kl_controller("dpo", cfg, adapters["sft"]).control.ceiling == 0.3
+    assert policy.kl_controller("rloo", cfg, adapters["sft"]).control.ceiling == float("inf")
     cfg["policy"]["kl_coef"] = 0.0
     with pytest.raises(policy.PolicyConfigError, match="policy.kl_coef"):
         policy.kl_controller("rloo", cfg, adapters["sft"])

@@ -39,19 +39,20 @@ COLUMN = "kl_coef"
 
 @dataclass(frozen=True)
 class KLTarget:
-    """Settings of the controller: ``policy.kl_target``, ``policy.kl_horizon`` and the configured
-    coefficient as the floor."""
+    """Settings of the controller: ``policy.kl_target``, ``policy.kl_horizon``, the configured
+    coefficient as the floor and, for online DPO, ``policy.dpo_beta_max`` as the ceiling."""
 
     target: float
     horizon: float
     floor: float
+    ceiling: float = math.inf
 
     def update(self, coef: float, kl: float) -> float:
         """The coefficient after one step whose rollouts had sequence-level KL ``kl``."""
         if not math.isfinite(kl):
             return coef
         error = min(1.0, max(-0.2, kl / self.target - 1.0))
-        return max(self.floor, coef * (1.0 + error / self.horizon))
+        return min(self.ceiling, max(self.floor, coef * (1.0 + error / self.horizon)))
 
 
 def sequence_kl(logs: dict[str, Any]) -> float | None:
@@ -70,7 +71,7 @@ class AdaptiveKLCallback(TrainerCallback):
 
     def __init__(self, control: KLTarget, initial: float):
         self.control = control
-        self.initial = float(initial)
+        self.initial = min(control.ceiling, max(control.floor, float(initial)))
         self.trainer = None
 
     def bind(self, trainer) -> AdaptiveKLCallback:

@@ -480,7 +480,11 @@ def kl_controller(kind: str, cfg: dict[str, Any], prev_adapter: str):
         own = {"ppo": "policy.ppo_kl_coef / ", "dpo": "policy.dpo_beta / "}.get(kind, "")
         raise PolicyConfigError(f"policy.kl_target needs a positive starting coefficient: {own}policy.kl_coef "
                                 f"is {initial}")
-    target = KLTarget(float(pcfg["kl_target"]), float(pcfg["kl_horizon"]), floor=initial)
+    # online DPO's beta is not a penalty: far above its configured value DPO's loss saturates and
+    # the policy stops learning instead of coming back (seed 2: beta 104, gold -0.043 at KL 0.09)
+    ceiling = pcfg.get("dpo_beta_max") if kind == "dpo" else None
+    target = KLTarget(float(pcfg["kl_target"]), float(pcfg["kl_horizon"]), floor=initial,
+                      ceiling=math.inf if ceiling is None else max(initial, float(ceiling)))
     return AdaptiveKLCallback(target, previous_coefficient(Path(prev_adapter).parent, initial))
 
 
