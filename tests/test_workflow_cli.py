@@ -131,10 +131,13 @@ def test_nested_override_with_a_configfile_overlay(tmp_path):
     assert sorted(policies) == ["0", "1"]
 
 
-def test_fixed_kl_overlay_plans_the_study_with_fixed_coefficients(tmp_path):
-    """README "Methods": `--configfile config/examples/fixed-kl.yaml` turns the KL budget off."""
-    overlay = REPO / "config" / "examples" / "fixed-kl.yaml"
-    assert yaml.safe_load(overlay.read_text()) == {"policy": {"kl_target": None}}
+@pytest.mark.parametrize("name, content", [("fixed-kl.yaml", {"policy": {"kl_target": None}}),
+                                           ("bf16.yaml", {"precision": "bf16"})])
+def test_example_overlays_plan_the_study(tmp_path, name, content):
+    """README: `--configfile config/examples/fixed-kl.yaml` (no KL budget) and `bf16.yaml` (the GPU
+    precision path on any device) are overlays of exactly those keys over the default study."""
+    overlay = REPO / "config" / "examples" / name
+    assert yaml.safe_load(overlay.read_text()) == content
     result = snakemake(tmp_path, "-n", "--cores", "all", "results/compare/plots", "--configfile", str(overlay))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "train_policy" in result.stdout
