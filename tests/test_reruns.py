@@ -42,7 +42,7 @@ CHANGES = {
     "lora.r": ({"lora": {"r": 2}}, {_job("sft"), _job("reward_initial"), SFT_EVAL} | LOOP),
     "reward.learning_rate": ({"reward": {"learning_rate": 1e-3}}, {_job("reward_initial"), SFT_EVAL} | LOOP),
     "reward.refine_learning_rate": ({"reward": {"refine_learning_rate": 1e-4}}, {_job("refine_reward", 1)} | POLICY_1),
-    "policy.kl_coef": ({"policy": {"kl_coef": 0.05}}, LOOP),
+    "policy.kl_coef": ({"policy": {"kl_coef": 0.07}}, LOOP),
     "zopro.eps": ({"zopro": {"eps": 1e-2}}, POLICY_1),
     "judge.max_drop_rate": ({"judge": {"max_drop_rate": 0.4}}, PAIRS),
     "evaluation.temperature": ({"evaluation": {"temperature": 0.5}},
