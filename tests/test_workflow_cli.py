@@ -123,7 +123,7 @@ def test_slurm_profile_submits_training_jobs_with_gpu_memory_and_requeue(tmp_pat
 def test_nested_override_with_a_configfile_overlay(tmp_path):
     """README "Nested overrides": an overlay of the nested keys only, merged over config.yaml."""
     overlay = tmp_path / "overlay.yaml"
-    overlay.write_text("loop:\n  iterations: 2\npolicy:\n  kl_coef: 0.05\n")
+    overlay.write_text("loop:\n  iterations: 2\npolicy:\n  kl_coef: 0.1\n")
     result = snakemake(tmp_path, "results/rloo/evaluation.csv", "-n", "--configfile", str(overlay))
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
@@ -131,7 +131,7 @@ def test_nested_override_with_a_configfile_overlay(tmp_path):
     assert sorted(policies) == ["0", "1"]
 
 
-@pytest.mark.parametrize("name, content", [("fixed-kl.yaml", {"policy": {"kl_target": None}}),
+@pytest.mark.parametrize("name, content", [("fixed-kl.yaml", {"policy": {"kl_target": None, "kl_coef": 0.01}}),
                                            ("bf16.yaml", {"precision": "bf16"})])
 def test_example_overlays_plan_the_study(tmp_path, name, content):
     """README: `--configfile config/examples/fixed-kl.yaml` (no KL budget) and `bf16.yaml` (the GPU
