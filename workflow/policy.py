@@ -457,11 +457,15 @@ def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch
                       eval_dataset=eval_ds, callbacks=callbacks)
 
 
+# the policy key that overrides policy.kl_coef for a method's KL coefficient (online DPO: its beta)
+OWN_KL_KEY = {"ppo": "ppo_kl_coef", "dpo": "dpo_beta"}
+
+
 def kl_coefficient(kind: str, cfg: dict[str, Any]) -> float:
     """The configured KL coefficient of ``kind``: ``policy.ppo_kl_coef`` for ppo and
     ``policy.dpo_beta`` for dpo unless null, else ``policy.kl_coef``."""
     pcfg = cfg["policy"]
-    own = {"ppo": "ppo_kl_coef", "dpo": "dpo_beta"}.get(kind)
+    own = OWN_KL_KEY.get(kind)
     if own and pcfg.get(own) is not None:
         return float(pcfg[own])
     return float(pcfg["kl_coef"])
@@ -477,7 +481,7 @@ def kl_controller(kind: str, cfg: dict[str, Any], prev_adapter: str):
         return None
     initial = kl_coefficient(kind, cfg)
     if initial <= 0:
-        own = {"ppo": "policy.ppo_kl_coef / ", "dpo": "policy.dpo_beta / "}.get(kind, "")
+        own = f"policy.{OWN_KL_KEY[kind]} / " if kind in OWN_KL_KEY else ""
         raise PolicyConfigError(f"policy.kl_target needs a positive starting coefficient: {own}policy.kl_coef "
                                 f"is {initial}")
     # online DPO's beta is not a penalty: far above its configured value DPO's loss saturates and
