@@ -2,7 +2,10 @@
 from workflow.rerun import code_hash, stage_settings
 
 
-METHODS = ["ppo", "dpo", "rloo", "zorloo"]
+METHODS = ["ppo", "dpo", "rloo", "zorloo", "zorloo_reference"]
+# ZOPrO methods: iteration 0 is first-order RLOO, the same job as rloo's iteration 0 (same seed and
+# settings), so they share rloo's iteration 0 and the reward model refined from it (reward model 1)
+ZO_METHODS = ["zorloo", "zorloo_reference"]
 DATASET = config["dataset"]["name"]
 SPLITS = ["train", "test"]
 
@@ -29,14 +32,27 @@ def base_inputs():
     return {"base": "results/base"} if builds_base_model() else {}
 
 
+def chain_owner(method, i):
+    """The method whose folders hold iteration ``i`` of ``method``: rloo's for a ZOPrO method's
+    iteration 0 (shared, see ZO_METHODS), else its own."""
+    return "rloo" if method in ZO_METHODS and int(i) == 0 else method
+
+
+def iteration_dir(method, i):
+    """Folder of iteration ``i`` of ``method`` (policy, its evaluation and pairs)."""
+    return f"results/{chain_owner(method, i)}/iter_{int(i)}"
+
+
 def policy_dir(method, i):
     """Stage folder of policy iteration ``i`` (``-1`` is the SFT adapter)."""
-    return "results/sft" if int(i) < 0 else f"results/{method}/iter_{int(i)}/policy"
+    return "results/sft" if int(i) < 0 else f"{iteration_dir(method, i)}/policy"
 
 
 def reward_dir(method, i):
-    """Stage folder of reward model ``i`` (iteration 0 is shared by every method)."""
-    return "results/reward/iter_0" if int(i) == 0 else f"results/{method}/iter_{int(i)}/reward"
+    """Stage folder of reward model ``i`` (iteration 0 is shared by every method; reward model i is
+    refined on the pairs of policy i - 1, so it lives with that policy's owner)."""
+    i = int(i)
+    return "results/reward/iter_0" if i == 0 else f"results/{chain_owner(method, i - 1)}/iter_{i}/reward"
 
 
 def train_resources():
@@ -67,8 +83,8 @@ def stage_code(module):
 
 
 def policy_settings(wildcards):
-    """Settings of train_policy: ``zopro`` only where ZOPrO trains (zorloo, iteration >= 1)."""
-    zopro = ("zopro",) if wildcards.method == "zorloo" and int(wildcards.i) >= 1 else ()
+    """Settings of train_policy: ``zopro`` only where ZOPrO trains (ZO_METHODS, iteration >= 1)."""
+    zopro = ("zopro",) if wildcards.method in ZO_METHODS and int(wildcards.i) >= 1 else ()
     return settings("policy", "loop.intraepoch", "loop.iteration_fraction", "snapshots", "model",
                     "dataset.name", "precision", *zopro)
 

@@ -8,8 +8,9 @@
 #   reward i + pairs i -----------> refine_reward    -> results/{method}/iter_{i+1}/reward/{adapter,snapshots,metrics.csv}
 #
 # Reward model 0 is shared (results/reward/iter_0, rules/reward.smk); reward models 1..N-1 are
-# refined per method. zorloo at i >= 1 also reads policy i-2 (SFT for i = 1) and reward i-1, the
-# two ends of its mu and v directions. Evaluation: evaluate_iteration per policy (same prompts, seed
+# refined per method. zorloo and zorloo_reference at i >= 1 also read policy i-2 (SFT for i = 1) and
+# reward i-1, the two ends of their mu and v directions; their iteration 0 (first-order RLOO) and
+# reward model 1 are rloo's (rules/common.smk, chain_owner). Evaluation: evaluate_iteration per policy (same prompts, seed
 # and scorer as evaluate_policy's SFT row in rules/evaluate.smk), evaluation_table per method
 # (workflow/loop_eval.py).
 include: "loop_inputs.smk"
@@ -123,12 +124,11 @@ rule evaluate_iteration:
 
 rule evaluation_table:
     input:
-        sft="results/sft/evaluation_summary.csv",  # rule evaluate_policy (rules/evaluate.smk)
-        **{f"iter_{i}": f"results/{{method}}/iter_{i}/evaluation_summary.csv" for i in range(LOOP_ITERATIONS)},
+        unpack(evaluation_table_inputs),
     output:
         table="results/{method}/evaluation.csv",
     params:
-        benchmarks=lambda wc: [f"results/benchmarks/train_policy/{wc.method}_{i}.tsv" for i in range(LOOP_ITERATIONS)],
+        benchmarks=policy_benchmarks,
         settings=settings(),
         code=stage_code("workflow.loop_eval"),
     log:

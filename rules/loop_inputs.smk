@@ -14,8 +14,18 @@ def _check_iteration(i, first=0):
     return i
 
 
+def _check_owner(method, i, path):
+    """Refuse to build a ZOPrO method's shared iteration-0 outputs twice (they are rloo's)."""
+    if chain_owner(method, i) != method:
+        raise ValueError(
+            f"{method}'s iteration 0 is first-order RLOO, shared with rloo: its files are "
+            f"{iteration_dir(method, 0)} and {reward_dir(method, 1)}; {path} is not built"
+        )
+
+
 def train_policy_inputs(wildcards):
     i = _check_iteration(wildcards.i)
+    _check_owner(wildcards.method, i, f"results/{wildcards.method}/iter_{i}/policy")
     inputs = dict(
         prev_policy=f"{policy_dir(wildcards.method, i - 1)}/adapter",
         sft=SFT_ADAPTER,
@@ -23,7 +33,7 @@ def train_policy_inputs(wildcards):
         train=data_path("train"),
         **base_inputs(),
     )
-    if wildcards.method == "zorloo" and i >= 1:
+    if wildcards.method in ZO_METHODS and i >= 1:
         inputs["policy_prev2"] = f"{policy_dir(wildcards.method, i - 2)}/adapter"
         inputs["reward_prev"] = f"{reward_dir(wildcards.method, i - 1)}/adapter"
     return inputs
@@ -33,6 +43,7 @@ def collect_pairs_inputs(wildcards):
     i = _check_iteration(wildcards.i)
     if i >= LOOP_ITERATIONS - 1:
         raise ValueError(f"pairs {i} would refine reward model {i + 1}, past loop.iterations = {LOOP_ITERATIONS}")
+    _check_owner(wildcards.method, i, f"results/{wildcards.method}/iter_{i}/pairs.parquet")
     return dict(
         policy=f"{policy_dir(wildcards.method, i)}/adapter",
         samples=f"{policy_dir(wildcards.method, i)}/samples.parquet",
@@ -43,9 +54,10 @@ def collect_pairs_inputs(wildcards):
 
 def refine_reward_inputs(wildcards):
     i = _check_iteration(wildcards.i, first=1)
+    _check_owner(wildcards.method, i - 1, f"results/{wildcards.method}/iter_{i}/reward")
     return dict(
         reward=f"{reward_dir(wildcards.method, i - 1)}/adapter",
-        pairs=f"results/{wildcards.method}/iter_{i - 1}/pairs.parquet",
+        pairs=f"{iteration_dir(wildcards.method, i - 1)}/pairs.parquet",
         test=data_path("test"),
         **base_inputs(),
     )
@@ -53,6 +65,7 @@ def refine_reward_inputs(wildcards):
 
 def evaluate_iteration_inputs(wildcards):
     i = _check_iteration(wildcards.i)
+    _check_owner(wildcards.method, i, f"results/{wildcards.method}/iter_{i}/evaluation.parquet")
     return dict(
         policy=f"{policy_dir(wildcards.method, i)}/adapter",
         sft=SFT_ADAPTER,
@@ -60,3 +73,18 @@ def evaluate_iteration_inputs(wildcards):
         test=data_path("test"),
         **base_inputs(),
     )
+
+
+def evaluation_table_inputs(wildcards):
+    """The SFT evaluation and each iteration's (a ZOPrO method's iteration 0 is rloo's)."""
+    return dict(
+        sft="results/sft/evaluation_summary.csv",  # rule evaluate_policy (rules/evaluate.smk)
+        **{f"iter_{i}": f"{iteration_dir(wildcards.method, i)}/evaluation_summary.csv" for i in range(LOOP_ITERATIONS)},
+    )
+
+
+def policy_benchmarks(wildcards):
+    """The train_policy benchmark file of each iteration (wall time and memory in the table)."""
+    return [
+        f"results/benchmarks/train_policy/{chain_owner(wildcards.method, i)}_{i}.tsv" for i in range(LOOP_ITERATIONS)
+    ]

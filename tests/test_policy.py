@@ -23,8 +23,10 @@ CFG = {
     "loop": {"intraepoch": True, "iteration_fraction": 0.25, "uncertain_fraction": 0.5, "pair_temperature": 0.7},
     "policy": {"learning_rate": 1e-2, "batch_size": 4, "epochs": 1, "kl_coef": 0.05, "temperature": 1.0,
                "rloo_k": 2, "clip_range": 0.2},
-    "zopro": {"learning_rate": 1e-3, "eps": 1e-3, "gamma_start": 0.999, "gamma_schedule": "linear",
-              "n_perturbations": 1, "two_sided": True, "weight_decay": 0.0},
+    "zopro": {"variant": "guarded", "step_size": 1e-3, "eps": 1e-3, "n_perturbations": 2,
+              "updates_per_batch": 2, "momentum_kl": 0.5, "momentum_prompts": 4,
+              "reference": {"learning_rate": 1e-3, "eps": 1e-3, "gamma_start": 0.999, "gamma_schedule": "linear",
+                            "n_perturbations": 1, "two_sided": True, "weight_decay": 0.0}},
     "reward": {"batch_size": 4, "refine_epochs": 1, "refine_learning_rate": 1e-3},
     "judge": {"kind": "rule", "max_drop_rate": 0.5, "batch_size": 4},
 }
@@ -91,14 +93,14 @@ def test_rloo_reference_is_the_sft_adapter(tiny_base, adapters, tmp_path):
 def stage_inputs(method: str, adapters: dict) -> tuple[int, str, str, dict | None]:
     """``(iteration, previous policy, reward model, zorloo mu/v inputs)`` of a test stage: zorloo
     runs its zeroth-order iteration 1, the other methods iteration 0."""
-    if method != "zorloo":
+    if method not in policy.ZO_METHODS:
         return 0, adapters["sft"], adapters["reward"], None
     direction = {"policy_prev": adapters["sft2"], "policy_prev2": adapters["sft"],
                  "reward_i": adapters["reward1"], "reward_prev": adapters["reward"]}
     return 1, adapters["sft2"], adapters["reward1"], direction
 
 
-@pytest.mark.parametrize("method", ["rloo", "dpo", "ppo", "zorloo"])
+@pytest.mark.parametrize("method", ["rloo", "dpo", "ppo", "zorloo", "zorloo_reference"])
 def test_one_policy_iteration(method, tiny_base, adapters, embedded_frames, tmp_path):
     from workflow.snapshots import read_index
 
@@ -109,7 +111,9 @@ def test_one_policy_iteration(method, tiny_base, adapters, embedded_frames, tmp_
     summary = policy.train_policy(method, iteration, tiny_base, prev, adapters["sft"], reward, prompts,
                                   tmp_path, copy.deepcopy(CFG), seed=0, task="chat", direction_inputs=direction)
     assert summary["steps"] >= 1
-    assert summary["trainer"] == {"zorloo": "zopro"}.get(method, method)
+    assert summary["trainer"] == ("zopro" if method in policy.ZO_METHODS else method)
+    if method in policy.ZO_METHODS:
+        assert summary["zopro_variant"] == {"zorloo": "guarded", "zorloo_reference": "reference"}[method]
     after = policy.adapter_state(tmp_path / "adapter")
     assert set(after) == set(before)                      # only the policy adapter is saved
     assert any(not torch.equal(after[k], before[k]) for k in after)

@@ -47,7 +47,7 @@ def _kill_at_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(policy.RewardFunction, "__call__", call)
 
 
-@pytest.mark.parametrize("method", ["rloo", "zorloo", "dpo"])
+@pytest.mark.parametrize("method", ["rloo", "zorloo", "zorloo_reference", "dpo"])
 def test_killed_stage_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(
         method, tiny_base, adapters, embedded_frames, tmp_path, monkeypatch):
     # rloo/zorloo: 2 prompts per step (batch 4, k 2), dpo: 4 per step -> 8 steps each

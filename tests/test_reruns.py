@@ -24,17 +24,18 @@ TARGETS = ["results/zorloo/evaluation.csv", "results/zorloo/plots"]
 COPIED = ["Snakefile", "config.yaml", "rules", "scripts", "workflow", "profiles", "envs", "report"]
 
 
-def _job(rule: str, i: int | None = None, wildcards: str = "") -> tuple[str, str]:
-    return rule, f"method=zorloo, i={i}" if i is not None else wildcards
+def _job(rule: str, i: int | None = None, wildcards: str = "", method: str = "zorloo") -> tuple[str, str]:
+    return rule, f"method={method}, i={i}" if i is not None else wildcards
 
 
 SFT_EVAL = _job("evaluate_policy")
 TABLE = _job("evaluation_table", wildcards="method=zorloo")
 PLOTS = _job("plot_trajectories", wildcards="method=zorloo")
 POLICY_1 = {_job("train_policy", 1), _job("evaluate_iteration", 1), TABLE, PLOTS}
-LOOP = POLICY_1 | {_job("train_policy", 0), _job("evaluate_iteration", 0), _job("collect_pairs", 0),
-                   _job("refine_reward", 1)}
-PAIRS = {_job("collect_pairs", 0), _job("refine_reward", 1)} | POLICY_1
+# zorloo's iteration 0 (first-order RLOO) and reward model 1 are rloo's jobs (rules/common.smk, chain_owner)
+SHARED_PAIRS = {_job("collect_pairs", 0, method="rloo"), _job("refine_reward", 1, method="rloo")}
+LOOP = POLICY_1 | SHARED_PAIRS | {_job("train_policy", 0, method="rloo"), _job("evaluate_iteration", 0, method="rloo")}
+PAIRS = SHARED_PAIRS | POLICY_1
 
 # overlay -> the jobs it must plan (the stage it configures and everything downstream of it)
 CHANGES = {
@@ -46,7 +47,8 @@ CHANGES = {
     "zopro.eps": ({"zopro": {"eps": 1e-2}}, POLICY_1),
     "judge.max_drop_rate": ({"judge": {"max_drop_rate": 0.4}}, PAIRS),
     "evaluation.temperature": ({"evaluation": {"temperature": 0.5}},
-                               {SFT_EVAL, _job("evaluate_iteration", 0), _job("evaluate_iteration", 1), TABLE}),
+                               {SFT_EVAL, _job("evaluate_iteration", 0, method="rloo"), _job("evaluate_iteration", 1),
+                                TABLE}),
     "plots.extrapolate": ({"plots": {"extrapolate": 3}}, {PLOTS}),
     "loop.iterations": ({"loop": {"iterations": 3}}, {_job("train_policy", 2), _job("collect_pairs", 1),
                                                        _job("refine_reward", 2), _job("evaluate_iteration", 2),

@@ -38,6 +38,18 @@ def fp32_head(module: torch.nn.Module) -> FP32Head:
     return module
 
 
+def fp32_compute(model: torch.nn.Module) -> torch.nn.Module:
+    """Make ``model`` compute in fp32 while its weights keep their storage dtype (bf16 bases):
+    every ``Linear`` computes as an :class:`FP32Head`, the input embeddings are returned as fp32, so
+    the residual stream and attention run in fp32. Call it outside autocast (trainer ``bf16=False``).
+    Zeroth-order finite differences need it (:mod:`workflow.zopro_guarded`); a no-op on fp32 models."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = FP32Head
+    model.get_input_embeddings().register_forward_hook(lambda _module, _args, output: output.float())
+    return model
+
+
 def load_tokenizer(path: str, task: str):
     """Tokenizer of ``path`` with the task's chat template and a pad token."""
     from workflow.templates import prepare_tokenizer

@@ -72,7 +72,15 @@ import torch
 
 from workflow.models import last_user_text
 
-METHODS = ("ppo", "dpo", "rloo", "zorloo")
+METHODS = ("ppo", "dpo", "rloo", "zorloo", "zorloo_reference")
+# ZOPrO: iteration 0 is first-order RLOO, iterations >= 1 zeroth-order (zorloo: the configured
+# zopro.variant; zorloo_reference: always the paper's algorithm, for comparison)
+ZO_METHODS = ("zorloo", "zorloo_reference")
+
+
+def zopro_variant(method: str, cfg: dict[str, Any]) -> str:
+    """The ZOPrO variant a ZO method trains with: ``reference`` or ``guarded``."""
+    return "reference" if method == "zorloo_reference" else str(cfg["zopro"]["variant"])
 
 
 class PolicyConfigError(ValueError):
@@ -315,27 +323,37 @@ def _set_rloo_reference(trainer, sft_adapter: str) -> None:
 
 
 def build_zorloo(model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callbacks, sft_adapter,
-                 direction_inputs: dict[str, str]):
+                 direction_inputs: dict[str, str], variant: str):
     """ZOPrO trainer (iteration >= 1): ``workflow.zopro.ZOPrOTrainer`` with ``mu`` and ``v``.
 
     ``direction_inputs``: adapter folders ``policy_prev`` (i-1), ``policy_prev2`` (i-2, SFT for
-    i = 1), ``reward_i`` and ``reward_prev`` (i-1). The ZO learning rate is ``zopro.learning_rate``
-    with a constant schedule (the reference behaviour).
+    i = 1), ``reward_i`` and ``reward_prev`` (i-1). ``variant``: ``reference`` (the paper's
+    algorithm, settings ``zopro.reference``, constant lr) or ``guarded``
+    (:mod:`workflow.zopro_guarded`, settings ``zopro``; on a bf16 base the policy computes in fp32,
+    :func:`workflow.models.fp32_compute`).
     """
     from datasets import Dataset
 
-    from workflow.zopro import ZOPrOTrainer, load_direction_inputs
-    from workflow.zopro_direction import ZOConfig
+    from workflow import runtime
+    from workflow.models import fp32_compute
+    from workflow.zopro import GuardedConfig, ZOConfig, ZOPrOTrainer, load_direction_inputs
 
     args = _rloo_args(scratch, cfg, seed)
     args.lr_scheduler_type = "constant"
-    args.learning_rate = float(cfg["zopro"]["learning_rate"])
+    if variant == "reference":
+        zo_config = ZOConfig.from_config(cfg["zopro"]["reference"], seed=seed)
+    else:
+        zo_config = GuardedConfig.from_config(cfg, seed=seed)
+        if runtime.use_bf16():
+            fp32_compute(model)
+            args.bf16 = False
+    args.learning_rate = zo_config.lr
     mu, v = load_direction_inputs(direction_inputs["policy_prev"], direction_inputs["policy_prev2"],
                                   direction_inputs["reward_i"], direction_inputs["reward_prev"])
     trainer = ZOPrOTrainer(model=model, reward_funcs=reward_fn, args=args,
                            train_dataset=Dataset.from_dict({"prompt": prompts}),
                            processing_class=tokenizer, callbacks=callbacks,
-                           mu=mu, v=v, zo_config=ZOConfig.from_config(cfg, seed=seed))
+                           mu=mu, v=v, zo_config=zo_config)
     _set_rloo_reference(trainer, sft_adapter)
     return trainer
 
@@ -477,7 +495,10 @@ def kl_controller(kind: str, cfg: dict[str, Any], prev_adapter: str):
     from workflow.kl_control import AdaptiveKLCallback, KLTarget, previous_coefficient
 
     pcfg = cfg["policy"]
-    if pcfg.get("kl_target") is None:
+    if pcfg.get("kl_target") is None or kind == "zopro":
+        # ZOPrO keeps policy.kl_coef fixed: a zeroth-order policy cannot answer a growing
+        # coefficient fast enough, and the controller grew it by 1.5x per step (beta 1e7 after 40
+        # steps, advantages swamped by the penalty); the guarded variant bounds its moves itself
         return None
     initial = kl_coefficient(kind, cfg)
     if initial <= 0:
@@ -533,8 +554,8 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
     reward_fn = RewardFunction(reward, reward_tokenizer, name=f"{reward_adapter} (iteration {iteration})",
                                batch_size=max(32, int(pcfg["batch_size"])), max_length=max_len,
                                gold=gold_scorer(cfg))
-    zo = method == "zorloo" and int(iteration) >= 1
-    kind = "zopro" if zo else ("rloo" if method == "zorloo" else method)
+    zo = method in ZO_METHODS and int(iteration) >= 1
+    kind = "zopro" if zo else ("rloo" if method in ZO_METHODS else method)
     inputs = [prev_adapter, sft_adapter, reward_adapter, *(direction_inputs or {}).values()]
     start = time.time()
     with atomic_dir(out / "snapshots") as snaps, atomic_dir(out / "adapter") as adapter:
@@ -553,9 +574,9 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
                                  sft_adapter)
         elif kind == "zopro":
             if not direction_inputs:
-                raise PolicyConfigError(f"zorloo iteration {iteration} needs the mu/v adapters as inputs")
+                raise PolicyConfigError(f"{method} iteration {iteration} needs the mu/v adapters as inputs")
             trainer = build_zorloo(model, tokenizer, reward_fn, prompts, cfg, trainer_dir, seed, callbacks,
-                                   sft_adapter, direction_inputs)
+                                   sft_adapter, direction_inputs, zopro_variant(method, cfg))
         elif kind == "dpo":
             ref_model = load_policy(base_path, sft_adapter, trainable=False)
             for p in ref_model.parameters():
@@ -597,6 +618,7 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
         steps = int(trainer.state.global_step)
         summary = {
             "stage": "policy", "method": method, "iteration": int(iteration), "trainer": kind,
+            **({"zopro_variant": zopro_variant(method, cfg)} if zo else {}),
             "prompts": len(prompts), "steps": steps, "resumed_from_step": state.step,
             "train_loss": float(getattr(result, "training_loss", float("nan")) if result is not None else float("nan")),
             "sample_reward_mean": float(samples["score"].mean()),
@@ -622,7 +644,7 @@ def run(job) -> None:
     rows = read_rows(job.input["train"])
     prompts = iteration_prompts(rows, iteration, cfg, job.seed)
     direction = None
-    if method == "zorloo" and iteration >= 1:
+    if method in ZO_METHODS and iteration >= 1:
         direction = {"policy_prev": job.input["prev_policy"], "policy_prev2": job.input["policy_prev2"],
                      "reward_i": job.input["reward"], "reward_prev": job.input["reward_prev"]}
     summary = train_policy(method, iteration, job.params["base"], job.input["prev_policy"], job.input["sft"],

@@ -1,9 +1,19 @@
-"""ZOPrO (method ``zorloo``, iterations >= 1): RLOO with a zeroth-order parameter update.
+"""ZOPrO (methods ``zorloo`` and ``zorloo_reference``, iterations >= 1): RLOO with a zeroth-order update.
 
 :class:`ZOPrOTrainer` subclasses ``trl.RLOOTrainer`` and keeps everything of RLOO (generation,
 reward scoring, KL penalty to the frozen reference folded into the rewards, leave-one-out
 advantages, the PPO-clip loss, buffering over ``steps_per_generation`` / ``num_iterations``), so
-first- and zeroth-order runs differ only in how they step:
+first- and zeroth-order runs differ only in how they step. Two variants, chosen by the type of
+``zo_config``:
+
+* :class:`~workflow.zopro_guarded.GuardedConfig` (``zopro.variant: guarded``, the default): a
+  bounded momentum step before the first batch (``train``), then per rollout batch the guarded
+  updates of :class:`~workflow.zopro_guarded.GuardedEngine` inside ``training_step``; the
+  optimizer facade only carries the engine's state into checkpoints.
+* :class:`~workflow.zopro_direction.ZOConfig` (``reference``, the paper's algorithm), described
+  below.
+
+Reference variant:
 
 * ``training_step`` takes the micro-batch RLOO prepared (``self._prepare_inputs``) and, under
   ``torch.no_grad``, evaluates the parent's loss (``RLOOTrainer._compute_loss``) at
@@ -41,6 +51,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,10 +62,11 @@ from trl import RLOOTrainer
 
 from workflow.snapshots import normalise_key
 from workflow.zopro_direction import ZOConfig, ZOEngine, ZOOptimizer
+from workflow.zopro_guarded import GuardedConfig, GuardedEngine
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
-__all__ = ["ZOConfig", "ZOPrOTrainer", "load_adapter_tensors", "load_direction_inputs", "train_zopro"]
+__all__ = ["GuardedConfig", "ZOConfig", "ZOPrOTrainer", "load_adapter_tensors", "load_direction_inputs", "train_zopro"]
 
 
 def _adapter_file(path: str | os.PathLike) -> Path:
@@ -112,17 +124,25 @@ class ZOPrOTrainer(RLOOTrainer):
 
     def __init__(self, *args: Any, mu: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
                  v: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
-                 zo_config: ZOConfig | None = None, **kwargs: Any):
+                 zo_config: ZOConfig | GuardedConfig | None = None, **kwargs: Any):
         optimizers = kwargs.get("optimizers", (None, None))
         if optimizers and optimizers[0] is not None:
             raise ValueError("ZOPrOTrainer builds its own (stateless) optimizer; do not pass `optimizers`")
         self.zo_config = zo_config or ZOConfig()
         self._zo_mu = _as_tensors(mu)
         self._zo_v = _as_tensors(v)
-        self.zo: ZOEngine | None = None
+        self.zo: ZOEngine | GuardedEngine | None = None
         super().__init__(*args, **kwargs)
         self.args.max_grad_norm = 0.0  # no gradients to clip
         self.args.learning_rate = self.zo_config.lr  # logged lr and scheduler base = the ZO lr
+        if self.guarded and self.args.gradient_accumulation_steps != 1:
+            raise ValueError("the guarded ZOPrO variant updates on whole rollout batches: "
+                             "gradient_accumulation_steps must be 1")
+
+    @property
+    def guarded(self) -> bool:
+        """Whether this is the guarded variant (:mod:`workflow.zopro_guarded`), else the reference."""
+        return isinstance(self.zo_config, GuardedConfig)
 
     # --- the optimizer seam ---------------------------------------------------------------
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -133,9 +153,12 @@ class ZOPrOTrainer(RLOOTrainer):
             named = self._trainable()
             if not named:
                 raise ValueError("the model has no trainable parameters")
-            self.zo = ZOEngine(named, self._zo_mu, self._zo_v, self.zo_config, total_steps=total_steps)
+            if self.guarded:
+                self.zo = GuardedEngine(named, self._zo_mu, self._zo_v, self.zo_config)
+            else:
+                self.zo = ZOEngine(named, self._zo_mu, self._zo_v, self.zo_config, total_steps=total_steps)
             self._zo_mu = self._zo_v = None  # the engine holds float32 device copies
-        elif total_steps is not None:
+        elif total_steps is not None and not self.guarded:
             self.zo.state.total_steps = total_steps
         return self.zo
 
@@ -152,6 +175,43 @@ class ZOPrOTrainer(RLOOTrainer):
         for k, val in metrics.items():
             self._metrics["train"][k].append(val)
 
+    # --- the guarded variant's momentum step (once, before the first rollout batch) ----------
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """``RLOOTrainer.train``; the guarded variant first takes its momentum step (not when
+        resuming: the checkpoint's weights already hold it, its optimizer state the metrics)."""
+        if self.guarded and not resume_from_checkpoint:
+            self._record(self.build_engine().momentum(self._momentum_kl()))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    @torch.no_grad()
+    def _momentum_kl(self):
+        """A function giving the sequence-level ``KL(pi_start || pi_now)`` on fresh rollouts of the
+        starting policy for the first ``momentum_prompts`` training prompts (forward passes only)."""
+        from trl.trainer.utils import pad
+
+        prompts = list(self.train_dataset[: self.zo_config.momentum_prompts]["prompt"])
+        prompts = [p for p in prompts for _ in range(self.num_generations)]
+        logged = {mode: defaultdict(list, {k: list(v) for k, v in m.items()}) for mode, m in self._metrics.items()}
+        prompt_ids, completion_ids, _ = self._generate(prompts)
+        self._metrics = logged  # the probe rollouts are not training rollouts: keep them out of the logs
+        device = self.accelerator.device
+        as_tensors = [torch.tensor(ids, device=device) for ids in prompt_ids]
+        prompt = pad(as_tensors, padding_value=self._tokenizer.pad_token_id, padding_side="left")
+        prompt_mask = pad([torch.ones_like(t) for t in as_tensors], padding_value=0, padding_side="left")
+        as_tensors = [torch.tensor(ids, device=device) for ids in completion_ids]
+        completion = pad(as_tensors, padding_value=self._tokenizer.pad_token_id, padding_side="right")
+        completion_mask = pad([torch.ones_like(t) for t in as_tensors], padding_value=0, padding_side="right")
+        input_ids = torch.cat([prompt, completion], dim=1)
+        attention = torch.cat([prompt_mask, completion_mask], dim=1)
+
+        def sequence_logps() -> torch.Tensor:
+            logps, _, _ = self._get_per_token_logps_and_entropies(self.model, input_ids, attention,
+                                                                  completion.size(1))
+            return (logps * completion_mask).sum(1)
+
+        start = sequence_logps()
+        return lambda: float((start - sequence_logps()).mean())
+
     # --- the update -----------------------------------------------------------------------
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:
@@ -165,7 +225,11 @@ class ZOPrOTrainer(RLOOTrainer):
                 return self._compute_loss(model, inputs)
 
         with torch.no_grad():
-            _, loss = engine.estimate(loss_fn)
+            if self.guarded:
+                self._record(engine.update(loss_fn))
+                loss = engine.last_loss
+            else:
+                _, loss = engine.estimate(loss_fn)
         del inputs
         self._step += 1
         self._current_train_step_time += time.perf_counter() - time_before
