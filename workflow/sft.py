@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from datasets import Dataset
 from transformers import set_seed
 
 from workflow import runtime
-from workflow.io import atomic_dir, write_csv
+from workflow.io import atomic_dir, scratch_dir as io_scratch_dir, write_csv
 from workflow.lora import lora_config
 from workflow.models import load_causal_lm, load_tokenizer, read_rows
 from workflow.snapshots import SnapshotCallback
@@ -58,15 +57,11 @@ def trainer_kwargs(output_dir: str, epochs: float, learning_rate: float, batch_s
 
 
 @contextlib.contextmanager
-def scratch_dir(near: str | os.PathLike) -> Any:
-    """A temporary folder for the Trainer's ``output_dir`` beside ``near``, always removed."""
-    parent = Path(near).parent
-    parent.mkdir(parents=True, exist_ok=True)
-    path = tempfile.mkdtemp(prefix=".trainer.", dir=parent)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def scratch_dir(near: str | os.PathLike) -> Iterator[str]:
+    """The Trainer's ``output_dir``: ``.trainer.tmp`` beside ``near`` (``workflow.io.scratch_dir``:
+    a fixed name, so a killed run's folder is removed by the next run), always removed."""
+    with io_scratch_dir(Path(near).with_name("trainer")) as path:
+        yield str(path)
 
 
 def sft_dataset(rows: pd.DataFrame) -> Dataset:
