@@ -8,6 +8,7 @@ leaves at most one of each, and the next run of the stage removes it before star
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -93,16 +94,27 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
 
 
 def read_table(path: str | os.PathLike, columns: Sequence[str] = ()) -> pd.DataFrame:
-    """The parquet table of ``path``; :class:`DataFileError` naming the file when it is unreadable
-    or lacks one of ``columns``."""
-    try:
-        table = pd.read_parquet(path)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # pyarrow's errors do not name the file
-        raise DataFileError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from err
+    """The parquet table of ``path`` (pyarrow names the file when it is damaged);
+    :class:`DataFileError` naming the file when it lacks one of ``columns``."""
+    table = pd.read_parquet(path)
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise DataFileError(f"{path}: missing column(s) {', '.join(map(repr, missing))} (it has "
                             f"{', '.join(map(repr, table.columns)) or 'none'}; expected {', '.join(columns)})")
     return table
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Re-raise the errors of a damaged file that do not name it (a truncated safetensors header,
+    broken JSON or CSV) as :class:`DataFileError` naming ``path`` and ``what`` it is."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, pd.errors.EmptyDataError,
+            pd.errors.ParserError) as err:
+        raise DataFileError(
+            f"{path}: damaged {what} ({type(err).__name__}: {err}); a killed job or a full disk leaves "
+            "such files: delete it and rerun the stage that wrote it (README, \"Rerun semantics\")"
+        ) from err

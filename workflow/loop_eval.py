@@ -65,10 +65,10 @@ def sequence_logprobs(model, tokenizer, prompts: list, answers: list[str], batch
 def sequence_kl(base: str, policy_adapter: str, sft_adapter: str, tokenizer, prompts: list,
                 answers: list[str]) -> np.ndarray:
     """Per-sample ``log pi - log pi_SFT`` of the answers (one model, two adapters)."""
-    from workflow.models import load_policy
+    from workflow.models import add_adapter, load_policy
 
     model = load_policy(base, policy_adapter, trainable=False, adapter_name="policy")
-    model.load_adapter(sft_adapter, adapter_name="sft", is_trainable=False)
+    add_adapter(model, sft_adapter, "sft")
     model.eval()
     model.set_adapter("policy")
     policy_lp = sequence_logprobs(model, tokenizer, prompts, answers)

@@ -165,14 +165,12 @@ class RewardFunction:
 # --------------------------------------------------------------------------------------------
 def adapter_state(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a saved PEFT adapter, keyed by ``workflow.snapshots.normalise_key``."""
-    from safetensors.torch import load_file
-
-    from workflow.snapshots import normalise_key
+    from workflow.snapshots import load_tensors, normalise_key
 
     path = Path(adapter_dir) / "adapter_model.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"no adapter weights in {adapter_dir} (expected adapter_model.safetensors)")
-    return {normalise_key(k): v for k, v in load_file(str(path)).items()}
+    return {normalise_key(k): v for k, v in load_tensors(path).items()}
 
 
 @torch.no_grad()
@@ -510,7 +508,7 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
 
     from workflow.evaluate import gold_scorer
     from workflow.io import atomic_dir, write_parquet
-    from workflow.models import load_policy, load_reward_model, load_tokenizer
+    from workflow.models import add_adapter, load_policy, load_reward_model, load_tokenizer
     from workflow.resume import StageCheckpoints, fingerprint
     from workflow.sft import write_metrics
 
@@ -562,7 +560,7 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
                 p.requires_grad_(False)
             trainer = build_dpo(model, ref_model, tokenizer, reward_fn, prompts, cfg, trainer_dir, seed, callbacks)
         else:  # ppo
-            model.load_adapter(sft_adapter, adapter_name="ref", is_trainable=False)
+            add_adapter(model, sft_adapter, "ref")
             model.set_adapter("default")
             merged = reward.merge_and_unload()
             merged.eval()
