@@ -98,7 +98,8 @@ def load_sequence_classifier(base_path: str, pad_token_id: int | None = None, dt
     weights and optimizer states, as the LoRA weights do.
     """
     with reading(base_path, "model"):
-        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=dtype or torch_dtype())
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1,
+                                                                   dtype=dtype or torch_dtype())
     fp32_head(model.score.float())
     if pad_token_id is None:
         pad_token_id = _pad_token_id(base_path)

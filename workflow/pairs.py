@@ -188,13 +188,15 @@ def refine_reward(base: str, reward_adapter: str, pairs_path: str, test_path: st
     loop = cfg["loop"]
     if not loop.get("keep_rm_close", False):
         summary = train_reward(base, reward_adapter, rows, heldout, out, cfg, rcfg["refine_epochs"],
-                               rcfg["refine_learning_rate"], seed, task, batch_size=rcfg.get("batch_size"))
+                               rcfg["refine_learning_rate"], seed, task, batch_size=rcfg.get("batch_size"),
+                               source=pairs_path)
         return summary
     scratch = out.parent / f".{out.name}.refine"
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         summary = train_reward(base, reward_adapter, rows, heldout, scratch, cfg, rcfg["refine_epochs"],
-                               rcfg["refine_learning_rate"], seed, task, batch_size=rcfg.get("batch_size"))
+                               rcfg["refine_learning_rate"], seed, task, batch_size=rcfg.get("batch_size"),
+                               source=pairs_path)
         alpha = float(loop.get("keep_rm_alpha", 0.5))
         average_adapters(reward_adapter, str(scratch / "adapter"), alpha, str(scratch / "adapter" / "adapter_model.safetensors"))
         out.mkdir(parents=True, exist_ok=True)
