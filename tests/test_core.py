@@ -39,17 +39,20 @@ def test_atomic_dir_replaces_only_when_complete(tmp_path):
 
 
 def test_stale_scratch_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
-    """SIGKILL inside ``atomic_dir``/``scratch_dir`` leaves ``.adapter.tmp``/``.trainer.tmp``
-    (fixed names); the next run starts from empty folders and leaves only its output."""
+    """SIGKILL inside ``atomic_dir``/``scratch_dir``/``atomic_path`` leaves ``.adapter.tmp``,
+    ``.trainer.tmp``, ``.metrics.csv.tmp`` (fixed names); the next run starts from empty folders,
+    overwrites the file and leaves only its outputs."""
     import signal
     import subprocess
 
-    target, trainer = tmp_path / "adapter", tmp_path / "trainer"
+    target, trainer, metrics = tmp_path / "adapter", tmp_path / "trainer", tmp_path / "metrics.csv"
     code = textwrap.dedent(f"""
         import sys, time
         from workflow import io
-        with io.atomic_dir({str(target)!r}) as tmp, io.scratch_dir({str(trainer)!r}) as scratch:
+        with io.atomic_dir({str(target)!r}) as tmp, io.scratch_dir({str(trainer)!r}) as scratch, \\
+                io.atomic_path({str(metrics)!r}) as half:
             (tmp / "half.bin").write_bytes(b"x")
+            half.write_text("step,lo")
             (scratch / "checkpoint").mkdir()
             print("ready", flush=True)
             time.sleep(60)
@@ -61,12 +64,14 @@ def test_stale_scratch_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
     finally:
         killed.send_signal(signal.SIGKILL)
         killed.wait()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.tmp", ".trainer.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.tmp", ".metrics.csv.tmp", ".trainer.tmp"]
     with io.atomic_dir(target) as tmp, io.scratch_dir(trainer) as scratch:
         assert (tmp.name, scratch.name) == (".adapter.tmp", ".trainer.tmp")
         assert not any(tmp.iterdir()) and not any(scratch.iterdir())
         (tmp / "adapter.bin").write_bytes(b"y")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    io.write_csv(pd.DataFrame({"step": [1]}), metrics)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "metrics.csv"]
+    assert metrics.read_text() == "step\n1\n"
     assert [p.name for p in target.iterdir()] == ["adapter.bin"]
 
 

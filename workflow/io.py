@@ -1,9 +1,10 @@
 """Atomic file and folder writes (every output appears whole or not at all), scratch folders with
 fixed names, and reading tables with the columns a stage needs.
 
-Temporary folders have deterministic names beside their target (``.adapter.tmp``,
-``.trainer.tmp``; ``.adapter.rank1.tmp`` in data-parallel process 1), so a run killed with SIGKILL
-leaves at most one of each, and the next run of the stage removes it before starting.
+Temporary files and folders have fixed names beside their target (``.metrics.csv.tmp``,
+``.adapter.tmp``, ``.trainer.tmp``; ``.adapter.rank1.tmp`` in data-parallel process 1), so a run
+killed with SIGKILL leaves at most one of each, and the next run of the stage overwrites or removes
+it before starting.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,6 +22,14 @@ class DataFileError(ValueError):
     """A file a stage reads is unreadable or lacks what the stage needs (the message names it)."""
 
 
+def hidden_sibling(path: str | os.PathLike, suffix: str) -> Path:
+    """``.{name}.{suffix}`` beside ``path``; in data-parallel process ``r > 0`` (``RANK``, set by
+    torchrun) ``.{name}.rank{r}.{suffix}``, so that processes never share a scratch name."""
+    target = Path(path)
+    rank = int(os.environ.get("RANK") or 0)
+    return target.with_name(f".{target.name}{f'.rank{rank}' if rank else ''}.{suffix}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; rename it onto ``path`` on success.
@@ -30,22 +38,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = hidden_sibling(target, "tmp")  # a fixed name: a killed run's file is overwritten
     try:
         yield tmp_path
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
-
-
-def hidden_sibling(path: str | os.PathLike, suffix: str) -> Path:
-    """``.{name}.{suffix}`` beside ``path``; in data-parallel process ``r > 0`` (``RANK``, set by
-    torchrun) ``.{name}.rank{r}.{suffix}``, so that processes never share a scratch name."""
-    target = Path(path)
-    rank = int(os.environ.get("RANK") or 0)
-    return target.with_name(f".{target.name}{f'.rank{rank}' if rank else ''}.{suffix}")
 
 
 @contextlib.contextmanager
