@@ -38,6 +38,51 @@ def test_atomic_dir_replaces_only_when_complete(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
+def test_stale_scratch_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
+    """SIGKILL inside ``atomic_dir``/``scratch_dir``/``atomic_path`` leaves ``.adapter.tmp``,
+    ``.trainer.tmp``, ``.metrics.csv.tmp`` (fixed names); the next run starts from empty folders,
+    overwrites the file and leaves only its outputs."""
+    import signal
+    import subprocess
+
+    target, trainer, metrics = tmp_path / "adapter", tmp_path / "trainer", tmp_path / "metrics.csv"
+    code = textwrap.dedent(f"""
+        import sys, time
+        from workflow import io
+        with io.atomic_dir({str(target)!r}) as tmp, io.scratch_dir({str(trainer)!r}) as scratch, \\
+                io.atomic_path({str(metrics)!r}) as half:
+            (tmp / "half.bin").write_bytes(b"x")
+            half.write_text("step,lo")
+            (scratch / "checkpoint").mkdir()
+            print("ready", flush=True)
+            time.sleep(60)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    killed = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert killed.stdout.readline().strip() == "ready"
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.tmp", ".metrics.csv.tmp", ".trainer.tmp"]
+    with io.atomic_dir(target) as tmp, io.scratch_dir(trainer) as scratch:
+        assert (tmp.name, scratch.name) == (".adapter.tmp", ".trainer.tmp")
+        assert not any(tmp.iterdir()) and not any(scratch.iterdir())
+        (tmp / "adapter.bin").write_bytes(b"y")
+    io.write_csv(pd.DataFrame({"step": [1]}), metrics)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "metrics.csv"]
+    assert metrics.read_text() == "step\n1\n"
+    assert [p.name for p in target.iterdir()] == ["adapter.bin"]
+
+
+def test_scratch_names_differ_per_data_parallel_rank(tmp_path, monkeypatch):
+    assert io.hidden_sibling(tmp_path / "adapter", "tmp") == tmp_path / ".adapter.tmp"
+    monkeypatch.setenv("RANK", "1")
+    assert io.hidden_sibling(tmp_path / "adapter", "tmp") == tmp_path / ".adapter.rank1.tmp"
+    with io.atomic_dir(tmp_path / "adapter") as tmp:
+        assert tmp.name == ".adapter.rank1.tmp"
+
+
 def test_write_parquet_and_csv_roundtrip(tmp_path):
     df = pd.DataFrame({"a": [1, 2], "b": ["x", "y"]})
     io.write_parquet(df, tmp_path / "d" / "x.parquet")

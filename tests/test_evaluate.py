@@ -89,6 +89,30 @@ def test_run_writes_samples_and_summary(tiny_base, embedded_parquet, reward_adap
     assert summary["gold_stderr"][0] == pytest.approx(per_prompt.std(ddof=1) / math.sqrt(len(per_prompt)))
 
 
+def test_run_fails_on_nan_rewards(tiny_base, embedded_parquet, cfg, tmp_path):
+    """The SFT/base evaluation fails, as the loop's does, when the reward model scores NaN (a NaN
+    reward would drop out of ``reward_mean`` and the job would exit 0)."""
+    import torch
+
+    reward = tmp_path / "nan_reward"
+    tokenizer = load_tokenizer(tiny_base, "chat")
+    model = get_peft_model(load_sequence_classifier(tiny_base, tokenizer.pad_token_id), lora_config(cfg, "SEQ_CLS"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "score" in name:
+                param.fill_(float("nan"))
+    model.save_pretrained(reward)
+    tokenizer.save_pretrained(reward)
+    job = Job(input={"test": embedded_parquet["test"], "reward": str(reward)},
+              output={"samples": str(tmp_path / "evaluation.parquet"),
+                      "summary": str(tmp_path / "evaluation_summary.csv")},
+              params={"base": tiny_base}, config=cfg, wildcards={})
+    with pytest.raises(FloatingPointError, match=f"{tmp_path / 'evaluation.parquet'}: reward model {reward} "
+                                                 "produced non-finite scores for 12 of 12"):
+        run(job)
+    assert not (tmp_path / "evaluation.parquet").exists() and not (tmp_path / "evaluation_summary.csv").exists()
+
+
 def test_reward_gold_accuracy_counts_pairs_within_prompts():
     rows = pd.DataFrame({
         "prompt_index": [0, 0, 1, 1, 2, 2, 3, 3],

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workflow import runtime
-from workflow.io import atomic_dir, write_csv
+from workflow.io import atomic_dir, read_table, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def build_base_model(conversations: Sequence[Sequence[Message] | str], out_dir: 
 
 def run(job) -> None:
     """Stage ``base_model``: ``job.input['train']`` parquet -> ``job.output['model']`` folder."""
-    df = pd.read_parquet(job.input["train"])
+    df = read_table(job.input["train"], ("prompt",))
     cfg = {**job.config["base_model"],
            "max_length": job.config.get("model", {}).get("max_length", DEFAULTS["max_length"])}
     build_base_model(dialogues(df), job.output["model"], cfg, job.seed)

@@ -94,6 +94,16 @@ def evaluate(policy_model, tokenizer, reward_model, prompts: list[list[dict[str,
     })
 
 
+def require_finite_rewards(rows: pd.DataFrame, reward: str, output: str) -> None:
+    """Raise when reward model ``reward`` scored an evaluation answer NaN or infinite (``summarise``
+    would leave it out of ``reward_mean`` silently); ``output`` is the file being written."""
+    bad = ~np.isfinite(rows["reward"].to_numpy(dtype=float))
+    if bad.any():
+        raise FloatingPointError(f"{output}: reward model {reward} produced non-finite scores for {int(bad.sum())} "
+                                 f"of {len(bad)} evaluation answers; the reward adapter is broken (diverged "
+                                 "training?): retrain it")
+
+
 def _mean_stderr(values: pd.Series, clusters: pd.Series | None = None) -> tuple[float, float]:
     """Mean and its standard error; with ``clusters`` (the prompt of each sample) the error is that
     of the mean over clusters, since samples of one prompt are not independent."""
@@ -165,6 +175,7 @@ def run(job) -> None:
     reward = load_reward_model(base, job.input["reward"], pad_token_id=reward_tokenizer.pad_token_id)
     prompts = evaluation_prompts(read_rows(job.input["test"]), cfg["evaluation"]["n_prompts"])
     rows = evaluate(policy, tokenizer, reward, prompts, cfg, job.seed, reward_tokenizer=reward_tokenizer)
+    require_finite_rewards(rows, job.input["reward"], job.output["samples"])
     write_parquet(rows, job.output["samples"])
     summary = summarise(rows)
     write_csv(summary, job.output["summary"])

@@ -1,14 +1,33 @@
-"""Atomic file and folder writes: every output appears whole or not at all."""
+"""Atomic file and folder writes (every output appears whole or not at all), scratch folders with
+fixed names, and reading tables with the columns a stage needs.
+
+Temporary files and folders have fixed names beside their target (``.metrics.csv.tmp``,
+``.adapter.tmp``, ``.trainer.tmp``; ``.adapter.rank1.tmp`` in data-parallel process 1), so a run
+killed with SIGKILL leaves at most one of each, and the next run of the stage overwrites or removes
+it before starting.
+"""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
+
+
+class DataFileError(ValueError):
+    """A file a stage reads is unreadable or lacks what the stage needs (the message names it)."""
+
+
+def hidden_sibling(path: str | os.PathLike, suffix: str) -> Path:
+    """``.{name}.{suffix}`` beside ``path``; in data-parallel process ``r > 0`` (``RANK``, set by
+    torchrun) ``.{name}.rank{r}.{suffix}``, so that processes never share a scratch name."""
+    target = Path(path)
+    rank = int(os.environ.get("RANK") or 0)
+    return target.with_name(f".{target.name}{f'.rank{rank}' if rank else ''}.{suffix}")
 
 
 @contextlib.contextmanager
@@ -19,9 +38,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = hidden_sibling(target, "tmp")  # a fixed name: a killed run's file is overwritten
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -30,26 +47,36 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def scratch_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield the empty folder ``.{name}.tmp`` beside ``path`` (:func:`hidden_sibling`), always
+    removed at the end; one left by a killed run is removed first."""
+    tmp = hidden_sibling(path, "tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; move it onto ``path`` on success.
+    """Yield a temporary folder beside ``path`` (:func:`scratch_dir`); move it onto ``path`` on success.
 
     An existing folder at ``path`` is replaced only once the new one is complete.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with scratch_dir(target) as tmp:
         yield tmp
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
+            old = hidden_sibling(target, "old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> None:
@@ -62,3 +89,30 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write ``df`` to CSV atomically."""
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+
+
+def read_table(path: str | os.PathLike, columns: Sequence[str] = ()) -> pd.DataFrame:
+    """The parquet table of ``path`` (pyarrow names the file when it is damaged);
+    :class:`DataFileError` naming the file when it lacks one of ``columns``."""
+    table = pd.read_parquet(path)
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise DataFileError(f"{path}: missing column(s) {', '.join(map(repr, missing))} (it has "
+                            f"{', '.join(map(repr, table.columns)) or 'none'}; expected {', '.join(columns)})")
+    return table
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Re-raise the errors of a damaged file that do not name it (a truncated safetensors header,
+    broken JSON or CSV) as :class:`DataFileError` naming ``path`` and ``what`` it is."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, pd.errors.EmptyDataError,
+            pd.errors.ParserError) as err:
+        raise DataFileError(
+            f"{path}: damaged {what} ({type(err).__name__}: {err}); a killed job or a full disk leaves "
+            "such files: delete it and rerun the stage that wrote it (README, \"Rerun semantics\")"
+        ) from err

@@ -65,10 +65,10 @@ def sequence_logprobs(model, tokenizer, prompts: list, answers: list[str], batch
 def sequence_kl(base: str, policy_adapter: str, sft_adapter: str, tokenizer, prompts: list,
                 answers: list[str]) -> np.ndarray:
     """Per-sample ``log pi - log pi_SFT`` of the answers (one model, two adapters)."""
-    from workflow.models import load_policy
+    from workflow.models import add_adapter, load_policy
 
     model = load_policy(base, policy_adapter, trainable=False, adapter_name="policy")
-    model.load_adapter(sft_adapter, adapter_name="sft", is_trainable=False)
+    add_adapter(model, sft_adapter, "sft")
     model.eval()
     model.set_adapter("policy")
     policy_lp = sequence_logprobs(model, tokenizer, prompts, answers)
@@ -83,7 +83,7 @@ def run(job) -> None:
     Inputs: ``policy`` adapter, ``sft`` adapter, ``reward`` adapter, ``test`` rows. Outputs:
     ``samples`` (parquet, one row per answer, with ``kl``) and ``summary`` (CSV, one row).
     """
-    from workflow.evaluate import evaluate, evaluation_prompts, summarise
+    from workflow.evaluate import evaluate, evaluation_prompts, require_finite_rewards, summarise
     from workflow.extract import task_of
     from workflow.io import write_csv, write_parquet
     from workflow.models import load_policy, load_reward_model, load_tokenizer, read_rows
@@ -97,9 +97,7 @@ def run(job) -> None:
     reward = load_reward_model(base, job.input["reward"], pad_token_id=reward_tokenizer.pad_token_id)
     prompts = evaluation_prompts(read_rows(job.input["test"]), cfg["evaluation"]["n_prompts"])
     rows = evaluate(policy, tokenizer, reward, prompts, cfg, job.seed, reward_tokenizer=reward_tokenizer)
-    if not np.isfinite(rows["reward"].to_numpy(dtype=float)).all():
-        raise FloatingPointError(f"{job.output['samples']}: reward model {job.input['reward']} produced "
-                                 "non-finite scores on the evaluation answers")
+    require_finite_rewards(rows, job.input["reward"], job.output["samples"])
     del policy
     if Path(job.input["policy"]).resolve() == Path(job.input["sft"]).resolve():
         rows["kl"] = 0.0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from workflow import runtime
+from workflow.io import read_table, reading
+
+# the columns of a preference-rows file (workflow.extract), and of the judged pairs (workflow.pairs)
+ROW_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def torch_dtype() -> torch.dtype:
@@ -54,7 +59,8 @@ def load_tokenizer(path: str, task: str):
     """Tokenizer of ``path`` with the task's chat template and a pad token."""
     from workflow.templates import prepare_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with reading(path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     prepared = prepare_tokenizer(tokenizer, task)
     return prepared if prepared is not None else tokenizer
 
@@ -62,7 +68,8 @@ def load_tokenizer(path: str, task: str):
 def load_causal_lm(path: str, dtype: torch.dtype | None = None):
     """The base causal LM of ``path`` (folder or hub id) on the runtime device; its ``lm_head``
     computes fp32 logits (:class:`FP32Head`)."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch_dtype())
+    with reading(path, "model"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch_dtype())
     fp32_head(model.get_output_embeddings())
     return model.to(runtime.device())
 
@@ -79,7 +86,8 @@ def load_policy(base_path: str, adapter_path: str | None, trainable: bool = Fals
     base = load_causal_lm(base_path)
     if adapter_path is None:
         return base
-    model = PeftModel.from_pretrained(base, adapter_path, adapter_name=adapter_name, is_trainable=trainable)
+    with reading(adapter_path, "adapter"):
+        model = PeftModel.from_pretrained(base, adapter_path, adapter_name=adapter_name, is_trainable=trainable)
     if not trainable:
         model.eval()
     return model
@@ -101,7 +109,9 @@ def load_sequence_classifier(base_path: str, pad_token_id: int | None = None, dt
     The head is fp32 whatever the base's dtype (:class:`FP32Head`): a trained head then keeps fp32
     weights and optimizer states, as the LoRA weights do.
     """
-    model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=dtype or torch_dtype())
+    with reading(base_path, "model"):
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1,
+                                                                   dtype=dtype or torch_dtype())
     fp32_head(model.score.float())
     if pad_token_id is None:
         pad_token_id = _pad_token_id(base_path)
@@ -124,10 +134,18 @@ def load_reward_model(base_path: str, adapter_path: str, trainable: bool = False
     if pad_token_id is None:
         pad_token_id = _pad_token_id(adapter_path, base_path)
     base = load_sequence_classifier(base_path, pad_token_id, dtype=None if trainable else torch.float32)
-    model = PeftModel.from_pretrained(base, adapter_path, is_trainable=trainable)
+    with reading(adapter_path, "adapter"):
+        model = PeftModel.from_pretrained(base, adapter_path, is_trainable=trainable)
     if not trainable:
         model.eval()
     return model
+
+
+def add_adapter(model, adapter_path: str, adapter_name: str) -> None:
+    """Load the saved adapter of ``adapter_path`` into the ``PeftModel`` ``model`` as a second,
+    frozen adapter ``adapter_name`` (a damaged file raises an error naming it)."""
+    with reading(adapter_path, "adapter"):
+        model.load_adapter(adapter_path, adapter_name=adapter_name, is_trainable=False)
 
 
 def as_messages(value: Any) -> list[dict[str, str]]:
@@ -139,9 +157,10 @@ def as_messages(value: Any) -> list[dict[str, str]]:
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in list(value)]
 
 
-def read_rows(path: str) -> pd.DataFrame:
-    """Preference rows of ``path`` with plain-Python message lists."""
-    rows = pd.read_parquet(path)
+def read_rows(path: str, columns: Sequence[str] = ROW_COLUMNS) -> pd.DataFrame:
+    """Preference rows of ``path`` with plain-Python message lists; an error naming the file and
+    the column when one of ``columns`` is missing (``workflow.io.read_table``)."""
+    rows = read_table(path, columns)
     for column in ("prompt", "chosen", "rejected"):
         if column in rows:
             rows[column] = [as_messages(v) for v in rows[column]]

@@ -117,7 +117,7 @@ def collect_pairs(samples: pd.DataFrame, policy_model, tokenizer, reward_fn, jud
 def run(job) -> None:
     """Stage function of rule ``collect_pairs``."""
     from workflow.extract import task_of
-    from workflow.io import write_parquet
+    from workflow.io import read_table, write_parquet
     from workflow.judges import make_judge
     from workflow.models import load_policy, load_reward_model, load_tokenizer
     from workflow.policy import RewardFunction
@@ -135,7 +135,7 @@ def run(job) -> None:
     reward = load_reward_model(base, job.input["reward"], pad_token_id=reward_tokenizer.pad_token_id)
     reward_fn = RewardFunction(reward, reward_tokenizer, name=f"{job.input['reward']} (iteration {iteration})",
                                max_length=int(cfg["model"]["max_length"]))
-    samples = pd.read_parquet(job.input["samples"])
+    samples = read_table(job.input["samples"], ("prompt", "completion"))
     judge = make_judge(cfg, seed=seed)
     pairs = collect_pairs(samples, policy_model, tokenizer, reward_fn, judge, cfg, seed, where)
     write_parquet(pairs, out)
@@ -151,12 +151,13 @@ HELDOUT_ROWS = 256
 
 def average_adapters(previous: str, new: str, alpha: float, out_file: str) -> None:
     """``alpha * previous + (1 - alpha) * new`` on every tensor of two saved adapters (same keys)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from workflow.io import atomic_path
+    from workflow.snapshots import load_tensors
 
-    prev = load_file(f"{previous}/adapter_model.safetensors")
-    cur = load_file(f"{new}/adapter_model.safetensors")
+    prev = load_tensors(f"{previous}/adapter_model.safetensors")
+    cur = load_tensors(f"{new}/adapter_model.safetensors")
     if set(prev) != set(cur):
         raise ValueError(f"keep_rm_close: adapters {previous} and {new} have different tensors")
     mixed = {k: (float(alpha) * prev[k].float() + (1.0 - float(alpha)) * cur[k].float()).to(cur[k].dtype).contiguous()
@@ -187,13 +188,15 @@ def refine_reward(base: str, reward_adapter: str, pairs_path: str, test_path: st
     loop = cfg["loop"]
     if not loop.get("keep_rm_close", False):
         summary = train_reward(base, reward_adapter, rows, heldout, out, cfg, rcfg["refine_epochs"],
-                               rcfg["refine_learning_rate"], seed, task, batch_size=rcfg.get("batch_size"))
+                               rcfg["refine_learning_rate"], seed, task, batch_size=rcfg.get("batch_size"),
+                               source=pairs_path)
         return summary
     scratch = out.parent / f".{out.name}.refine"
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         summary = train_reward(base, reward_adapter, rows, heldout, scratch, cfg, rcfg["refine_epochs"],
-                               rcfg["refine_learning_rate"], seed, task, batch_size=rcfg.get("batch_size"))
+                               rcfg["refine_learning_rate"], seed, task, batch_size=rcfg.get("batch_size"),
+                               source=pairs_path)
         alpha = float(loop.get("keep_rm_alpha", 0.5))
         average_adapters(reward_adapter, str(scratch / "adapter"), alpha, str(scratch / "adapter" / "adapter_model.safetensors"))
         out.mkdir(parents=True, exist_ok=True)

@@ -173,14 +173,12 @@ class RewardFunction:
 # --------------------------------------------------------------------------------------------
 def adapter_state(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a saved PEFT adapter, keyed by ``workflow.snapshots.normalise_key``."""
-    from safetensors.torch import load_file
-
-    from workflow.snapshots import normalise_key
+    from workflow.snapshots import load_tensors, normalise_key
 
     path = Path(adapter_dir) / "adapter_model.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"no adapter weights in {adapter_dir} (expected adapter_model.safetensors)")
-    return {normalise_key(k): v for k, v in load_file(str(path)).items()}
+    return {normalise_key(k): v for k, v in load_tensors(path).items()}
 
 
 @torch.no_grad()
@@ -519,19 +517,20 @@ def kl_controller(kind: str, cfg: dict[str, Any], prev_adapter: str):
 def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str, sft_adapter: str,
                  reward_adapter: str, prompts: list, out_dir: str | os.PathLike, cfg: dict[str, Any],
                  seed: int, task: str, direction_inputs: dict[str, str] | None = None,
-                 checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                 checkpoint_dir: str | os.PathLike | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train policy ``iteration`` and write ``out_dir/{adapter,snapshots,metrics.csv,samples.parquet}``.
 
     ``checkpoint_dir`` (default ``out_dir/checkpoints``): where the stage keeps its resumable state
     (:mod:`workflow.resume`); a killed stage rerun with the same config and inputs continues from
     its last checkpoint (``ppo`` excepted: trl's PPOTrainer cannot resume, it restarts the
-    iteration). Data-parallel processes must all be given the same folder.
+    iteration). Data-parallel processes must all be given the same folder. ``data``: the accounting
+    of the prompts' rows (``workflow.accounting``), added to the summary.
     """
     from transformers import set_seed
 
     from workflow.evaluate import gold_scorer
     from workflow.io import atomic_dir, write_parquet
-    from workflow.models import load_policy, load_reward_model, load_tokenizer
+    from workflow.models import add_adapter, load_policy, load_reward_model, load_tokenizer
     from workflow.resume import StageCheckpoints, fingerprint
     from workflow.sft import write_metrics
 
@@ -583,7 +582,7 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
                 p.requires_grad_(False)
             trainer = build_dpo(model, ref_model, tokenizer, reward_fn, prompts, cfg, trainer_dir, seed, callbacks)
         else:  # ppo
-            model.load_adapter(sft_adapter, adapter_name="ref", is_trainable=False)
+            add_adapter(model, sft_adapter, "ref")
             model.set_adapter("default")
             merged = reward.merge_and_unload()
             merged.eval()
@@ -623,6 +622,7 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
             "train_loss": float(getattr(result, "training_loss", float("nan")) if result is not None else float("nan")),
             "sample_reward_mean": float(samples["score"].mean()),
             "runtime_s": time.time() - start,
+            **(data or {}),
         }
         write_parquet(samples, out / "samples.parquet")
         write_metrics(trainer.state.log_history, summary, out / "metrics.csv")
@@ -634,14 +634,17 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
 
 def run(job) -> None:
     """Stage function of rule ``train_policy``."""
+    from workflow.accounting import usable_rows
     from workflow.extract import task_of
-    from workflow.models import read_rows
+    from workflow.models import load_tokenizer, read_rows
 
     cfg = job.config
     method = job.wildcards["method"]
     iteration = int(job.wildcards["i"])
     out_dir = job.stage_dir
-    rows = read_rows(job.input["train"])
+    tokenizer = load_tokenizer(job.params["base"], task_of(cfg["dataset"]["name"]))
+    rows, data = usable_rows(read_rows(job.input["train"]), tokenizer, cfg["model"]["max_length"], "prompts",
+                             job.input["train"])
     prompts = iteration_prompts(rows, iteration, cfg, job.seed)
     direction = None
     if method in ZO_METHODS and iteration >= 1:
@@ -650,5 +653,5 @@ def run(job) -> None:
     summary = train_policy(method, iteration, job.params["base"], job.input["prev_policy"], job.input["sft"],
                            job.input["reward"], prompts, out_dir, cfg, job.seed + 1009 * iteration,
                            task_of(cfg["dataset"]["name"]), direction_inputs=direction,
-                           checkpoint_dir=job.params.get("checkpoints"))
+                           checkpoint_dir=job.params.get("checkpoints"), data=data)
     print(summary)

@@ -21,6 +21,7 @@ from datasets import Dataset
 from torch import nn
 from transformers import set_seed
 
+from workflow.accounting import usable_rows
 from workflow.io import atomic_dir
 from workflow.lora import lora_config
 from workflow.models import has_scores, load_reward_model, load_sequence_classifier, load_tokenizer, read_rows
@@ -124,15 +125,17 @@ def pairwise_accuracy(model, tokenizer, rows: pd.DataFrame, batch_size: int = 32
 def train_reward(base_path: str, init_adapter: str | None, train_rows: pd.DataFrame,
                  eval_rows: pd.DataFrame | None, out_dir: str | os.PathLike, cfg: dict[str, Any],
                  epochs: float, learning_rate: float, seed: int, task: str,
-                 batch_size: int | None = None, max_steps: int = -1) -> dict[str, Any]:
+                 batch_size: int | None = None, max_steps: int = -1, source: str = "the reward rows") -> dict[str, Any]:
     """Train a reward model and write ``out_dir/{adapter,snapshots,metrics.csv}`` atomically.
 
     ``init_adapter``: continue from that reward adapter (LoRA and ``score`` head), e.g. to refine
     reward model i into i+1 on judged pairs; ``None`` starts a fresh LoRA + head on the base.
     ``train_rows``/``eval_rows``: preference rows (``prompt``, ``chosen``, ``rejected`` message
     lists; optional ``score``). The objective is Bradley-Terry, or ``reward.score_objective`` when
-    the training rows carry scores. Returns the summary, with ``heldout_accuracy`` (pairwise
-    accuracy on ``eval_rows``, NaN without them) and ``initial_heldout_accuracy``.
+    the training rows carry scores. Training rows the stage cannot use are dropped first
+    (``workflow.accounting``; ``source``: their file, named in errors and warnings). Returns the
+    summary, with ``heldout_accuracy`` (pairwise accuracy on ``eval_rows``, NaN without them),
+    ``initial_heldout_accuracy`` and the accounting of ``train_rows``.
     """
     out = Path(out_dir)
     rcfg = cfg.get("reward", {})
@@ -140,6 +143,8 @@ def train_reward(base_path: str, init_adapter: str | None, train_rows: pd.DataFr
     objective = rcfg.get("score_objective", "regression") if has_scores(train_rows) else None
     set_seed(int(seed))
     tokenizer = load_tokenizer(init_adapter or base_path, task)
+    train_rows, data = usable_rows(train_rows, tokenizer, cfg["model"]["max_length"],
+                                   "scores" if objective == "regression" else "pairs", source)
     if init_adapter:
         model, peft_config = load_reward_model(base_path, init_adapter, trainable=True,
                                                pad_token_id=tokenizer.pad_token_id), None
@@ -177,6 +182,7 @@ def train_reward(base_path: str, init_adapter: str | None, train_rows: pd.DataFr
             "initial_heldout_accuracy": initial,
             "heldout_accuracy": final,
             "runtime_s": time.time() - start,
+            **data,
         }
         write_metrics(trainer.state.log_history, summary, out / "metrics.csv")
     return summary
@@ -191,5 +197,5 @@ def run(job) -> None:
     rcfg = cfg["reward"]
     summary = train_reward(job.params["base"], None, read_rows(job.input["train"]), read_rows(job.input["test"]),
                            out_dir, cfg, rcfg["epochs"], rcfg["learning_rate"], job.seed,
-                           task_of(cfg["dataset"]["name"]), batch_size=rcfg["batch_size"])
+                           task_of(cfg["dataset"]["name"]), batch_size=rcfg["batch_size"], source=job.input["train"])
     print(summary)

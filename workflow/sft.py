@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,8 @@ from datasets import Dataset
 from transformers import set_seed
 
 from workflow import runtime
-from workflow.io import atomic_dir, write_csv
+from workflow.accounting import usable_rows
+from workflow.io import atomic_dir, scratch_dir as io_scratch_dir, write_csv
 from workflow.lora import lora_config
 from workflow.models import load_causal_lm, load_tokenizer, read_rows
 from workflow.snapshots import SnapshotCallback
@@ -58,15 +58,11 @@ def trainer_kwargs(output_dir: str, epochs: float, learning_rate: float, batch_s
 
 
 @contextlib.contextmanager
-def scratch_dir(near: str | os.PathLike) -> Any:
-    """A temporary folder for the Trainer's ``output_dir`` beside ``near``, always removed."""
-    parent = Path(near).parent
-    parent.mkdir(parents=True, exist_ok=True)
-    path = tempfile.mkdtemp(prefix=".trainer.", dir=parent)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def scratch_dir(near: str | os.PathLike) -> Iterator[str]:
+    """The Trainer's ``output_dir``: ``.trainer.tmp`` beside ``near`` (``workflow.io.scratch_dir``:
+    a fixed name, so a killed run's folder is removed by the next run), always removed."""
+    with io_scratch_dir(Path(near).with_name("trainer")) as path:
+        yield str(path)
 
 
 def sft_dataset(rows: pd.DataFrame) -> Dataset:
@@ -110,14 +106,17 @@ def write_metrics(log_history: list[dict[str, Any]], summary: dict[str, Any], pa
 
 def train_sft(base_path: str, train_rows: pd.DataFrame, out_dir: str | os.PathLike, cfg: dict[str, Any],
               epochs: float, learning_rate: float, batch_size: int, seed: int, task: str,
-              max_steps: int = -1) -> dict[str, Any]:
+              max_steps: int = -1, source: str = "the SFT rows") -> dict[str, Any]:
     """Train the SFT LoRA adapter; writes ``out_dir/{adapter,snapshots,metrics.csv}`` atomically.
 
-    Returns the summary (steps, final train loss, runtime, rows).
+    ``source``: the file ``train_rows`` came from, named in errors and warnings. Rows the stage
+    cannot use are dropped first (``workflow.accounting``, kind ``sft``). Returns the summary
+    (steps, final train loss, runtime, rows trained on, the accounting of ``train_rows``).
     """
     out = Path(out_dir)
     set_seed(int(seed))
     tokenizer = load_tokenizer(base_path, task)
+    train_rows, data = usable_rows(train_rows, tokenizer, cfg["model"]["max_length"], "sft", source)
     model = load_causal_lm(base_path)
     start = time.time()
     with scratch_dir(out / "adapter") as scratch, atomic_dir(out / "snapshots") as snaps, \
@@ -136,6 +135,7 @@ def train_sft(base_path: str, train_rows: pd.DataFrame, out_dir: str | os.PathLi
             "steps": int(trainer.state.global_step),
             "train_loss": float(result.training_loss),
             "runtime_s": time.time() - start,
+            **data,
         }
         write_metrics(trainer.state.log_history, summary, out / "metrics.csv")
     return summary
@@ -150,5 +150,5 @@ def run(job) -> None:
     rows = read_rows(job.input["train"])
     sft = cfg["sft"]
     summary = train_sft(job.params["base"], rows, out_dir, cfg, sft["epochs"], sft["learning_rate"],
-                        sft["batch_size"], job.seed, task_of(cfg["dataset"]["name"]))
+                        sft["batch_size"], job.seed, task_of(cfg["dataset"]["name"]), source=job.input["train"])
     print(summary)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from workflow.io import atomic_path, write_csv
+from workflow.io import DataFileError, atomic_path, reading, write_csv
 
 INDEX = "index.csv"
 _ADAPTER_SEGMENT = re.compile(r"\.(modules_to_save|original_module)\.[^.]+(?=\.)")
@@ -54,12 +54,25 @@ def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def read_index(directory: str | os.PathLike) -> pd.DataFrame:
-    """The snapshot index of ``directory`` (empty when there is none yet)."""
+    """The snapshot index of ``directory`` (empty when there is none yet); an error naming the
+    file when it is damaged or lacks a column."""
     path = Path(directory) / INDEX
     if not path.exists():
         return pd.DataFrame({"snapshot": pd.Series(dtype=int), "step": pd.Series(dtype=int),
                              "file": pd.Series(dtype=str)})
-    return pd.read_csv(path)
+    with reading(path, "snapshot index"):
+        index = pd.read_csv(path)
+    missing = [c for c in ("snapshot", "step", "file") if c not in index.columns]
+    if missing:
+        raise DataFileError(f"{path}: damaged snapshot index, missing column(s) {', '.join(missing)}")
+    return index
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path``; an error naming the file when it is truncated
+    or damaged (safetensors' own header errors do not)."""
+    with reading(path, "safetensors file"):
+        return load_file(str(path))
 
 
 def save_snapshot(model_or_state: torch.nn.Module | dict[str, torch.Tensor],
@@ -87,7 +100,7 @@ def save_snapshot(model_or_state: torch.nn.Module | dict[str, torch.Tensor],
 def load_snapshot(directory: str | os.PathLike, n: int) -> dict[str, torch.Tensor]:
     """Tensors of snapshot ``n`` (position in the index; negative counts from the end)."""
     index = read_index(directory)
-    return load_file(str(Path(directory) / index["file"].iloc[int(n)]))
+    return load_tensors(Path(directory) / index["file"].iloc[int(n)])
 
 
 def snapshot_interval(every: float, max_steps: int) -> int:

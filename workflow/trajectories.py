@@ -48,6 +48,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from workflow.io import reading
+
 INDEX = "index.csv"
 #: elements of one flattened tensor per streamed chunk; part of the projection's definition
 #: (the random block of chunk c is seeded by (seed, key, c)), so never change it silently.
@@ -94,7 +96,8 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         if len(raw) < 8:
             raise ValueError(f"{path}: not a safetensors file (truncated)")
         (n,) = struct.unpack("<Q", raw)
-        header = json.loads(handle.read(n))
+        with reading(path, "snapshot"):
+            header = json.loads(handle.read(n))
     base = 8 + n
     out = {}
     for key, meta in header.items():

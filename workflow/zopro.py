@@ -57,10 +57,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from trl import RLOOTrainer
 
-from workflow.snapshots import normalise_key
+from workflow.snapshots import load_tensors, normalise_key
 from workflow.zopro_direction import ZOConfig, ZOEngine, ZOOptimizer
 from workflow.zopro_guarded import GuardedConfig, GuardedEngine
 
@@ -82,7 +81,7 @@ def _adapter_file(path: str | os.PathLike) -> Path:
 
 def load_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a saved adapter, float32, keyed by normalised LoRA keys."""
-    return {normalise_key(k): t.to(torch.float32) for k, t in load_file(str(_adapter_file(path))).items()}
+    return {normalise_key(k): t.to(torch.float32) for k, t in load_tensors(_adapter_file(path)).items()}
 
 
 def _difference(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
