@@ -141,3 +141,26 @@ def test_example_overlays_plan_the_study(tmp_path, name, content):
     result = snakemake(tmp_path, "-n", "--cores", "all", "results/compare/plots", "--configfile", str(overlay))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "train_policy" in result.stdout
+
+
+def test_zopro_methods_share_rloos_first_iteration(tmp_path):
+    """zorloo and zorloo_reference start from rloo's iteration 0 and reward model 1 (one job each,
+    not three); their own zeroth-order iterations are separate jobs."""
+    from test_loop_workflow import ran_jobs
+
+    targets = [f"results/{m}/evaluation.csv" for m in ("rloo", "zorloo", "zorloo_reference")]
+    result = snakemake(tmp_path, "-n", "--cores", "2", *targets)
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = ran_jobs(result.stdout + result.stderr)
+    policies = {w for rule, w in jobs if rule == "train_policy"}
+    assert policies == {f"method={m}, i={i}" for m in ("rloo", "zorloo", "zorloo_reference") for i in range(3)
+                        if m == "rloo" or i >= 1}
+    refined = {w for rule, w in jobs if rule == "refine_reward"}
+    assert "method=rloo, i=1" in refined and "method=zorloo, i=1" not in refined
+    assert "method=zorloo, i=2" in refined and "method=zorloo_reference, i=2" in refined
+
+
+def test_a_zopro_methods_own_iteration_0_is_refused_with_the_shared_folder(tmp_path):
+    result = snakemake(tmp_path, "-n", "--cores", "2", "results/zorloo/iter_0/policy/adapter")
+    assert result.returncode != 0
+    assert "results/rloo/iter_0" in result.stdout + result.stderr
