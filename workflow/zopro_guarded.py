@@ -200,14 +200,12 @@ class GuardedEngine:
 
     # --- 2./3. guarded exploration --------------------------------------------------------
     @torch.no_grad()
-    def update(self, loss_fn: Callable[[], Any], check_fn: Callable[[], Any] | None = None) -> dict[str, float]:
+    def update(self, loss_fn: Callable[[], Any]) -> dict[str, float]:
         """The guarded updates of one rollout batch (``loss_fn()``: the batch loss at the current
-        parameters); returns the metrics of the batch. With ``check_fn`` (the loss on rollouts the
-        estimate does not see) the guard asks that loss to fall instead."""
+        parameters); returns the metrics of the batch."""
         cfg = self.config
         q, eps = cfg.n_perturbations, cfg.eps
         base = _as_float(loss_fn())
-        check = _as_float(check_fn()) if check_fn is not None else None
         start_loss, kept, g_abs = base, 0, []
         for _ in range(cfg.updates_per_batch):
             z = self.probes(self.state.step)
@@ -228,12 +226,9 @@ class GuardedEngine:
             if norm > 0:
                 self.add_(step, -cfg.step_size * math.sqrt(step.numel()) / norm)
             new = _as_float(loss_fn())
-            new_check = _as_float(check_fn()) if check_fn is not None else new
-            change = float(_mean_across_processes(
-                torch.tensor([new_check - (check if check is not None else base)], dtype=torch.float64))[0])
+            change = float(_mean_across_processes(torch.tensor([new - base], dtype=torch.float64))[0])
             if math.isfinite(change) and change < 0:
                 base, kept = new, kept + 1
-                check = new_check if check is not None else None
                 self.state.accepted += 1
             else:
                 self.set_(saved)
