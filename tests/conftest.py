@@ -69,7 +69,7 @@ def _perturb_lora(model, seed: int, scale: float = 0.05) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * scale)
+                p.add_(torch.randn(p.shape, generator=gen).to(p.device) * scale)  # noise drawn on the CPU: same on every device
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from workflow import policy
+from workflow import policy, runtime
 
 CFG = {
     "seed": 0,
@@ -78,7 +78,7 @@ def test_rloo_reference_is_the_sft_adapter(tiny_base, adapters, tmp_path):
     fn = policy.RewardFunction(rm, load_tokenizer(adapters["reward"], "chat"), name="rm")
     prompts = [[{"role": "user", "content": f"Tell me about the river {k}."}] for k in range(4)]
     trainer = policy.build_rloo(model, tok, fn, prompts, CFG, str(tmp_path), 0, [], adapters["sft"])
-    ids = torch.tensor([tok.encode("Tell me about the river.")])
+    ids = torch.tensor([tok.encode("Tell me about the river.")], device=runtime.device())
     with torch.no_grad():
         trainer.model.set_adapter("ref")
         ref = trainer.model.eval()(ids).logits
@@ -272,7 +272,7 @@ def test_ppo_and_dpo_references_are_the_sft_adapter(tiny_base, adapters, tmp_pat
 
     tok = load_tokenizer(tiny_base, "chat")
     tok.padding_side = "left"
-    ids = torch.tensor([tok.encode("Tell me about the river.")])
+    ids = torch.tensor([tok.encode("Tell me about the river.")], device=runtime.device())
     sft_logits = _sft_logits(tiny_base, adapters["sft"], ids)
     prompts = [[{"role": "user", "content": f"Tell me about the river {k}."}] for k in range(4)]
     # PPO: the SFT adapter is the second adapter "ref" of the policy model
@@ -322,11 +322,11 @@ def test_ppo_scores_rollouts_where_the_reward_model_was_trained(tiny_base, adapt
                  tok(answers[1], add_special_tokens=False)["input_ids"]]                       # truncated
     width_q, width_r = max(map(len, queries)), max(map(len, responses)) + 2
     ids = torch.tensor([[tok.pad_token_id] * (width_q - len(q)) + q + r + [tok.pad_token_id] * (width_r - len(r))
-                        for q, r in zip(queries, responses)])
+                        for q, r in zip(queries, responses)], device=runtime.device())
     with torch.no_grad():
         _, got, _ = get_reward(trainer.reward_model, ids, tok.pad_token_id, width_q)
     want = reward_scores(rm, tok, prompts, answers)
-    assert got.numpy() == pytest.approx(want, abs=1e-4)
+    assert got.cpu().numpy() == pytest.approx(want, abs=1e-4)
     with torch.no_grad():   # the bare model reads the stop token and does not agree
         _, bare, _ = get_reward(rm, ids, tok.pad_token_id, width_q)
     assert abs(float(bare[0]) - float(want[0])) > 1e-3

@@ -1,0 +1,106 @@
+"""ZOPrO iteration 1 under several settings, each compared paired with the iteration-0 policy it starts from.
+
+Needs a finished run's prefix in RUN_DIR (data, base model, SFT, reward model 0, rloo's iteration 0
+and reward model 1: ``.venv/bin/snakemake --cores all results/rloo/iter_1/reward/metrics.csv``).
+For every variant the real ``train_policy`` stage of ``zorloo`` iteration 1 runs in its own folder
+``RUN_DIR/zopro_variants/<name>`` (a copy of that prefix, Snakemake with the variant's overlay),
+then each policy answers the evaluation prompts with ``--seeds`` sampling seeds and the gold gain
+over the iteration-0 policy is paired over (prompt, seed) units (:func:`workflow.evaluate.paired_difference`).
+
+    .venv/bin/python benchmarks/zopro_variants.py . --out results/benchmarks/zopro_variants.csv
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# name -> overlay of config.yaml (the default is the guarded variant as configured)
+VARIANTS: dict[str, dict] = {
+    "guarded (default)": {},
+    "momentum step only": {"zopro": {"step_size": 1e-9, "updates_per_batch": 1, "n_perturbations": 1}},
+    "exploration only (momentum_kl 0)": {"zopro": {"momentum_kl": 0.0}},
+    "momentum_kl 1.0": {"zopro": {"momentum_kl": 1.0}},
+    "momentum_kl 2.0": {"zopro": {"momentum_kl": 2.0}},
+    "updates_per_batch 16": {"zopro": {"updates_per_batch": 16}},
+    "reference (the paper's)": {"zopro": {"variant": "reference"}},
+}
+PREFIX = ["results/data", "results/base", "results/sft", "results/reward", "results/rloo/iter_0",
+          "results/rloo/iter_1/reward"]
+ITERATION_0 = "results/rloo/iter_0/policy/adapter"
+ITERATION_1 = "results/zorloo/iter_1/policy/adapter"
+
+
+def train_variant(run_dir: Path, name: str, overlay: dict, cores: str) -> Path:
+    """Run zorloo's iteration-1 policy stage with ``overlay`` in its own folder; returns the folder."""
+    folder = run_dir / "zopro_variants" / name.replace(" ", "_").replace("(", "").replace(")", "").replace("'", "")
+    if not (folder / ITERATION_1).exists():
+        for part in PREFIX:
+            if not (folder / part).exists():
+                shutil.copytree(run_dir / part, folder / part)
+        (folder / "overlay.yaml").write_text(yaml.safe_dump(overlay or {"zopro": {}}))
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(folder), "--cores", cores,
+               ITERATION_1, "--rerun-triggers", "mtime", "--configfile", str(REPO / "config.yaml"),
+               str(folder / "overlay.yaml")]
+        with open(folder / "snakemake.log", "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return folder
+
+
+def evaluate_adapter(run_dir: Path, adapter: Path, cfg: dict) -> pd.DataFrame:
+    """Gold rows of ``adapter`` on the evaluation prompts (seeded as the workflow's evaluations)."""
+    from workflow.evaluate import evaluate, evaluation_prompts
+    from workflow.models import load_policy, load_tokenizer, read_rows
+
+    prompts = evaluation_prompts(read_rows(str(run_dir / "results/data/embedded/test.parquet")),
+                                 int(cfg["evaluation"]["n_prompts"]))
+    tokenizer = load_tokenizer(str(run_dir / "results/sft/adapter"), "chat")
+    model = load_policy(str(run_dir / "results/base"), str(adapter))
+    return evaluate(model, tokenizer, None, prompts, cfg, seed=int(cfg["seed"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="folder of a finished run (see above)")
+    parser.add_argument("--seeds", type=int, default=5, help="sampling seeds of the paired evaluation (default 5)")
+    parser.add_argument("--cores", default="all", help="Snakemake --cores of each variant's stage")
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/zopro_variants.csv"))
+    args = parser.parse_args()
+    from workflow import runtime
+    from workflow.evaluate import paired_difference
+
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["evaluation"]["n_seeds"] = args.seeds
+    runtime.configure(2, int(cfg["seed"]))
+    reference = evaluate_adapter(args.run_dir, args.run_dir / ITERATION_0, cfg)
+    rows = []
+    for name, overlay in VARIANTS.items():
+        folder = train_variant(args.run_dir, name, overlay, args.cores)
+        metrics = pd.read_csv(folder / "results/zorloo/iter_1/policy/metrics.csv")
+        gain, stderr = paired_difference(evaluate_adapter(args.run_dir, folder / ITERATION_1, cfg), reference)
+        alpha = metrics["zo/momentum_alpha"].dropna() if "zo/momentum_alpha" in metrics else pd.Series(dtype=float)
+        rows.append({"variant": name, "gold_gain_vs_iteration_0": gain, "gold_gain_stderr": stderr,
+                     "momentum_alpha": float(alpha.iloc[0]) if len(alpha) else float("nan"),
+                     "stage_runtime_s": float(metrics["runtime_s"].dropna().iloc[-1])})
+        print(rows[-1], flush=True)
+    table = pd.DataFrame(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out, index=False)
+    print("| variant | gold gain over iteration 0 | momentum alpha | stage s |\n| --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['variant']} | {r['gold_gain_vs_iteration_0']:+.3f} ± {r['gold_gain_stderr']:.3f} | "
+              f"{r['momentum_alpha']:.3f} | {r['stage_runtime_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
