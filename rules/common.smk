@@ -39,6 +39,11 @@ def reward_dir(method, i):
     return "results/reward/iter_0" if int(i) == 0 else f"results/{method}/iter_{int(i)}/reward"
 
 
+def iteration_dir(method, i):
+    """Folder of iteration ``i`` of ``method``'s chain whose evaluation the method's table reads."""
+    return f"results/{method}/iter_{int(i)}"
+
+
 def train_resources():
     """Resources of a training job (the SLURM profile overrides them per rule)."""
     res = config.get("resources", {})

@@ -10,8 +10,8 @@
 # Reward model 0 is shared (results/reward/iter_0, rules/reward.smk); reward models 1..N-1 are
 # refined per method. zorloo at i >= 1 also reads policy i-2 (SFT for i = 1) and reward i-1, the
 # two ends of its mu and v directions. Evaluation: evaluate_iteration per policy (same prompts, seed
-# and scorer as evaluate_policy's SFT row in rules/evaluate.smk), evaluation_table per method
-# (workflow/loop_eval.py).
+# and sampling seeds as evaluate_policy's SFT row in rules/evaluate.smk), evaluation_table per method
+# (workflow/loop_eval.py: scores and paired gains over SFT, the iteration before and iteration 0).
 include: "loop_inputs.smk"
 
 
@@ -123,8 +123,7 @@ rule evaluate_iteration:
 
 rule evaluation_table:
     input:
-        sft="results/sft/evaluation_summary.csv",  # rule evaluate_policy (rules/evaluate.smk)
-        **{f"iter_{i}": f"results/{{method}}/iter_{i}/evaluation_summary.csv" for i in range(LOOP_ITERATIONS)},
+        unpack(lambda wc: evaluation_inputs(wc.method)),  # SFT's from rule evaluate_policy (rules/evaluate.smk)
     output:
         table="results/{method}/evaluation.csv",
     params:

@@ -60,3 +60,13 @@ def evaluate_iteration_inputs(wildcards):
         test=data_path("test"),
         **base_inputs(),
     )
+
+
+def evaluation_inputs(method):
+    """Named inputs of evaluation_table: the summaries (``sft``, ``iter_{i}``) and the samples
+    (``sft_samples``, ``samples_{i}``; for the paired gains) of SFT and of every iteration."""
+    inputs = dict(sft="results/sft/evaluation_summary.csv", sft_samples="results/sft/evaluation.parquet")
+    for i in range(LOOP_ITERATIONS):
+        inputs[f"iter_{i}"] = f"{iteration_dir(method, i)}/evaluation_summary.csv"
+        inputs[f"samples_{i}"] = f"{iteration_dir(method, i)}/evaluation.parquet"
+    return inputs
