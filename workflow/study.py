@@ -21,11 +21,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:  # the Snakefile imports this module for workflow_hash: no pandas or torch at parse time
+    import pandas as pd
 
-from workflow.job import Job, log_to
+    from workflow.job import Job
 
 # config values that may be paths relative to the run's working folder (made absolute for the
 # nested runs, which work in another folder); a relative value that names no file (a hub id) stays
@@ -120,6 +121,8 @@ def run_seed(job: Job) -> None:
 def run_seed_script(smk: Any) -> None:
     """Entry point of ``scripts/study_seed.py``: the job's log, then :func:`run_seed` in this process
     (not :func:`workflow.job.run_job`: the nested run spreads its own jobs over GPUs and processes)."""
+    from workflow.job import Job, log_to
+
     job = Job.from_snakemake(smk)
     with log_to(job.log):
         run_seed(job)
@@ -148,6 +151,8 @@ def study_table(evaluations: list[tuple[int, str, pd.DataFrame]]) -> pd.DataFram
     mean over seeds (the seed-to-seed spread, the error that matters for a claim about the method),
     the mean KL, the number of seeds that beat each reference, and ``n_seeds``.
     """
+    import pandas as pd
+
     rows = []
     for seed, method, table in evaluations:
         for _, r in table.sort_values("iteration").iterrows():
@@ -213,6 +218,8 @@ def plot_study(table: pd.DataFrame, path: str | os.PathLike) -> None:
 def summarise(job: Job) -> None:
     """Stage function of ``study_summary``: inputs ``evaluation`` (``evaluation.csv`` files) in the
     order of params ``runs`` (``[seed, method]`` pairs); outputs ``table`` and ``figure``."""
+    import pandas as pd
+
     from workflow.io import write_csv
 
     runs = [(int(seed), str(method)) for seed, method in job.params["runs"]]
