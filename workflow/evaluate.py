@@ -13,9 +13,10 @@ One row per sample (``prompt_index``, ``seed`` (the sampling seed's index ``s``)
 ``prompt`` messages, ``prompt_text``, ``answer``, ``gold``, ``reward``). The unit of a standard
 error is a (prompt, sampling seed) pair: the mean of its samples. The summary has ``n``,
 ``gold_mean``, ``gold_stderr``, ``reward_mean``, ``reward_stderr`` (standard deviation of the unit
-means / sqrt(units)) and ``reward_gold_accuracy``. The units treat a prompt's seeds as independent
-draws; they are (given the prompt set) for the paired differences this module exists for, while the
-standard error of one policy's mean leaves out the spread between prompts of another test set.
+means / sqrt(units)) and ``reward_gold_accuracy``. A prompt's seeds count as independent units:
+given the prompt set they are (the error is then, if anything, conservative); as the error for
+prompts drawn afresh it leaves out part of the spread between prompts, most for one policy's own
+mean, least for paired differences, where what a prompt adds to both policies cancels.
 """
 from __future__ import annotations
 
