@@ -32,7 +32,7 @@ rule study_seed:
     resources:
         **train_resources(),
     conda:
-        "../envs/train.yaml"
+        "../envs/study.yaml"  # the whole stack: the nested run's jobs run in it too (no --sdm conda inside)
     script:
         "../scripts/study_seed.py"
 
