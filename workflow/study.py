@@ -206,7 +206,7 @@ def plot_study(table: pd.DataFrame, path: str | os.PathLike) -> None:
         ax.grid(alpha=0.3)
         if len(loop):
             ax.set_xticks(sorted(loop["iteration"].unique()))
-    axes[0].set_ylabel("gold gain (thin: one seed; thick: mean +- se over seeds)")
+    axes[0].set_ylabel("gold gain (thin: one seed; thick: mean ± se over seeds)")
     if len(loop):
         axes[0].legend(fontsize=8)
     fig.tight_layout()
