@@ -5,6 +5,7 @@ import os
 from snakemake.utils import min_version, validate
 
 from workflow.config_checks import check_config
+from workflow.study import workflow_hash
 
 min_version("9.0")
 
@@ -29,6 +30,7 @@ include: "rules/reward.smk"
 include: "rules/evaluate.smk"
 include: "rules/loop.smk"
 include: "rules/plots.smk"
+include: "rules/study.smk"
 
 
 # Light jobs run in the Snakemake process itself, never as cluster jobs (extraction may also need
@@ -37,6 +39,7 @@ localrules:
     extract_dataset,
     evaluation_table,
     compare_methods,
+    study_summary,
 
 
 rule all:

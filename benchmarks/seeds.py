@@ -3,12 +3,17 @@
 For every seed the workflow runs in a folder of its own (``--dir``/seed_<s>: data, base model, SFT,
 reward model 0 and the loop all depend on the seed) with the repository's ``config.yaml``, any
 ``--configfile`` overlays, and ``seed=<s>``. Then, per method, seed and iteration, the table gives
-the gold score (mean ± standard error over prompts), its gain over SFT with
-``z = gain / sqrt(se_SFT^2 + se^2)``, its drop against the iteration before in the same units, the KL
-to SFT, and whether the method meets every criterion on that seed: each iteration beats SFT by more
-than 2 standard errors, loses at most 2 against the one before, and stays below KL 3. A Markdown
-summary for the README follows. Finished folders are reused (Snakemake skips the jobs whose
-outputs exist), so an interrupted benchmark resumes.
+the gold score (mean ± standard error over (prompt, sampling seed) units), its paired gain over SFT
+(``evaluation.csv``'s ``gold_gain_vs_sft``) with its paired standard error and ``z = gain / se``, its
+paired drop against the iteration before in the same units, the KL to SFT, and whether the method
+meets every criterion on that seed: each iteration beats SFT by more than 2 paired standard errors,
+loses at most 2 against the one before, and stays below KL 3. A Markdown summary for the README
+follows. Finished folders are reused (Snakemake skips the jobs whose outputs exist), so an
+interrupted benchmark resumes.
+
+The workflow's own multi-seed target, ``results/study/summary.csv`` (``study.seeds``, README
+"Multi-seed study"), runs the same per-seed chains inside Snakemake; this script keeps the criteria
+table of the README and its folder layout (``--dir``/seed_<s>).
 
     .venv/bin/python benchmarks/seeds.py --methods ppo dpo rloo --seeds 0 1 2 --dir /work/seeds \\
         --out results/benchmarks/seeds.csv
@@ -45,30 +50,30 @@ def run_seed(seed: int, methods: list[str], workdir: Path, cores: str, overlays:
 
 
 def iteration_rows(seed: int, methods: list[str], workdir: Path) -> list[dict]:
-    """One row per method and iteration: gold, gain over SFT and its z, the drop against the
-    iteration before (SFT before iteration 0) in standard errors, KL to SFT, and whether the
-    method passes the CI gate's criteria (``summarise_run.gate_method``) on this seed."""
-    from summarise_run import gate_method, z_score
+    """One row per method and iteration: gold, paired gain over SFT with its standard error and z,
+    the paired drop against the iteration before (SFT before iteration 0) in paired standard errors,
+    KL to SFT, and whether the method passes the CI gate's criteria (``summarise_run.gate_method``)
+    on this seed."""
+    from summarise_run import gate_method, paired, paired_z
 
     rows = []
     for method in methods:
         table = pd.read_csv(workdir / "results" / method / "evaluation.csv").set_index("iteration")
         verdict = gate_method(method, table, MIN_Z, MAX_KL, MAX_DROP_Z)
-        sft, previous = table.loc[-1], table.loc[-1]
+        sft = table.loc[-1]
         for i in sorted(int(k) for k in table.index if k >= 0):
             row = table.loc[i]
+            gain, gain_se = paired(table, i, "sft")
             rows.append({"method": method, "seed": seed, "iteration": i, "sft_gold": float(sft.gold_mean),
                          "gold": float(row.gold_mean), "gold_se": float(row.gold_stderr),
-                         "gain": float(row.gold_mean - sft.gold_mean),
-                         "z": z_score(row.gold_mean, row.gold_stderr, sft.gold_mean, sft.gold_stderr),
-                         "drop_z": -z_score(row.gold_mean, row.gold_stderr, previous.gold_mean, previous.gold_stderr),
+                         "gain": gain, "gain_se": gain_se, "z": paired_z(gain, gain_se),
+                         "drop_z": -paired_z(*paired(table, i, "previous")),
                          "kl": float(row.kl), "passes": verdict.passed})
-            previous = row
     return rows
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """Per method and seed: each iteration's gain over SFT (z) [KL to SFT], and the verdict."""
+    """Per method and seed: each iteration's paired gain over SFT (z) [KL to SFT], and the verdict."""
     iterations = sorted(table["iteration"].unique())
     lines = ["| method | seed | " + " | ".join(f"iter {i}" for i in iterations) + " | all criteria |",
              "|" + " --- |" * (len(iterations) + 3)]

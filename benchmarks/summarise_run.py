@@ -11,13 +11,16 @@ peak memory of every job (``results/benchmarks/<rule>/<wildcards>.tsv``, written
 ``benchmark:`` directive).
 
 The *results block* (``results_block``) holds only what a rerun of the same configuration on the
-same software reproduces: gold scores, their gains over SFT, KL to SFT, reward model 0's accuracy.
+same software reproduces: gold scores, their paired gains over SFT and over the iteration before
+(``evaluation.csv``'s ``gold_gain_vs_*`` columns: every policy is evaluated on the same prompts with
+the same sampling seeds, so the standard error is that of the per-(prompt, seed) differences), KL
+to SFT, reward model 0's accuracy.
 Wall times and memory vary from run to run and are printed (``job_table``) but never written into
 the README. ``--write-readme`` replaces the text between ``BEGIN`` and ``END`` in the README with
 the block; ``--check-readme`` exits 1 with a unified diff when the README's block differs from the
 run's. ``--gate`` exits 1 unless every iteration of every first-order method present beats SFT by
-more than ``--min-z`` standard errors of the difference (optionally also ``--max-kl`` and
-``--max-drop-z``). Options combine; exit status 1 when any check fails or a file is unusable
+more than ``--min-z`` paired standard errors (optionally also ``--max-kl``, and ``--max-drop-z``: no
+iteration more than that many paired standard errors below the iteration before). Options combine; exit status 1 when any check fails or a file is unusable
 (the message names it), 2 on a command-line error.
 """
 from __future__ import annotations
@@ -53,6 +56,26 @@ def z_score(gold: float, se: float, ref_gold: float, ref_se: float) -> float:
     return diff / err
 
 
+def paired(table: pd.DataFrame, i: int, reference: str) -> tuple[float, float]:
+    """Paired gain of iteration ``i`` over ``reference`` (``sft``, ``previous`` or ``iter0``) and its
+    standard error, from ``evaluation.csv``'s ``gold_gain_vs_<reference>[_stderr]`` columns (NaN when
+    the table predates them or has no row ``i``)."""
+    column = f"gold_gain_vs_{reference}"
+    if i not in table.index or column not in table or f"{column}_stderr" not in table:
+        return math.nan, math.nan
+    return float(table.loc[i, column]), float(table.loc[i, f"{column}_stderr"])
+
+
+def paired_z(gain: float, stderr: float) -> float:
+    """``gain / stderr`` of a paired difference (:func:`z_score` against a zero reference)."""
+    return z_score(gain, stderr, 0.0, 0.0)
+
+
+def has_paired_gains(table: pd.DataFrame) -> bool:
+    """Whether ``evaluation.csv`` has the paired gain columns (tables written since paired evaluation)."""
+    return all(f"gold_gain_vs_{r}{s}" in table for r in ("sft", "previous") for s in ("", "_stderr"))
+
+
 def method_tables(results: Path) -> dict[str, pd.DataFrame]:
     """``{method: evaluation.csv indexed by iteration}`` for every ``results/*/evaluation.csv``, sorted by name."""
     return {p.parent.name: pd.read_csv(p).set_index("iteration") for p in sorted(results.glob("*/evaluation.csv"))}
@@ -82,7 +105,8 @@ def reward_accuracy_line(results: Path) -> str:
 
 def results_block(results: Path) -> str:
     """The deterministic results of a run as Markdown: base and SFT gold, reward model 0's accuracy,
-    and per method and iteration the gold score, its gain over SFT (with z) and the KL to SFT.
+    and per method and iteration the gold score, its paired gains over SFT and over the iteration
+    before (with z = gain / paired standard error) and the KL to SFT.
 
     No wall times or memory: the block must be reproduced exactly by a rerun.
     """
@@ -109,21 +133,22 @@ def results_block(results: Path) -> str:
         i = -1 if column == "SFT" else int(column.split()[1])
         return _fmt(t.loc[i, "gold_mean"], t.loc[i, "gold_stderr"]) if i in t.index else ""
 
-    def gain(t: pd.DataFrame, column: str) -> str:
-        i = int(column.split()[1])
-        if i not in t.index or -1 not in t.index:
-            return ""
-        row, sft = t.loc[i], t.loc[-1]
-        z = z_score(row.gold_mean, row.gold_stderr, sft.gold_mean, sft.gold_stderr)
-        return f"{row.gold_mean - sft.gold_mean:+.3f} ({z:.1f})"
+    def gain(reference: str):
+        def cell(t: pd.DataFrame, column: str) -> str:
+            value, se = paired(t, int(column.split()[1]), reference)
+            return "" if math.isnan(value) else f"{_fmt(value, se)} ({paired_z(value, se):.1f})"
+        return cell
 
     def kl(t: pd.DataFrame, column: str) -> str:
         i = int(column.split()[1])
         return f"{t.loc[i, 'kl']:.2f}" if i in t.index else ""
 
-    lines += table("Gold score, mean ± standard error over prompts (`results/{method}/evaluation.csv`):",
-                   ["SFT", *heads], gold)
-    lines += table("Gain over SFT and, in brackets, z = gain / sqrt(se² + se_SFT²):", heads, gain)
+    lines += table("Gold score, mean ± standard error over (prompt, sampling seed) units "
+                   "(`results/{method}/evaluation.csv`):", ["SFT", *heads], gold)
+    lines += table("Paired gain over SFT (`gold_gain_vs_sft`: the same prompts and sampling seeds, mean ± standard "
+                   "error of the per-(prompt, seed) differences) and, in brackets, z = gain / paired se:", heads, gain("sft"))
+    lines += table("Paired gain over the iteration before (`gold_gain_vs_previous`; iteration 0: over SFT) and, "
+                   "in brackets, z:", heads, gain("previous"))
     lines += table("KL to SFT (sequence-level, mean over the evaluation answers):", heads, kl)
 
     def agreement(t: pd.DataFrame, column: str) -> str:
@@ -238,10 +263,11 @@ def gate_method(method: str, table: pd.DataFrame, min_z: float, max_kl: float | 
                 max_drop_z: float | None = None) -> GateResult:
     """Check one method's ``evaluation.csv`` (indexed by iteration, -1 = SFT).
 
-    Fails when an iteration's gold does not beat SFT by more than ``min_z`` standard errors of the
-    difference, when ``max_kl`` is given and an iteration's KL to SFT is not below it, when
-    ``max_drop_z`` is given and an iteration's gold falls more than that many standard errors below
-    the iteration before (SFT before iteration 0), or when there is no SFT row or no iteration.
+    Fails when an iteration's paired gain over SFT is not more than ``min_z`` of its paired standard
+    errors, when ``max_kl`` is given and an iteration's KL to SFT is not below it, when
+    ``max_drop_z`` is given and an iteration's paired gain over the iteration before (SFT before
+    iteration 0) is below minus that many paired standard errors, or when there is no SFT row, no
+    iteration or no paired gain columns.
     """
     result = GateResult(method, sorted(int(i) for i in table.index if i >= 0))
     if -1 not in table.index:
@@ -250,28 +276,33 @@ def gate_method(method: str, table: pd.DataFrame, min_z: float, max_kl: float | 
     if not result.iterations:
         result.failures.append(f"{method}: no iteration evaluated")
         return result
+    if not has_paired_gains(table):
+        result.failures.append(f"{method}: evaluation.csv has no paired gains (gold_gain_vs_sft, gold_gain_vs_previous): "
+                               "written before paired evaluation, rerun its evaluation")
+        return result
     sft = table.loc[-1]
     zs, kls, drops = [], [], []
     previous, previous_label = sft, "SFT"
     for i in result.iterations:
         row = table.loc[i]
-        z = z_score(row.gold_mean, row.gold_stderr, sft.gold_mean, sft.gold_stderr)
+        gain, se = paired(table, i, "sft")
+        z = paired_z(gain, se)
         zs.append((z, i))
         if not z > min_z:
             result.failures.append(
                 f"{method} iteration {i}: gold {_fmt(row.gold_mean, row.gold_stderr)} vs SFT "
-                f"{_fmt(sft.gold_mean, sft.gold_stderr)}, gain {row.gold_mean - sft.gold_mean:+.3f}, "
+                f"{_fmt(sft.gold_mean, sft.gold_stderr)}, paired gain {_fmt(gain, se)}, "
                 f"z = {z:.2f}, not above {min_z:g}")
         kl = float(row.kl)
         kls.append((kl, i))
         if max_kl is not None and not kl < max_kl:
             result.failures.append(f"{method} iteration {i}: KL to SFT {kl:.3f}, not below {max_kl:g}")
-        drop = -z_score(row.gold_mean, row.gold_stderr, previous.gold_mean, previous.gold_stderr)
+        drop = -paired_z(*paired(table, i, "previous"))
         drops.append((drop, i))
         if max_drop_z is not None and not drop <= max_drop_z:
             result.failures.append(
                 f"{method} iteration {i}: gold {_fmt(row.gold_mean, row.gold_stderr)} vs {previous_label} "
-                f"{_fmt(previous.gold_mean, previous.gold_stderr)}, a drop of {drop:.2f} standard errors, "
+                f"{_fmt(previous.gold_mean, previous.gold_stderr)}, a drop of {drop:.2f} paired standard errors, "
                 f"more than {max_drop_z:g}")
         previous, previous_label = row, f"iteration {i}"
     result.min_z, result.max_kl, result.max_drop_z = _worst(zs, True), _worst(kls, False), _worst(drops, False)
@@ -295,7 +326,7 @@ def gate_table(verdicts: list[GateResult]) -> str:
         value, i = pair
         return "" if i is None else f"{value:{fmt}} (iter {i})"
 
-    lines = ["| method | iterations | min z over SFT | max KL to SFT | max drop z | gate |",
+    lines = ["| method | iterations | min paired z over SFT | max KL to SFT | max paired drop z | gate |",
              "| --- | --- | --- | --- | --- | --- |"]
     for v in verdicts:
         lines.append(f"| {v.method} | {len(v.iterations)} | {cell(v.min_z, '.2f')} | {cell(v.max_kl, '.2f')} | "
@@ -314,10 +345,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gate-methods", nargs="+", default=FIRST_ORDER, metavar="METHOD",
                         help=f"methods the gate checks when present (default {' '.join(FIRST_ORDER)})")
     parser.add_argument("--min-z", type=float, default=2.0,
-                        help="every iteration's gold must beat SFT by more than this many SEs (default 2)")
+                        help="every iteration's gold must beat SFT by more than this many paired SEs (default 2)")
     parser.add_argument("--max-kl", type=float, help="also: every iteration's KL to SFT below this")
     parser.add_argument("--max-drop-z", type=float,
-                        help="also: no iteration's gold more than this many SEs below the iteration before")
+                        help="also: no iteration's gold more than this many paired SEs below the iteration before")
     return parser.parse_args(argv)
 
 

@@ -8,11 +8,12 @@
 #   reward i + pairs i -----------> refine_reward    -> results/{method}/iter_{i+1}/reward/{adapter,snapshots,metrics.csv}
 #
 # Reward model 0 is shared (results/reward/iter_0, rules/reward.smk); reward models 1..N-1 are
-# refined per method. zorloo and zorloo_reference at i >= 1 also read policy i-2 (SFT for i = 1) and
-# reward i-1, the two ends of their mu and v directions; their iteration 0 (first-order RLOO) and
-# reward model 1 are rloo's (rules/common.smk, chain_owner). Evaluation: evaluate_iteration per policy (same prompts, seed
-# and scorer as evaluate_policy's SFT row in rules/evaluate.smk), evaluation_table per method
-# (workflow/loop_eval.py).
+# refined per method. zorloo and zorloo_reference at i >= 1 also read policy i-2 (SFT for i = 1)
+# and reward i-1, the two ends of their mu and v directions; their iteration 0 (first-order RLOO)
+# and reward model 1 are rloo's (rules/common.smk, chain_owner). Evaluation: evaluate_iteration per
+# policy (same prompts and sampling seeds as evaluate_policy's SFT row in rules/evaluate.smk),
+# evaluation_table per method (workflow/loop_eval.py: scores and paired gains over SFT, the
+# iteration before and iteration 0).
 include: "loop_inputs.smk"
 
 
@@ -124,7 +125,7 @@ rule evaluate_iteration:
 
 rule evaluation_table:
     input:
-        unpack(evaluation_table_inputs),
+        unpack(lambda wc: evaluation_inputs(wc.method)),  # SFT's from rule evaluate_policy (rules/evaluate.smk)
     output:
         table="results/{method}/evaluation.csv",
     params:

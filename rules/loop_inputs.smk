@@ -75,12 +75,14 @@ def evaluate_iteration_inputs(wildcards):
     )
 
 
-def evaluation_table_inputs(wildcards):
-    """The SFT evaluation and each iteration's (a ZOPrO method's iteration 0 is rloo's)."""
-    return dict(
-        sft="results/sft/evaluation_summary.csv",  # rule evaluate_policy (rules/evaluate.smk)
-        **{f"iter_{i}": f"{iteration_dir(wildcards.method, i)}/evaluation_summary.csv" for i in range(LOOP_ITERATIONS)},
-    )
+def evaluation_inputs(method):
+    """Named inputs of evaluation_table: the summaries (``sft``, ``iter_{i}``) and the samples
+    (``sft_samples``, ``samples_{i}``; for the paired gains) of SFT and of every iteration."""
+    inputs = dict(sft="results/sft/evaluation_summary.csv", sft_samples="results/sft/evaluation.parquet")
+    for i in range(LOOP_ITERATIONS):
+        inputs[f"iter_{i}"] = f"{iteration_dir(method, i)}/evaluation_summary.csv"
+        inputs[f"samples_{i}"] = f"{iteration_dir(method, i)}/evaluation.parquet"
+    return inputs
 
 
 def policy_benchmarks(wildcards):

@@ -1,4 +1,5 @@
-"""Policy evaluation: sampled answers scored by gold and reward, summary with standard errors."""
+"""Policy evaluation: sampled answers scored by gold and reward, summary with standard errors, and
+the paired gains of ``evaluation.csv`` (same prompts and sampling seeds for every policy)."""
 from __future__ import annotations
 
 import copy
@@ -11,7 +12,8 @@ import pytest
 import yaml
 from peft import get_peft_model
 
-from workflow.evaluate import evaluate, evaluation_prompts, gold_scorer, reward_gold_accuracy, run, summarise
+from workflow.evaluate import (evaluate, evaluation_prompts, gold_scorer, paired_difference, reward_gold_accuracy, run,
+                               sampling_seed, summarise)
 from workflow.job import Job
 from workflow.lora import lora_config
 from workflow.models import load_policy, load_sequence_classifier, load_tokenizer, read_rows
@@ -22,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cfg():
     config = copy.deepcopy(yaml.safe_load((REPO / "config.yaml").read_text()))
-    config["evaluation"].update(n_prompts=6, samples_per_prompt=2)
+    config["evaluation"].update(n_prompts=6, n_seeds=2, samples_per_prompt=2)
     config["model"]["generation_length"] = 12
     return config
 
@@ -50,6 +52,44 @@ def test_summary_stderr():
     summary = summarise(rows).iloc[0]
     assert summary["gold_mean"] == 2.5 and summary["n"] == 4
     assert summary["gold_stderr"] == pytest.approx(np.std([1.5, 3.5], ddof=1) / np.sqrt(2))
+    # two sampling seeds of one sample each: a unit is a (prompt, seed) pair, 4 units of one sample
+    rows["seed"] = [0, 1, 0, 1]
+    summary = summarise(rows).iloc[0]
+    assert summary["gold_stderr"] == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)
+    assert summary["reward_stderr"] == 0.0
+
+
+def test_paired_difference_by_hand():
+    # 2 prompts x 2 sampling seeds x 2 samples; policy b = policy a + a per-unit shift
+    units = [(p, s) for p in range(2) for s in range(2)]
+    a = pd.DataFrame({"prompt_index": [p for p, s in units for _ in range(2)],
+                      "seed": [s for p, s in units for _ in range(2)],
+                      "sample": [0, 1] * 4,
+                      "prompt_text": [f"prompt {p}" for p, s in units for _ in range(2)],
+                      "gold": [0.0, 1.0, 0.5, 0.5, 1.0, 1.0, 0.0, 0.0], "reward": 0.0})
+    shift = {(0, 0): 0.3, (0, 1): 0.1, (1, 0): 0.2, (1, 1): 0.25}
+    b = a.assign(gold=[g + shift[(p, s)] for p, s, g in zip(a.prompt_index, a.seed, a.gold)])
+    gain, se = paired_difference(b, a)
+    d = np.array(list(shift.values()))
+    assert gain == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / 2)
+    # the unpaired error of the same difference is far larger (the prompts' spread does not cancel)
+    sb, sa = summarise(b).iloc[0], summarise(a).iloc[0]
+    assert np.hypot(sb.gold_stderr, sa.gold_stderr) > 2 * se
+    assert paired_difference(a, a) == (0.0, 0.0)                          # identical policies
+    # rows in another order pair by (prompt, seed), not by position
+    assert paired_difference(b.sample(frac=1, random_state=0), a) == pytest.approx((gain, se))
+    no_gold = paired_difference(a.assign(gold=np.nan), a.assign(gold=np.nan))
+    assert all(math.isnan(x) for x in no_gold)                            # no gold judge: NaN
+    with pytest.raises(ValueError, match="not paired"):
+        paired_difference(a[a.seed == 0], a)                              # other sampling seeds
+    with pytest.raises(ValueError, match="prompt 1 differs"):
+        paired_difference(a.assign(prompt_text=a.prompt_text.replace("prompt 1", "other")), a)
+
+
+def test_sampling_seed_depends_on_the_config_seed_and_index_only():
+    seeds = [sampling_seed(0, s) for s in range(3)]
+    assert len(set(seeds)) == 3 and seeds == [sampling_seed(0, s) for s in range(3)]
+    assert sampling_seed(1, 0) not in seeds and 0 <= min(seeds) and max(seeds) < 2**32
 
 
 def test_gold_scorer_hook():
@@ -65,7 +105,10 @@ def test_evaluate_rows_seeded(tiny_base, embedded_parquet, reward_adapter, cfg):
     reward = load_reward_model(tiny_base, reward_adapter)
     prompts = evaluation_prompts(read_rows(embedded_parquet["test"]), cfg["evaluation"]["n_prompts"])
     rows = evaluate(policy, tokenizer, reward, prompts, cfg, seed=0)
-    assert len(rows) == 12 and rows["prompt_index"].tolist() == [i // 2 for i in range(12)]
+    assert len(rows) == 24 and rows["prompt_index"].tolist() == [i // 2 for i in range(12)] * 2
+    assert rows["seed"].tolist() == [0] * 12 + [1] * 12 and rows["sample"].tolist() == [0, 1] * 12
+    assert rows["prompt_text"].iloc[:12].tolist() == rows["prompt_text"].iloc[12:].tolist()
+    assert rows["answer"].iloc[:12].tolist() != rows["answer"].iloc[12:].tolist()  # two seeds, other draws
     assert {"prompt", "prompt_text", "answer", "gold", "reward"} <= set(rows.columns)
     assert rows["gold"].notna().all() and rows["reward"].notna().all()
     assert all(isinstance(a, str) and "<|im_end|>" not in a for a in rows["answer"])
@@ -82,11 +125,12 @@ def test_run_writes_samples_and_summary(tiny_base, embedded_parquet, reward_adap
     run(job)
     rows = pd.read_parquet(job.output["samples"])
     summary = pd.read_csv(job.output["summary"])
-    assert len(rows) == 12 and list(summary.columns) == ["n", "gold_mean", "gold_stderr", "reward_mean", "reward_stderr",
+    assert len(rows) == 24 and list(summary.columns) == ["n", "gold_mean", "gold_stderr", "reward_mean", "reward_stderr",
                                                           "reward_gold_accuracy"]
     assert summary["gold_mean"][0] == pytest.approx(rows["gold"].mean())
-    per_prompt = rows.groupby("prompt_index")["gold"].mean()  # several samples per prompt: cluster them
-    assert summary["gold_stderr"][0] == pytest.approx(per_prompt.std(ddof=1) / math.sqrt(len(per_prompt)))
+    per_unit = rows.groupby(["prompt_index", "seed"])["gold"].mean()  # several samples per unit: cluster them
+    assert len(per_unit) == 12
+    assert summary["gold_stderr"][0] == pytest.approx(per_unit.std(ddof=1) / math.sqrt(len(per_unit)))
 
 
 def test_run_fails_on_nan_rewards(tiny_base, embedded_parquet, cfg, tmp_path):
@@ -125,3 +169,52 @@ def test_reward_gold_accuracy_counts_pairs_within_prompts():
     # pairs never cross prompts: one sample per prompt gives no pair
     assert math.isnan(reward_gold_accuracy(rows.drop_duplicates("prompt_index")))
     assert math.isnan(reward_gold_accuracy(rows.assign(gold=np.nan)))
+
+
+def test_every_policy_is_evaluated_with_the_same_sampling_seeds(tiny_base, adapters, embedded_parquet, cfg, tmp_path):
+    """SFT (rule evaluate_policy) and two loop iterations of different methods (rule
+    evaluate_iteration): the iteration whose policy is the SFT adapter gives SFT's answers exactly,
+    so its paired gain over SFT is 0 with standard error 0, and the table's paired columns are the
+    by-hand differences of the samples."""
+    from workflow import loop_eval
+
+    def job(name, inputs, wildcards=None, **params):
+        out = tmp_path / name
+        return Job(input={"test": embedded_parquet["test"], **inputs},
+                   output={"samples": str(out / "evaluation.parquet"), "summary": str(out / "evaluation_summary.csv")},
+                   params={"base": tiny_base, **params}, config=cfg, wildcards=wildcards or {})
+
+    sft = job("sft", {"adapter": adapters["sft"], "reward": adapters["reward"]})
+    run(sft)
+    iterations = [  # iteration 0 of rloo (another policy), iteration 1 of zorloo (the SFT adapter itself)
+        job("rloo_0", {"policy": adapters["sft2"], "sft": adapters["sft"], "reward": adapters["reward"]},
+            iteration=0, wildcards={"method": "rloo", "i": "0"}),
+        job("zorloo_1", {"policy": adapters["sft"], "sft": adapters["sft"], "reward": adapters["reward1"]},
+            iteration=1, wildcards={"method": "zorloo", "i": "1"}),
+    ]
+    for j in iterations:
+        loop_eval.run(j)
+    sft_rows, rows0, rows1 = (pd.read_parquet(j.output["samples"]) for j in (sft, *iterations))
+    assert rows1["answer"].tolist() == sft_rows["answer"].tolist()      # same seeds whatever method and iteration
+    assert rows0["answer"].tolist() != sft_rows["answer"].tolist()
+    assert rows1["gold"].tolist() == sft_rows["gold"].tolist() and (rows1["kl"] == 0).all()
+
+    table = loop_eval.evaluation_table(
+        sft.output["summary"], [j.output["summary"] for j in reversed(iterations)], [],
+        {-1: sft.output["samples"], 0: iterations[0].output["samples"], 1: iterations[1].output["samples"]})
+    assert list(table.columns) == loop_eval.TABLE_COLUMNS and list(table["iteration"]) == [-1, 0, 1]
+    t = table.set_index("iteration")
+    d = (rows0.groupby(["prompt_index", "seed"])["gold"].mean() - sft_rows.groupby(["prompt_index", "seed"])["gold"].mean())
+    assert t.loc[0, "gold_gain_vs_sft"] == pytest.approx(d.mean())
+    assert t.loc[0, "gold_gain_vs_sft_stderr"] == pytest.approx(d.std(ddof=1) / math.sqrt(12))
+    assert t.loc[0, "gold_gain_vs_previous"] == t.loc[0, "gold_gain_vs_sft"]        # SFT precedes iteration 0
+    assert (t.loc[1, "gold_gain_vs_sft"], t.loc[1, "gold_gain_vs_sft_stderr"]) == (0.0, 0.0)
+    assert t.loc[1, "gold_gain_vs_previous"] == pytest.approx(-d.mean())
+    assert t.loc[1, "gold_gain_vs_previous_stderr"] == pytest.approx(t.loc[0, "gold_gain_vs_sft_stderr"])
+    assert t.loc[1, "gold_gain_vs_iter0"] == pytest.approx(-d.mean())
+    assert (t.loc[0, "gold_gain_vs_iter0"], t.loc[0, "gold_gain_vs_iter0_stderr"]) == (0.0, 0.0)
+    assert (t.loc[-1, "gold_gain_vs_sft"], t.loc[-1, "gold_gain_vs_sft_stderr"]) == (0.0, 0.0)
+    assert t.loc[[-1], ["gold_gain_vs_previous", "gold_gain_vs_iter0", "gold_gain_vs_iter0_stderr"]].isna().all().all()
+    # without samples (a table from summaries only) the paired columns are NaN
+    bare = loop_eval.evaluation_table(sft.output["summary"], [iterations[0].output["summary"]], [])
+    assert bare[loop_eval.PAIRED_COLUMNS].isna().all().all()

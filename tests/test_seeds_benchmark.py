@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from test_summarise_run import make_run
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "seeds.py"
@@ -27,4 +28,5 @@ def test_summarise_only_tabulates_finished_seed_folders(tmp_path):
     assert verdicts == {("dpo", 0): True, ("dpo", 1): False, ("rloo", 0): True, ("rloo", 1): False}  # KL 3.5, drop
     drop = table[(table.method == "rloo") & (table.seed == 1) & (table.iteration == 2)].iloc[0]
     assert drop["drop_z"] > 2
-    assert "| rloo | 1 | +0.076 (3.5) [0.40] | +0.167 (7.9) [1.10] | +0.067 (3.0) [2.00] | FAIL |" in done.stdout
+    assert drop["drop_z"] == pytest.approx(10.0) and drop["gain_se"] == 0.010  # paired: 0.100 / 0.010
+    assert "| rloo | 1 | +0.076 (7.6) [0.40] | +0.167 (16.7) [1.10] | +0.067 (6.7) [2.00] | FAIL |" in done.stdout

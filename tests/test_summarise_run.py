@@ -14,7 +14,8 @@ from benchmarks import summarise_run as sr
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "summarise_run.py"
 SFT = (0.393, 0.016)
-# (gold_mean, gold_stderr, kl) of iterations 0, 1, 2: every iteration well above SFT
+PAIRED_SE = 0.010  # paired standard error of an iteration's gains unless its tuple gives a fourth value
+# (gold_mean, gold_stderr, kl[, paired se]) of iterations 0, 1, 2: every iteration well above SFT
 GOOD = {
     "dpo": [(0.479, 0.014, 0.21), (0.552, 0.015, 0.50), (0.557, 0.015, 0.78)],
     "rloo": [(0.469, 0.015, 0.40), (0.560, 0.014, 1.10), (0.592, 0.016, 2.05)],
@@ -31,13 +32,24 @@ Prose after, kept as it is.
 """
 
 
-def write_method(results: Path, method: str, iterations: list[tuple[float, float, float]]) -> None:
-    """``results/{method}/evaluation.csv`` as ``workflow.loop_eval.evaluation_table`` writes it."""
+def write_method(results: Path, method: str, iterations: list[tuple[float, ...]]) -> None:
+    """``results/{method}/evaluation.csv`` as ``workflow.loop_eval.evaluation_table`` writes it: the
+    paired gains are the differences of the gold means (as for balanced paired samples) with the
+    iteration's paired standard error (``PAIRED_SE`` or the tuple's fourth value)."""
     rows = [{"iteration": -1, "gold_mean": SFT[0], "gold_stderr": SFT[1], "reward_mean": 0.1,
-             "reward_stderr": 0.02, "kl": 0.0, "wall_time_s": math.nan, "peak_mem_mb": math.nan}]
-    for i, (gold, se, kl) in enumerate(iterations):
+             "reward_stderr": 0.02, "kl": 0.0, "wall_time_s": math.nan, "peak_mem_mb": math.nan,
+             "gold_gain_vs_previous": math.nan, "gold_gain_vs_previous_stderr": math.nan,
+             "gold_gain_vs_sft": 0.0, "gold_gain_vs_sft_stderr": 0.0,
+             "gold_gain_vs_iter0": math.nan, "gold_gain_vs_iter0_stderr": math.nan}]
+    previous = SFT[0]
+    for i, (gold, se, kl, *paired_se) in enumerate(iterations):
+        pse = paired_se[0] if paired_se else PAIRED_SE
         rows.append({"iteration": i, "gold_mean": gold, "gold_stderr": se, "reward_mean": 0.2 + i,
-                     "reward_stderr": 0.03, "kl": kl, "wall_time_s": 123.4 + i, "peak_mem_mb": 987.6})
+                     "reward_stderr": 0.03, "kl": kl, "wall_time_s": 123.4 + i, "peak_mem_mb": 987.6,
+                     "gold_gain_vs_previous": gold - previous, "gold_gain_vs_previous_stderr": pse,
+                     "gold_gain_vs_sft": gold - SFT[0], "gold_gain_vs_sft_stderr": pse,
+                     "gold_gain_vs_iter0": gold - iterations[0][0], "gold_gain_vs_iter0_stderr": pse if i else 0.0})
+        previous = gold
     (results / method).mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(results / method / "evaluation.csv", index=False)
 
@@ -83,8 +95,11 @@ def test_block_holds_the_deterministic_results_only(run):
     assert "- SFT: gold **+0.393 ± 0.016**" in block
     assert "held-out pairwise accuracy **0.933** on 300 held-out pairs" in block
     assert "| dpo | +0.393 ± 0.016 | +0.479 ± 0.014 | +0.552 ± 0.015 | +0.557 ± 0.015 |" in block
-    # gain over SFT and z, e.g. 0.167 / sqrt(0.014^2 + 0.016^2) = 7.85, 0.199 / sqrt(2 * 0.016^2) = 8.79
-    assert "| rloo | +0.076 (3.5) | +0.167 (7.9) | +0.199 (8.8) |" in block
+    # paired gain over SFT and z = gain / paired se: 0.076 / 0.010 = 7.6, ...
+    assert "| rloo | +0.076 ± 0.010 (7.6) | +0.167 ± 0.010 (16.7) | +0.199 ± 0.010 (19.9) |" in block
+    # paired gain over the iteration before (iteration 0: over SFT)
+    assert "| rloo | +0.076 ± 0.010 (7.6) | +0.091 ± 0.010 (9.1) | +0.032 ± 0.010 (3.2) |" in block
+    assert "| dpo | +0.086 ± 0.010 (8.6) | +0.073 ± 0.010 (7.3) | +0.005 ± 0.010 (0.5) |" in block
     assert "| rloo | 0.40 | 1.10 | 2.05 |" in block
     assert "123" not in block and "987" not in block and "580" not in block  # no wall time or memory
     assert "reward_gold_accuracy" not in block  # runs from before the column have no agreement table
@@ -139,19 +154,20 @@ def test_missing_markers_name_the_file(run, tmp_path):
 def test_gate_passes_on_good_numbers(run, capsys):
     assert sr.main([str(run), "--gate"]) == 0
     out = capsys.readouterr().out
-    assert "| dpo | 3 | 4.05 (iter 0) | 0.78 (iter 2) |" in out and "| pass |" in out
+    assert "| dpo | 3 | 8.60 (iter 0) | 0.78 (iter 2) |" in out and "| pass |" in out
     assert "| rloo | 3 |" in out and "FAIL" not in out
 
 
 def test_gate_fails_naming_method_and_iteration(tmp_path):
-    # rloo iteration 1 gains 0.030 over SFT: z = 0.030 / sqrt(0.015^2 + 0.016^2) = 1.37
-    bad = {**GOOD, "rloo": [GOOD["rloo"][0], (0.423, 0.015, 1.1), GOOD["rloo"][2]]}
+    # rloo iteration 1 gains 0.030 over SFT with a paired standard error of 0.022: z = 1.36
+    bad = {**GOOD, "rloo": [GOOD["rloo"][0], (0.423, 0.015, 1.1, 0.022), GOOD["rloo"][2]]}
     run = make_run(tmp_path / "run", bad)
     done = run_cli(run, "--gate")
     assert done.returncode == 1
-    assert "rloo iteration 1: gold +0.423 ± 0.015 vs SFT +0.393 ± 0.016, gain +0.030, z = 1.37" in done.stderr
+    assert ("rloo iteration 1: gold +0.423 ± 0.015 vs SFT +0.393 ± 0.016, paired gain +0.030 ± 0.022, "
+            "z = 1.36, not above 2") in done.stderr
     assert "dpo" not in done.stderr
-    assert "| rloo | 3 | 1.37 (iter 1) |" in done.stdout and "FAIL |" in done.stdout
+    assert "| rloo | 3 | 1.36 (iter 1) |" in done.stdout and "FAIL |" in done.stdout
     assert "| dpo | 3 |" in done.stdout
     assert sr.main([str(run), "--gate", "--gate-methods", "dpo"]) == 0  # rloo not gated
     assert sr.main([str(run), "--gate", "--min-z", "1"]) == 0
@@ -174,15 +190,35 @@ def test_gate_max_kl(run, capsys):
 
 
 def test_gate_max_drop_z(tmp_path, capsys):
-    # iteration 2 drops 0.070 below iteration 1: 0.070 / sqrt(2 * 0.015^2) = 3.30 SEs (still 6.1 above SFT)
-    run = make_run(tmp_path / "run", {**GOOD, "rloo": [(0.50, 0.015, 0.4), (0.60, 0.015, 1.0), (0.53, 0.015, 1.2)]})
+    # iteration 2 drops 0.070 below iteration 1 with a paired standard error of 0.020: 3.50 SEs
+    run = make_run(tmp_path / "run", {**GOOD, "rloo": [(0.50, 0.015, 0.4), (0.60, 0.015, 1.0), (0.53, 0.015, 1.2, 0.02)]})
     assert sr.main([str(run), "--gate"]) == 0  # off unless given
     assert sr.main([str(run), "--gate", "--max-drop-z", "4"]) == 0
     capsys.readouterr()
     assert sr.main([str(run), "--gate", "--max-drop-z", "2"]) == 1
     err = capsys.readouterr().err
-    assert "rloo iteration 2: gold +0.530 ± 0.015 vs iteration 1 +0.600 ± 0.015, a drop of 3.30 standard errors" in err
+    assert "rloo iteration 2: gold +0.530 ± 0.015 vs iteration 1 +0.600 ± 0.015, a drop of 3.50 paired standard errors" in err
     assert "dpo" not in err
+
+
+def test_gate_uses_the_paired_standard_error(tmp_path):
+    # a gain of 0.030 over SFT: z = 1.37 with the unpaired error sqrt(0.015^2 + 0.016^2), 3.0 with the
+    # paired one (0.010): paired evaluation passes what the unpaired comparison could not resolve
+    run = make_run(tmp_path / "run", {"rloo": [(0.423, 0.015, 0.5), (0.45, 0.015, 0.6)]})
+    assert sr.z_score(0.423, 0.015, *SFT) == pytest.approx(1.37, abs=0.01)
+    verdicts, failures = sr.gate(run / "results", sr.FIRST_ORDER, 2.0)
+    assert failures == [] and verdicts[0].min_z == (pytest.approx(3.0), 0)
+
+
+def test_gate_fails_on_a_table_without_paired_gains(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    path = run / "results" / "rloo" / "evaluation.csv"
+    table = pd.read_csv(path)
+    table.drop(columns=[c for c in table if c.startswith("gold_gain_")]).to_csv(path, index=False)
+    assert sr.main([str(run), "--gate"]) == 1
+    err = capsys.readouterr().err
+    assert "rloo: evaluation.csv has no paired gains" in err and "dpo" not in err
+    assert "| rloo |  |  |  |" in sr.results_block(run / "results")  # no paired cells, no error
 
 
 def test_gate_fails_without_any_gated_method(tmp_path, capsys):

@@ -4,8 +4,9 @@
 (``workflow.evaluate.evaluate``: ``evaluation.n_prompts`` test prompts, seeded sampling, gold and
 reward scores). The reward column uses **reward model ``i``**, the one policy ``i`` was trained
 against (reward model 0 for the SFT row), so ``reward_mean`` is what the policy optimised and
-``gold_mean`` what it should have optimised. The same seed is used for every iteration, so rows
-are paired samples of one prompt set.
+``gold_mean`` what it should have optimised. Every iteration samples with the same sampling seeds
+(``workflow.evaluate.sampling_seed``: the config's seed and the seed index only), and so do the SFT
+and base-model evaluations, so the rows of any two policies are paired samples of one prompt set.
 
 ``kl``: mean over the evaluation samples of the sequence log-ratio
 ``log pi(answer | prompt) - log pi_SFT(answer | prompt)`` (a Monte Carlo estimate of the
@@ -19,7 +20,17 @@ The table has one row per iteration (``-1`` = SFT) with ``gold_mean``, ``gold_st
 ``reward_mean``, ``reward_stderr``, ``kl``, ``reward_gold_accuracy`` (``workflow.evaluate``: how often
 reward model ``i`` orders two answers of policy ``i`` as gold does; its fall while ``reward_mean``
 rises is reward hacking), ``wall_time_s`` and ``peak_mem_mb`` (seconds ``s``
-and ``max_rss`` of the ``train_policy`` benchmark file of that iteration; NaN for SFT).
+and ``max_rss`` of the ``train_policy`` benchmark file of that iteration; NaN for SFT), and the
+paired gains of gold (:data:`PAIRED_COLUMNS`, ``workflow.evaluate.paired_difference``: mean and
+standard error over (prompt, sampling seed) units of the difference of the two policies' scores):
+
+* ``gold_gain_vs_previous``, ``gold_gain_vs_previous_stderr``: over the iteration before (SFT
+  before iteration 0; NaN on the SFT row);
+* ``gold_gain_vs_sft``, ``gold_gain_vs_sft_stderr``: over SFT (0 and 0 on the SFT row);
+* ``gold_gain_vs_iter0``, ``gold_gain_vs_iter0_stderr``: over the method's iteration-0 policy (0 and 0
+  on iteration 0, NaN on the SFT row).
+
+Every paired column is NaN where there is no gold score (datasets other than the embedded one).
 """
 from __future__ import annotations
 
@@ -31,8 +42,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-TABLE_COLUMNS = ["iteration", "gold_mean", "gold_stderr", "reward_mean", "reward_stderr", "kl",
-                 "reward_gold_accuracy", "wall_time_s", "peak_mem_mb"]
+SUMMARY_COLUMNS = ["gold_mean", "gold_stderr", "reward_mean", "reward_stderr", "kl", "reward_gold_accuracy"]
+PAIRED_COLUMNS = ["gold_gain_vs_previous", "gold_gain_vs_previous_stderr", "gold_gain_vs_sft",
+                  "gold_gain_vs_sft_stderr", "gold_gain_vs_iter0", "gold_gain_vs_iter0_stderr"]
+TABLE_COLUMNS = ["iteration", *SUMMARY_COLUMNS, "wall_time_s", "peak_mem_mb", *PAIRED_COLUMNS]
 
 
 @torch.no_grad()
@@ -130,29 +143,61 @@ def benchmark_numbers(path: str | None) -> tuple[float, float]:
     return float(pd.to_numeric(bench["s"], errors="coerce").iloc[-1]), float(rss.iloc[-1])
 
 
-def evaluation_table(sft_summary: str, iteration_summaries: list[str], benchmarks: list[str]) -> pd.DataFrame:
-    """The per-method table (see the module docstring); benchmarks are matched by iteration."""
+def paired_gains(samples: dict[int, str]) -> dict[int, dict[str, float]]:
+    """:data:`PAIRED_COLUMNS` per iteration from the evaluation samples (parquet paths) of SFT
+    (``-1``) and of each iteration; a gain whose reference has no samples is NaN."""
+    from workflow.evaluate import paired_difference
+
+    rows = {i: pd.read_parquet(path) for i, path in samples.items()}
+
+    def gain(i: int, reference: int) -> tuple[float, float]:
+        if i not in rows or reference not in rows:
+            return math.nan, math.nan
+        return paired_difference(rows[i], rows[reference], "gold")
+
+    out = {}
+    for i in sorted(rows):
+        values = {}
+        for name, reference in (("previous", i - 1 if i > -1 else None), ("sft", -1), ("iter0", 0 if i >= 0 else None)):
+            mean, stderr = gain(i, reference) if reference is not None else (math.nan, math.nan)
+            values[f"gold_gain_vs_{name}"], values[f"gold_gain_vs_{name}_stderr"] = mean, stderr
+        out[i] = values
+    return out
+
+
+def evaluation_table(sft_summary: str, iteration_summaries: list[str], benchmarks: list[str],
+                     samples: dict[int, str] | None = None) -> pd.DataFrame:
+    """The per-method table (see the module docstring); benchmarks are matched by iteration.
+
+    ``samples``: evaluation parquet per iteration (``-1`` = SFT) for the paired gains; without
+    them the paired columns are NaN.
+    """
     bench_by_iter = {int(re.search(r"_(\d+)\.tsv$", str(b)).group(1)): b for b in benchmarks}
+    gains = paired_gains(samples or {})
+    nan_gains = dict.fromkeys(PAIRED_COLUMNS, math.nan)
     rows = []
     sft = pd.read_csv(sft_summary).iloc[0]
-    sft_values = {k: float(sft.get(k, 0.0 if k == "kl" else math.nan)) for k in TABLE_COLUMNS[1:7]}
-    rows.append({"iteration": -1, **sft_values,
-                 "wall_time_s": math.nan, "peak_mem_mb": math.nan})
+    sft_values = {k: float(sft.get(k, 0.0 if k == "kl" else math.nan)) for k in SUMMARY_COLUMNS}
+    rows.append({"iteration": -1, **sft_values, "wall_time_s": math.nan, "peak_mem_mb": math.nan,
+                 **gains.get(-1, nan_gains)})
     for path in iteration_summaries:
-        i = _iteration_of(path)
         summary = pd.read_csv(path).iloc[0]
+        i = int(summary["iteration"]) if "iteration" in summary else _iteration_of(path)
         seconds, rss = benchmark_numbers(bench_by_iter.get(i))
-        rows.append({"iteration": i, **{k: float(summary.get(k, math.nan)) for k in TABLE_COLUMNS[1:7]},
-                     "wall_time_s": seconds, "peak_mem_mb": rss})
+        rows.append({"iteration": i, **{k: float(summary.get(k, math.nan)) for k in SUMMARY_COLUMNS},
+                     "wall_time_s": seconds, "peak_mem_mb": rss, **gains.get(i, nan_gains)})
     return pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values("iteration").reset_index(drop=True)
 
 
 def run_table(job) -> None:
-    """Stage function of rule ``evaluation_table``."""
+    """Stage function of rule ``evaluation_table``: inputs ``sft`` and ``iter_{i}`` (summaries),
+    ``sft_samples`` and ``samples_{i}`` (evaluation parquet files, for the paired gains)."""
     from workflow.io import write_csv
 
     summaries = [v for k, v in job.input.items() if k.startswith("iter_")]
+    samples = {int(k.removeprefix("samples_")): v for k, v in job.input.items() if k.startswith("samples_")}
+    samples[-1] = job.input["sft_samples"]
     benchmarks = list(job.params["benchmarks"])  # params, not inputs: written by Snakemake after each job
-    table = evaluation_table(job.input["sft"], summaries, benchmarks)
+    table = evaluation_table(job.input["sft"], summaries, benchmarks, samples)
     write_csv(table, job.output["table"])
     print(table.to_string(index=False))

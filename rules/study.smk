@@ -1,0 +1,59 @@
+# Multi-seed study (README, "Multi-seed study"; workflow/study.py): the loop of every method of
+# loop.methods on every seed of study.seeds, each seed's chain in its own folder:
+#
+#   the config's own seed --> the main chain under results/ (results/{method}/evaluation.csv)
+#   any other seed s -------> study_seed: a nested Snakemake run of this workflow in results/study/seed_{s}
+#                             (data, base model, SFT, reward model 0, loop, evaluations; config + seed: s)
+#   every chain ------------> study_summary -> results/study/summary.{csv,png}
+#
+# A finished seed is reused: adding a seed to study.seeds runs only that seed's chain (study is not
+# among any stage's settings). A change to the config (but study, seed, cache_dir, resources) or to
+# the workflow's code reruns each seed's nested run, which redoes only what the change affects.
+include: "study_inputs.smk"
+
+
+wildcard_constraints:
+    seed=r"\d+",
+
+
+rule study_seed:
+    output:
+        evaluation=expand("results/study/seed_{{seed}}/results/{method}/evaluation.csv", method=STUDY_METHODS),
+    params:
+        workdir=lambda wc: f"results/study/seed_{wc.seed}",
+        snakefile=os.path.join(workflow.basedir, "Snakefile"),
+        settings=study_seed_settings(),
+        code=workflow_hash(workflow.basedir),
+    log:
+        "logs/study_seed/{seed}.log",
+    benchmark:
+        "results/benchmarks/study_seed/{seed}.tsv"
+    threads: workflow.cores
+    resources:
+        **train_resources(),
+    conda:
+        "../envs/study.yaml"  # the whole stack: the nested run's jobs run in it too (no --sdm conda inside)
+    script:
+        "../scripts/study_seed.py"
+
+
+rule study_summary:
+    input:
+        evaluation=study_evaluations(),
+    output:
+        table="results/study/summary.csv",
+        figure=report("results/study/summary.png", caption="../report/study.rst", category="Study"),
+    params:
+        runs=study_runs(),
+        settings=settings(),
+        code=stage_code("workflow.study"),
+    log:
+        "logs/study_summary/summary.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/plots.yaml"
+    script:
+        "../scripts/study_summary.py"

@@ -1,0 +1,2 @@
+from workflow.study import run_seed_script
+run_seed_script(snakemake)  # noqa: F821
