@@ -4,8 +4,15 @@ Each method runs in a fresh subprocess (``--worker``) on the same randomly initi
 (built from a ``LlamaConfig``, seed 0) with the same LoRA and the same synthetic rollout batch:
 
 * ``fo``: RLOO/PPO-clip loss forward + backward + ``torch.optim.AdamW`` step;
-* ``zo``: ZOPrO (``workflow.zopro_direction.ZOEngine``): two forwards under ``torch.no_grad`` at
-  ``theta +/- eps z`` + in-place perturb/restore/update (no grads, no optimizer state).
+* ``zo``: ZOPrO's reference variant (``workflow.zopro_direction.ZOEngine``): two forwards under
+  ``torch.no_grad`` at ``theta +/- eps z`` + in-place perturb/restore/update (no grads, no optimizer state);
+* ``zo_guarded``: ZOPrO's guarded variant (``workflow.zopro_guarded.GuardedEngine``), one guarded
+  update as configured in config.yaml (``zopro.n_perturbations`` probes, one-sided, plus the base and
+  the guard's forward), computing in fp32 on a bf16 base as the policy stage does.
+
+``--dtype bf16`` loads the base in bf16 (LoRA weights stay fp32) and runs ``fo`` and ``zo`` under bf16
+autocast, as the trainers do on a GPU; ``--size 1b`` is the Llama-3.2-1B shape (1.5B parameters with
+its 128k vocabulary).
 
 Times: wall-clock per update (min over ``--reps`` after one warm-up) and process CPU time, per
 fresh process; and, fairer on a shared machine, both methods alternating in one process on the
@@ -18,6 +25,7 @@ log-probs, a cheap length reward, leave-one-out advantages) + update.
 
     python benchmarks/zopro_update.py --out results/benchmarks/zopro_update.json
     python benchmarks/zopro_update.py --size small --full --out /tmp/zopro_small.json
+    python benchmarks/zopro_update.py --size 1b --dtype bf16 --batch 16 --prompt-len 256 --completion-len 256
 """
 from __future__ import annotations
 
@@ -37,7 +45,10 @@ SIZES = {  # LlamaConfig kwargs
                     num_attention_heads=12, num_key_value_heads=12),
     "small": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=4),
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8),
 }
+METHODS = ("fo", "zo", "zo_guarded")
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -96,14 +107,14 @@ class PeakMemory:
 
 
 # --- the worker ---------------------------------------------------------------------------------
-def build(size: str, r: int, seed: int, device: str):
+def build(size: str, r: int, seed: int, device: str, dtype: str = "fp32"):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(**SIZES[size], max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0,
                                              task_type="CAUSAL_LM", init_lora_weights=False))
@@ -120,12 +131,16 @@ def per_token_logps(model, input_ids, attention_mask, n_completion):
     return selective_log_softmax(logits, input_ids[:, -n_completion:])
 
 
-def rloo_loss(model, batch, clip=0.2):
-    """The PPO-clip sequence loss of ``RLOOTrainer._compute_loss``."""
+def rloo_loss(model, batch, clip=0.2, autocast=False):
+    """The PPO-clip sequence loss of ``RLOOTrainer._compute_loss`` (``autocast``: under bf16 autocast)."""
+    import contextlib
+
     import torch
 
-    logps = (per_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["n_completion"])
-             * batch["completion_mask"]).sum(1)
+    ctx = torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        logps = (per_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["n_completion"]).float()
+                 * batch["completion_mask"]).sum(1)
     coef_1 = torch.exp(logps - batch["old_logps"])
     coef_2 = torch.clamp(coef_1, 1 - clip, 1 + clip)
     adv = batch["advantages"]
@@ -172,15 +187,18 @@ def rollout(model, args, device, k=2):
             "old_logps": old, "advantages": adv}
 
 
-def make_update(method, model, params):
-    """One update of ``method`` on a rollout batch: ``fo`` (AdamW) or ``zo`` (ZOPrO)."""
+def make_update(method, model, params, dtype="fp32"):
+    """One update of ``method`` on a rollout batch: ``fo`` (AdamW), ``zo`` (ZOPrO reference) or
+    ``zo_guarded`` (ZOPrO guarded)."""
     import torch
+    import yaml
 
+    bf16 = dtype == "bf16"
     if method == "fo":
         opt = torch.optim.AdamW(params, lr=1e-5)
 
         def update(b):
-            loss = rloo_loss(model, b)
+            loss = rloo_loss(model, b, autocast=bf16)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -193,12 +211,26 @@ def make_update(method, model, params):
     gen = torch.Generator().manual_seed(3)
     mu = {n: 1e-3 * torch.randn(p.shape, generator=gen) for n, p in named}
     v = {n: torch.randn(p.shape, generator=gen) for n, p in named}
-    engine = ZOEngine(named, mu, v, ZOConfig(lr=1e-5, eps=1e-3, gamma_schedule="linear"), total_steps=1000)
+    if method == "zo":
+        engine = ZOEngine(named, mu, v, ZOConfig(lr=1e-5, eps=1e-3, gamma_schedule="linear"), total_steps=1000)
+
+        def update(b):
+            with torch.no_grad():
+                engine.estimate(lambda: rloo_loss(model, b, autocast=bf16))
+                engine.apply()
+        return update
+
+    from workflow.models import fp32_compute
+    from workflow.zopro_guarded import GuardedConfig, GuardedEngine
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    config["zopro"]["updates_per_batch"] = 1  # one update, as for the other methods
+    engine = GuardedEngine(named, mu, v, GuardedConfig.from_config(config))
+    if bf16:
+        fp32_compute(model)
 
     def update(b):
-        with torch.no_grad():
-            engine.estimate(lambda: rloo_loss(model, b))
-            engine.apply()
+        engine.update(lambda: rloo_loss(model, b))
     return update
 
 
@@ -208,11 +240,13 @@ def interleaved_times(args) -> dict:
 
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    model, n_params, n_lora = build(args.size, args.r, 0, device)
+    model, n_params, n_lora = build(args.size, args.r, 0, device, args.dtype)
     model.train()
     batch = make_batch(model, args, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    updates = {m: make_update(m, model, params) for m in ("fo", "zo")}
+    # zo_guarded on a bf16 base switches the model to fp32 computation: timed in its own process only
+    methods = METHODS if args.dtype == "fp32" else ("fo", "zo")
+    updates = {m: make_update(m, model, params, args.dtype) for m in methods}
     wall = {m: [] for m in updates}
     cpu = {m: [] for m in updates}
     for rep in range(args.reps + 1):
@@ -238,14 +272,14 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     cuda = device == "cuda"
-    model, n_params, n_lora = build(args.size, args.r, 0, device)
+    model, n_params, n_lora = build(args.size, args.r, 0, device, args.dtype)
     model.train()
     batch = make_batch(model, args, device)
     import gc
     gc.collect()
     params = [p for p in model.parameters() if p.requires_grad]
 
-    update = make_update(args.worker, model, params)
+    update = make_update(args.worker, model, params, args.dtype)
     cpu_times = []
 
     def timed(fn, reps):
@@ -288,6 +322,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="default", help="model size (default ~106M params)")
     ap.add_argument("--r", type=int, default=8, help="LoRA rank")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="base model dtype (LoRA stays fp32)")
     ap.add_argument("--batch", type=int, default=8, help="sequences per micro-batch (rollouts)")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--completion-len", type=int, default=64)
@@ -296,7 +331,7 @@ def main(argv=None) -> None:
     ap.add_argument("--full", action="store_true", help="also a full iteration: generation + scoring + update")
     ap.add_argument("--cpu", action="store_true", help="force CPU even with a GPU")
     ap.add_argument("--out", default="results/benchmarks/zopro_update.json", help="JSON path; a .csv is written beside")
-    ap.add_argument("--worker", choices=["fo", "zo"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--phase", choices=["update", "full", "interleaved"], default="update", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -307,7 +342,7 @@ def main(argv=None) -> None:
     rows = []
     phases = ["update", "full"] if args.full else ["update"]
     for phase in phases:
-        for method in ("fo", "zo"):  # one fresh process per (method, phase)
+        for method in METHODS:  # one fresh process per (method, phase)
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--phase", phase] + \
                   list(argv if argv is not None else sys.argv[1:])
             env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -328,16 +363,21 @@ def main(argv=None) -> None:
     fo = by[("fo", "update")]
     ratios = {}
     for phase in phases:
-        f, z = by[("fo", phase)], by[("zo", phase)]
-        ratios[f"{phase}_memory_zo_over_fo"] = z["peak_mib"] / f["peak_mib"] if f["peak_mib"] > 0 else float("nan")
-        ratios[f"{phase}_time_zo_over_fo"] = z["time_min_s"] / f["time_min_s"]
-        ratios[f"{phase}_cpu_time_zo_over_fo"] = z["cpu_min_s"] / f["cpu_min_s"]
-    ratios["interleaved_update_time_zo_over_fo"] = inter["zo_time_min_s"] / inter["fo_time_min_s"]
-    ratios["interleaved_update_median_time_zo_over_fo"] = inter["zo_time_median_s"] / inter["fo_time_median_s"]
-    ratios["interleaved_update_cpu_time_zo_over_fo"] = inter["zo_cpu_min_s"] / inter["fo_cpu_min_s"]
+        f = by[("fo", phase)]
+        for m in METHODS[1:]:
+            z = by[(m, phase)]
+            ratios[f"{phase}_memory_{m}_over_fo"] = z["peak_mib"] / f["peak_mib"] if f["peak_mib"] > 0 else float("nan")
+            ratios[f"{phase}_time_{m}_over_fo"] = z["time_min_s"] / f["time_min_s"]
+            ratios[f"{phase}_cpu_time_{m}_over_fo"] = z["cpu_min_s"] / f["cpu_min_s"]
+    for m in METHODS[1:]:
+        if f"{m}_time_min_s" in inter:
+            ratios[f"interleaved_update_time_{m}_over_fo"] = inter[f"{m}_time_min_s"] / inter["fo_time_min_s"]
+            ratios[f"interleaved_update_median_time_{m}_over_fo"] = (inter[f"{m}_time_median_s"]
+                                                                     / inter["fo_time_median_s"])
+            ratios[f"interleaved_update_cpu_time_{m}_over_fo"] = inter[f"{m}_cpu_min_s"] / inter["fo_cpu_min_s"]
     summary = {
         "command": " ".join([os.path.relpath(sys.argv[0], root)] + list(argv if argv is not None else sys.argv[1:])),
-        "setup": {k: getattr(args, k) for k in ("size", "r", "batch", "prompt_len", "completion_len", "reps",
+        "setup": {k: getattr(args, k) for k in ("size", "r", "dtype", "batch", "prompt_len", "completion_len", "reps",
                                                  "threads", "full")},
         "model": SIZES[args.size], "device": fo["device"], "params_base": fo["params_base"],
         "params_lora": fo["params_lora"], "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
@@ -358,8 +398,8 @@ def main(argv=None) -> None:
     print(f"{'phase':<8}{'method':<8}{'peak MiB':>10}{'min s':>9}{'mean s':>9}{'cpu s':>9}")
     for r in rows:
         print(f"{r['phase']:<8}{r['method']:<8}{r['peak_mib']:>10.1f}{r['time_min_s']:>9.3f}{r['time_mean_s']:>9.3f}{r['cpu_min_s']:>9.3f}")
-    print(f"interleaved (one process, alternating): fo {inter['fo_time_min_s']:.3f} s, "
-          f"zo {inter['zo_time_min_s']:.3f} s per update (min wall)")
+    print("interleaved (one process, alternating), min wall per update: "
+          + ", ".join(f"{m} {inter[f'{m}_time_min_s']:.3f} s" for m in METHODS if f"{m}_time_min_s" in inter))
     for k, val in ratios.items():
         print(f"{k}: {val:.3f}")
     print(f"wrote {out} and {out.with_suffix('.csv')}")
