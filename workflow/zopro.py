@@ -52,6 +52,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -179,37 +180,59 @@ class ZOPrOTrainer(RLOOTrainer):
         """``RLOOTrainer.train``; the guarded variant first takes its momentum step (not when
         resuming: the checkpoint's weights already hold it, its optimizer state the metrics)."""
         if self.guarded and not resume_from_checkpoint:
-            self._record(self.build_engine().momentum(self._momentum_kl()))
+            start = self._rollouts()
+            self._record(self.build_engine().momentum(lambda: self._kl_from(start), self._kl_to_reference))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     @torch.no_grad()
-    def _momentum_kl(self):
-        """A function giving the sequence-level ``KL(pi_start || pi_now)`` on fresh rollouts of the
-        starting policy for the first ``momentum_prompts`` training prompts (forward passes only)."""
+    def _rollouts(self) -> dict[str, torch.Tensor]:
+        """Fresh rollouts of the current policy for the first ``momentum_prompts`` training prompts
+        (``num_generations`` each): token ids, masks and the policy's sequence log-probs. They are
+        probes, not training rollouts: nothing of them is logged."""
         from trl.trainer.utils import pad
 
         prompts = list(self.train_dataset[: self.zo_config.momentum_prompts]["prompt"])
         prompts = [p for p in prompts for _ in range(self.num_generations)]
         logged = {mode: defaultdict(list, {k: list(v) for k, v in m.items()}) for mode, m in self._metrics.items()}
         prompt_ids, completion_ids, _ = self._generate(prompts)
-        self._metrics = logged  # the probe rollouts are not training rollouts: keep them out of the logs
-        device = self.accelerator.device
-        as_tensors = [torch.tensor(ids, device=device) for ids in prompt_ids]
-        prompt = pad(as_tensors, padding_value=self._tokenizer.pad_token_id, padding_side="left")
-        prompt_mask = pad([torch.ones_like(t) for t in as_tensors], padding_value=0, padding_side="left")
-        as_tensors = [torch.tensor(ids, device=device) for ids in completion_ids]
-        completion = pad(as_tensors, padding_value=self._tokenizer.pad_token_id, padding_side="right")
-        completion_mask = pad([torch.ones_like(t) for t in as_tensors], padding_value=0, padding_side="right")
-        input_ids = torch.cat([prompt, completion], dim=1)
-        attention = torch.cat([prompt_mask, completion_mask], dim=1)
+        self._metrics = logged
+        device, pad_id = self.accelerator.device, self._tokenizer.pad_token_id
+        prompts_t = [torch.tensor(ids, device=device) for ids in prompt_ids]
+        completions_t = [torch.tensor(ids, device=device) for ids in completion_ids]
+        completion_mask = pad([torch.ones_like(t) for t in completions_t], padding_value=0, padding_side="right")
+        rollouts = {
+            "input_ids": torch.cat([pad(prompts_t, padding_value=pad_id, padding_side="left"),
+                                    pad(completions_t, padding_value=pad_id, padding_side="right")], dim=1),
+            "attention_mask": torch.cat([pad([torch.ones_like(t) for t in prompts_t], padding_value=0,
+                                             padding_side="left"), completion_mask], dim=1),
+            "completion_mask": completion_mask,
+        }
+        rollouts["logps"] = self._sequence_logps(rollouts)
+        return rollouts
 
-        def sequence_logps() -> torch.Tensor:
-            logps, _, _ = self._get_per_token_logps_and_entropies(self.model, input_ids, attention,
-                                                                  completion.size(1))
-            return (logps * completion_mask).sum(1)
+    def _sequence_logps(self, rollouts: dict[str, torch.Tensor], adapter: str | None = None) -> torch.Tensor:
+        """Sequence log-probs of ``rollouts``' completions under the policy (or its ``adapter``)."""
+        from trl.trainer.utils import use_adapter
 
-        start = sequence_logps()
-        return lambda: float((start - sequence_logps()).mean())
+        mask = rollouts["completion_mask"]
+        with use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=adapter) if adapter else nullcontext():
+            logps, _, _ = self._get_per_token_logps_and_entropies(self.model, rollouts["input_ids"],
+                                                                  rollouts["attention_mask"], mask.size(1))
+        return (logps * mask).sum(1)
+
+    @torch.no_grad()
+    def _kl_from(self, start: dict[str, torch.Tensor]) -> float:
+        """``KL(pi_start || pi_now)``, sequence level, on the rollouts ``start`` of ``pi_start``."""
+        return float((start["logps"] - self._sequence_logps(start)).mean())
+
+    @torch.no_grad()
+    def _kl_to_reference(self) -> float:
+        """``KL(pi_now || pi_ref)`` to the frozen ``ref`` adapter (SFT), sequence level, on fresh
+        rollouts of the current policy (NaN without a ``ref`` adapter: no bound)."""
+        if "ref" not in getattr(self.accelerator.unwrap_model(self.model), "peft_config", {}):
+            return float("nan")
+        rollouts = self._rollouts()
+        return float((rollouts["logps"] - self._sequence_logps(rollouts, adapter="ref")).mean())
 
     # --- the update -----------------------------------------------------------------------
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],

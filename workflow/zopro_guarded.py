@@ -8,8 +8,12 @@ This variant separates the two things the paper's direction does:
 1. **momentum, bounded by a trust region** (once per stage, before the first rollout batch):
    ``theta <- theta_{i-1} + alpha mu`` with ``mu = theta_{i-1} - theta_{i-2}``; ``alpha`` is the
    largest value of ``MOMENTUM_GRID`` whose sequence-level ``KL(pi_{i-1} || pi_alpha)``, estimated
-   on fresh rollouts of ``pi_{i-1}`` for ``momentum_prompts`` prompts, stays within
-   ``momentum_kl`` nats. Forward passes only; ``alpha`` and its KL are logged.
+   on rollouts of ``pi_{i-1}`` for ``momentum_prompts`` prompts, stays within ``momentum_kl``
+   nats, and whose KL to the SFT reference, estimated on ``pi_alpha``'s own rollouts, stays within
+   ``policy.kl_target`` (or where the policy already is, if further). The second bound is the
+   one that matters: measured, a step whose KL from ``pi_{i-1}`` was 0.48 took the KL to SFT
+   from 2.3 to 5.5 (mass moved to answers ``pi_{i-1}`` rarely samples) and lost 0.040 gold.
+   No gradients; ``alpha`` and both KLs are logged.
 2. **exploration with a real probe budget** (every rollout batch): ``updates_per_batch`` updates
    on the batch's PPO-clip loss (rollouts reused: the ratio to the old log-probs keeps that valid),
    each with ``n_perturbations`` unit-variance Gaussian probes ``z_j`` (MeZO style, their size does
@@ -59,6 +63,7 @@ class GuardedConfig:
     updates_per_batch: int
     momentum_kl: float
     momentum_prompts: int
+    reference_kl_budget: float | None = None
     seed: int = 0
 
     @property
@@ -80,6 +85,8 @@ class GuardedConfig:
                    n_perturbations=int(section["n_perturbations"]),
                    updates_per_batch=int(section["updates_per_batch"]),
                    momentum_kl=float(section["momentum_kl"]), momentum_prompts=int(section["momentum_prompts"]),
+                   reference_kl_budget=(None if config.get("policy", {}).get("kl_target") is None
+                                        else float(config["policy"]["kl_target"])),
                    seed=int(config.get("seed", 0) if seed is None else seed))
 
 
@@ -104,6 +111,11 @@ def _mean_across_processes(values: torch.Tensor) -> torch.Tensor:
     out = values.to(device)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(values.device) / dist.get_world_size()
+
+
+def _mean_scalar(value: float) -> float:
+    """A scalar averaged over data-parallel processes (each estimated it on its own rollouts)."""
+    return float(_mean_across_processes(torch.tensor([float(value)], dtype=torch.float64))[0])
 
 
 def _as_float(loss: Any) -> float:
@@ -180,23 +192,40 @@ class GuardedEngine:
 
     # --- 1. momentum ----------------------------------------------------------------------
     @torch.no_grad()
-    def momentum(self, kl_of: Callable[[], float]) -> dict[str, float]:
-        """Move along ``mu`` by the largest grid multiple whose KL to the start (``kl_of()``, evaluated
-        at the current parameters) is within ``momentum_kl``; returns the metrics."""
-        alpha, kl = 0.0, 0.0
+    def momentum(self, kl_of: Callable[[], float],
+                 reference_kl_of: Callable[[], float] | None = None) -> dict[str, float]:
+        """Move along ``mu`` by the largest grid multiple within both budgets; returns the metrics.
+
+        ``kl_of()``: KL from the starting policy, evaluated at the current parameters, at most
+        ``momentum_kl``. ``reference_kl_of()``: KL of the current policy to the frozen reference
+        (SFT) on its own rollouts, at most ``max(reference_kl_budget, its value at the start)``: the
+        step never takes the policy further from SFT than the KL budget every method keeps (or than
+        it already is). NaN values end the search (NaN reference KL: no reference, no bound).
+        """
+        alpha, kl, reference_kl = 0.0, 0.0, float("nan")
         if self.config.momentum_kl > 0 and float(self.mu.norm()) > 0:
             start = self.flat_params()
+            reference_budget = math.inf
+            if reference_kl_of is not None and self.config.reference_kl_budget is not None:
+                reference_kl = _mean_scalar(reference_kl_of())
+                if math.isfinite(reference_kl):
+                    reference_budget = max(self.config.reference_kl_budget, reference_kl)
             for candidate in MOMENTUM_GRID:
                 self.set_(start)
                 self.add_(self.mu, candidate)
-                value = float(_mean_across_processes(torch.tensor([float(kl_of())], dtype=torch.float64))[0])
+                value = _mean_scalar(kl_of())
                 if not math.isfinite(value) or value > self.config.momentum_kl:
                     break
+                if math.isfinite(reference_budget):
+                    to_reference = _mean_scalar(reference_kl_of())
+                    if not to_reference <= reference_budget:
+                        break
+                    reference_kl = to_reference
                 alpha, kl = candidate, value
             self.set_(start)
             self.add_(self.mu, alpha)
         self.state.momentum_alpha, self.state.momentum_kl = alpha, kl
-        return {"zo/momentum_alpha": alpha, "zo/momentum_kl": kl}
+        return {"zo/momentum_alpha": alpha, "zo/momentum_kl": kl, "zo/momentum_reference_kl": reference_kl}
 
     # --- 2./3. guarded exploration --------------------------------------------------------
     @torch.no_grad()
