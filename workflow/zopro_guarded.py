@@ -9,10 +9,10 @@ This variant separates the two things the paper's direction does:
    ``theta <- theta_{i-1} + alpha mu`` with ``mu = theta_{i-1} - theta_{i-2}``; ``alpha`` is the
    largest value of ``MOMENTUM_GRID`` whose sequence-level ``KL(pi_{i-1} || pi_alpha)``, estimated
    on rollouts of ``pi_{i-1}`` for ``momentum_prompts`` prompts, stays within ``momentum_kl``
-   nats, and whose KL to the SFT reference, estimated on ``pi_alpha``'s own rollouts, stays within
-   ``policy.kl_target`` (or where the policy already is, if further). The second bound is the
-   one that matters: measured, a step whose KL from ``pi_{i-1}`` was 0.48 took the KL to SFT
-   from 2.3 to 5.5 (mass moved to answers ``pi_{i-1}`` rarely samples) and lost 0.040 gold.
+   nats, and whose KL to the SFT reference, estimated on ``pi_alpha``'s own rollouts, rises by at
+   most ``momentum_kl`` too. The second bound is the one that matters: measured, a step whose KL
+   from ``pi_{i-1}`` was 0.48 took the KL to SFT from 2.3 to 5.5 (mass moved to answers
+   ``pi_{i-1}`` rarely samples) and lost 0.040 gold.
    No gradients; ``alpha`` and both KLs are logged.
 2. **exploration with a real probe budget** (every rollout batch): ``updates_per_batch`` updates
    on the batch's PPO-clip loss (rollouts reused: the ratio to the old log-probs keeps that valid),
@@ -63,7 +63,6 @@ class GuardedConfig:
     updates_per_batch: int
     momentum_kl: float
     momentum_prompts: int
-    reference_kl_budget: float | None = None
     seed: int = 0
 
     @property
@@ -85,8 +84,6 @@ class GuardedConfig:
                    n_perturbations=int(section["n_perturbations"]),
                    updates_per_batch=int(section["updates_per_batch"]),
                    momentum_kl=float(section["momentum_kl"]), momentum_prompts=int(section["momentum_prompts"]),
-                   reference_kl_budget=(None if config.get("policy", {}).get("kl_target") is None
-                                        else float(config["policy"]["kl_target"])),
                    seed=int(config.get("seed", 0) if seed is None else seed))
 
 
@@ -198,27 +195,24 @@ class GuardedEngine:
 
         ``kl_of()``: KL from the starting policy, evaluated at the current parameters, at most
         ``momentum_kl``. ``reference_kl_of()``: KL of the current policy to the frozen reference
-        (SFT) on its own rollouts, at most ``max(reference_kl_budget, its value at the start)``: the
-        step never takes the policy further from SFT than the KL budget every method keeps (or than
-        it already is). NaN values end the search (NaN reference KL: no reference, no bound).
+        (SFT) on its own rollouts; it may rise by at most ``momentum_kl`` over its value at the
+        start. NaN ends the search (a NaN reference KL at the start: no reference, no such bound).
         """
         alpha, kl, reference_kl = 0.0, 0.0, float("nan")
-        if self.config.momentum_kl > 0 and float(self.mu.norm()) > 0:
+        budget = self.config.momentum_kl
+        if budget > 0 and float(self.mu.norm()) > 0:
             start = self.flat_params()
-            reference_budget = math.inf
-            if reference_kl_of is not None and self.config.reference_kl_budget is not None:
-                reference_kl = _mean_scalar(reference_kl_of())
-                if math.isfinite(reference_kl):
-                    reference_budget = max(self.config.reference_kl_budget, reference_kl)
+            reference_start = _mean_scalar(reference_kl_of()) if reference_kl_of is not None else float("nan")
+            reference_kl = reference_start
             for candidate in MOMENTUM_GRID:
                 self.set_(start)
                 self.add_(self.mu, candidate)
                 value = _mean_scalar(kl_of())
-                if not math.isfinite(value) or value > self.config.momentum_kl:
+                if not value <= budget:
                     break
-                if math.isfinite(reference_budget):
+                if math.isfinite(reference_start):
                     to_reference = _mean_scalar(reference_kl_of())
-                    if not to_reference <= reference_budget:
+                    if not to_reference - reference_start <= budget:
                         break
                     reference_kl = to_reference
                 alpha, kl = candidate, value
