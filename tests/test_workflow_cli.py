@@ -164,3 +164,22 @@ def test_a_zopro_methods_own_iteration_0_is_refused_with_the_shared_folder(tmp_p
     result = snakemake(tmp_path, "-n", "--cores", "2", "results/zorloo/iter_0/policy/adapter")
     assert result.returncode != 0
     assert "results/rloo/iter_0" in result.stdout + result.stderr
+
+
+def test_readme_real_model_command_plans_with_the_slurm_profile(tmp_path):
+    """README "From laptop to cluster" step 4 (and the example config's header), run as a dry run from
+    a copy of the project: the target must not be swallowed by ``--configfile``."""
+    from smk import readme_commands
+
+    example = "config/examples/llama-3.2-1b-hh-rlhf.yaml"
+    (command,) = readme_commands(example)
+    header = readme_commands(example, REPO / example)
+    assert header == [command], "the example config's header must show the README's command"
+    assert command.index("results/compare/plots") < command.index("--configfile")
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    result = snakemake(tmp_path, *command, "-n")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    jobs = _dry_run_jobs(out)
+    assert "compare_methods" in jobs and "train_policy" in jobs and "base_model" not in jobs
