@@ -17,21 +17,39 @@ _precision: str | None = None  # config "precision" of this process (set_precisi
 
 def configure(threads: int, seed: int, cache_dir: str | None = None, precision: str | None = None) -> None:
     """Cap torch threads at the real CPU count, seed every RNG, point HF caches at ``cache_dir``
-    and set the process-wide ``precision`` (the job's ``config["precision"]``, see :func:`set_precision`).
+    (:func:`use_cache_dir`) and set the process-wide ``precision`` (the job's ``config["precision"]``,
+    see :func:`set_precision`).
 
     Snakemake does not cap ``--cores`` at the machine's cores, so ``threads`` may exceed them.
     """
     set_precision(precision)
-    if cache_dir:
-        cache = os.path.abspath(cache_dir)
-        os.environ.setdefault("HF_HOME", cache)
-        os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(cache, "datasets"))
+    use_cache_dir(cache_dir)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def user_hf_home() -> str:
+    """The user's own Hugging Face folder: ``$HF_HOME``, else ``$XDG_CACHE_HOME/huggingface``, else
+    ``~/.cache/huggingface`` (as ``huggingface_hub`` resolves it)."""
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.expanduser(os.environ.get("HF_HOME", default))
+
+
+def use_cache_dir(cache_dir: str | None) -> None:
+    """Config ``cache_dir``: models and datasets are cached under this folder (``HF_HOME``), while
+    the user's stored token (``hf auth login``) is still found (``HF_TOKEN_PATH``). ``None`` leaves
+    the user's own Hugging Face cache and settings untouched. Variables the user set win."""
+    if not cache_dir:
+        return
+    token = os.path.join(user_hf_home(), "token")
+    cache = os.path.abspath(os.path.expanduser(str(cache_dir)))
+    os.environ.setdefault("HF_TOKEN_PATH", token)
+    os.environ.setdefault("HF_HOME", cache)
+    os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(cache, "datasets"))
 
 
 def device() -> torch.device:
