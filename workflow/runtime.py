@@ -13,6 +13,8 @@ import torch
 SCHEMA = Path(__file__).with_name("schemas") / "config.schema.yaml"
 
 _precision: str | None = None  # config "precision" of this process (set_precision); None: not set yet
+_tracking: dict[str, Any] = {"report_to": "none"}  # trainer arguments of config "tracking" (set_tracking)
+TENSORBOARD_DIR = "logs/tensorboard"  # event files of report_to tensorboard: one folder per job (set_tracking)
 
 
 def configure(threads: int, seed: int, cache_dir: str | None = None, precision: str | None = None) -> None:
@@ -50,6 +52,29 @@ def use_cache_dir(cache_dir: str | None) -> None:
     os.environ.setdefault("HF_TOKEN_PATH", token)
     os.environ.setdefault("HF_HOME", cache)
     os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(cache, "datasets"))
+
+
+def set_tracking(tracking: dict[str, Any] | None, run_name: str) -> None:
+    """Config ``tracking`` of this process's job, named ``run_name`` (``train_policy/rloo_1``): every
+    trainer reports to ``tracking.report_to`` (transformers' ``report_to``: ``none``, ``tensorboard``,
+    ``trackio``, ``wandb``, ... or a list) as run ``run_name`` of project ``tracking.project``
+    (trackio's ``project``, ``WANDB_PROJECT`` unless set); tensorboard writes its event files to
+    ``logs/tensorboard/<run_name>`` (``TENSORBOARD_LOGGING_DIR``, set per job)."""
+    global _tracking
+    tracking = tracking or {}
+    report_to = tracking.get("report_to", "none")
+    _tracking = {"report_to": list(report_to) if isinstance(report_to, (list, tuple)) else str(report_to),
+                 "run_name": run_name}
+    if tracking.get("project"):
+        _tracking["project"] = str(tracking["project"])
+        os.environ.setdefault("WANDB_PROJECT", _tracking["project"])
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.abspath(os.path.join(TENSORBOARD_DIR, run_name))
+
+
+def tracking_args() -> dict[str, Any]:
+    """Trainer arguments of the job's tracking (:func:`set_tracking`): ``report_to``, and once set,
+    ``run_name`` and ``project``; ``report_to="none"`` until then."""
+    return dict(_tracking)
 
 
 def device() -> torch.device:
