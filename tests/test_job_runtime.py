@@ -119,3 +119,23 @@ def test_tracking_report_to_is_validated(tmp_path, value, ok):
     assert (result.returncode == 0) == ok, result.stdout + result.stderr
     if not ok:
         assert "report_to" in result.stdout + result.stderr
+
+
+def test_known_noisy_warnings_are_filtered_and_no_others():
+    import warnings
+
+    noisy = ["`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing` instead.",
+             "`gradient_checkpointing_enable` is deprecated and will be removed in v6. Use `activation_checkpointing_enable` instead.",
+             "`gradient_checkpointing_disable` is deprecated and will be removed in v6. Use `activation_checkpointing_disable` instead.",
+             "`gradient_checkpointing` is deprecated and will be removed in v6. Use `activation_checkpointing` instead."]
+    kept = [(FutureWarning, "`torch_dtype` is deprecated and will be removed in v6."),
+            (UserWarning, noisy[0]),  # same text, another category
+            (UserWarning, "something else")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runtime.filter_known_warnings()
+        for message in noisy:
+            warnings.warn(message, FutureWarning)
+        for category, message in kept:
+            warnings.warn(message, category)
+    assert [(w.category, str(w.message)) for w in caught] == kept

@@ -1,9 +1,10 @@
-"""Per-job runtime set-up: threads, seeds, caches, device and precision."""
+"""Per-job runtime set-up: threads, seeds, caches, warnings, tracking, device and precision."""
 from __future__ import annotations
 
 import functools
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,11 @@ SCHEMA = Path(__file__).with_name("schemas") / "config.schema.yaml"
 
 _precision: str | None = None  # config "precision" of this process (set_precision); None: not set yet
 _tracking: dict[str, Any] = {"report_to": "none"}  # trainer arguments of config "tracking" (set_tracking)
+# Warnings that every stage would print again and again (about 60 per policy stage) and that say
+# nothing about the run: transformers 5 renaming gradient checkpointing, which trl calls every step.
+KNOWN_NOISY_WARNINGS = (
+    (FutureWarning, r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated and will be removed in v6"),
+)
 TENSORBOARD_DIR = "logs/tensorboard"  # event files of report_to tensorboard: one folder per job (set_tracking)
 
 
@@ -26,12 +32,19 @@ def configure(threads: int, seed: int, cache_dir: str | None = None, precision: 
     """
     set_precision(precision)
     use_cache_dir(cache_dir)
+    filter_known_warnings()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def filter_known_warnings() -> None:
+    """Hide exactly the :data:`KNOWN_NOISY_WARNINGS` (category and message); every other warning shows."""
+    for category, message in KNOWN_NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def user_hf_home() -> str:
