@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -28,3 +29,16 @@ def readme_commands(needle: str, readme: Path = REPO / "README.md") -> list[list
         if line.startswith(".venv/bin/snakemake ") and needle in line:
             found.append(shlex.split(line.split("  #")[0])[1:])
     return found
+
+
+def plan_resources(out: str) -> dict[tuple[str, str], dict[str, str]]:
+    """``(rule, wildcards) -> resources`` of every job listed by a dry run (``-n``) in ``out``."""
+    jobs = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        head = re.match(r"(?:local)?rule (\w+):", block)
+        res = re.search(r"resources: (.+)", block)
+        wildcards = re.search(r"wildcards: (.+)", block)
+        if head and res:
+            pairs = dict(kv.split("=", 1) for kv in re.split(r",\s*", res.group(1).strip()) if "=" in kv)
+            jobs[head.group(1), wildcards.group(1) if wildcards else ""] = pairs
+    return jobs
