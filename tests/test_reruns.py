@@ -56,6 +56,7 @@ CHANGES = {
     "loop.methods": ({"loop": {"methods": ["zorloo", "rloo"]}}, set()),  # read by `all` and compare only
     "resources.train_mem_mb": ({"resources": {"train_mem_mb": 3000}}, set()),
     "cache_dir": ({"cache_dir": ".cache/elsewhere"}, set()),
+    "tracking.report_to": ({"tracking": {"report_to": "tensorboard"}}, set()),  # a runtime key (workflow/job.py)
 }
 
 

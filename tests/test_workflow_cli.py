@@ -7,7 +7,7 @@ import shutil
 import pytest
 import yaml
 
-from smk import REPO, snakemake
+from smk import REPO, plan_resources, snakemake
 
 
 def test_lint_is_clean(tmp_path):
@@ -54,72 +54,6 @@ def test_example_real_model_config_validates_and_plans(tmp_path):
     assert "results/data/hh-rlhf/train.parquet" in out
 
 
-def _dry_run_jobs(out: str) -> dict[str, list[dict[str, str]]]:
-    """Rule name -> resources of each planned job, parsed from a dry run's job listing."""
-    jobs: dict[str, list[dict[str, str]]] = {}
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
-        head = re.match(r"(?:local)?rule (\w+):", block)
-        res = re.search(r"resources: (.+)", block)
-        if head and res:
-            pairs = dict(kv.split("=", 1) for kv in re.split(r",\s*", res.group(1).strip()) if "=" in kv)
-            jobs.setdefault(head.group(1), []).append(pairs)
-    return jobs
-
-
-def test_slurm_profile_dry_run_assigns_gpus_and_memory(tmp_path):
-    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
-    result = snakemake(tmp_path, "-n", "--profile", str(tmp_path / "profiles" / "slurm"), "results/zorloo/plots")
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out
-    jobs = _dry_run_jobs(out)
-    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())["set-resources"]
-    for rule in ("sft", "reward_initial", "train_policy", "refine_reward", "collect_pairs"):
-        assert rule in jobs, f"{rule} missing from the plan"
-        for resources in jobs[rule]:
-            assert resources["gpu"] == str(profile[rule]["gpu"])
-            assert resources["mem_mb"] == str(profile[rule]["mem_mb"])
-            assert resources["slurm_partition"] == profile[rule]["slurm_partition"]
-
-
-def test_slurm_profile_submits_training_jobs_with_gpu_memory_and_requeue(tmp_path):
-    """With stub SLURM commands on PATH, the real sbatch call of a GPU rule is recorded and checked."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "sbatch.log"
-    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {log}\necho 1234\n')
-    for tool in ("sacctmgr", "sshare", "sinfo", "squeue", "sacct", "scontrol"):
-        (bin_dir / tool).write_text("#!/bin/sh\nexit 0\n")
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "wd"),
-           "--profile", str(tmp_path / "profiles" / "slurm"), "results/base"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while not log.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-    finally:
-        proc.kill()  # nothing would ever finish on the stub cluster
-        proc.wait(timeout=30)
-    call = log.read_text()
-    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())["set-resources"]["base_model"]
-    assert "--comment rule_base_model" in call
-    assert f"--gpus={profile['gpu']}" in call
-    assert f"--mem {profile['mem_mb']}" in call
-    assert f"-t {profile['runtime']}" in call and f"-p {profile['slurm_partition']}" in call
-    assert "--requeue" in call
-    # extraction is a local rule: it ran here, it was never submitted
-    assert "rule_extract_dataset" not in call
-    assert (tmp_path / "wd" / "results" / "data" / "embedded" / "train.parquet").exists()
-
-
 def test_nested_override_with_a_configfile_overlay(tmp_path):
     """README "Nested overrides": an overlay of the nested keys only, merged over config.yaml."""
     overlay = tmp_path / "overlay.yaml"
@@ -164,3 +98,34 @@ def test_a_zopro_methods_own_iteration_0_is_refused_with_the_shared_folder(tmp_p
     result = snakemake(tmp_path, "-n", "--cores", "2", "results/zorloo/iter_0/policy/adapter")
     assert result.returncode != 0
     assert "results/rloo/iter_0" in result.stdout + result.stderr
+
+
+def test_readme_real_model_command_plans_with_the_slurm_profile(tmp_path):
+    """README "From laptop to cluster" step 4 (and the example config's header), run as a dry run from
+    a copy of the project: the target must not be swallowed by ``--configfile``."""
+    from smk import readme_commands
+
+    example = "config/examples/llama-3.2-1b-hh-rlhf.yaml"
+    (command,) = readme_commands(example)
+    header = readme_commands(example, REPO / example)
+    assert header == [command], "the example config's header must show the README's command"
+    assert command.index("results/compare/plots") < command.index("--configfile")
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    result = snakemake(tmp_path, *command, "-n")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    rules = {rule for rule, _ in plan_resources(out)}
+    assert {"compare_methods", "train_policy", "collect_pairs"} <= rules and "base_model" not in rules
+
+
+def test_readme_slurm_dry_run_command_plans(tmp_path):
+    """README "From laptop to cluster" step 3, the dry run (``-n``), from a copy of the profiles."""
+    from smk import readme_commands
+
+    (command,) = [c for c in readme_commands("--profile profiles/slurm") if "-n" in c]
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    result = snakemake(tmp_path, *command)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "train_policy" in {rule for rule, _ in plan_resources(out)}

@@ -18,14 +18,16 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from workflow import runtime
 
 
 # Config keys every job gets besides its settings, and which are not rerun triggers: where caches
-# live and how a job is spread over processes (resources, like those the SLURM profile sets).
-RUNTIME_KEYS = ("cache_dir", "resources")
+# live, how a job is spread over processes (resources, like those the SLURM profile sets) and where
+# its trainers report (tracking: watching a run does not change its results).
+RUNTIME_KEYS = ("cache_dir", "resources", "tracking")
 
 
 @dataclasses.dataclass
@@ -79,6 +81,15 @@ class Job:
         return parents.pop()
 
     @property
+    def run_name(self) -> str:
+        """The job's name in experiment tracking: the last folder and the name of its log without the
+        suffix (``logs/train_policy/rloo_1.log``: ``train_policy/rloo_1``), else ``job``."""
+        if not self.log:
+            return "job"
+        path = Path(self.log)
+        return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+
+    @property
     def gpus(self) -> int:
         return int(self.resources.get("gpu", 0) or 0)
 
@@ -120,8 +131,14 @@ def run_job(job: Job, target: str) -> Any:
     runtime.require_gpus(job.gpus)
     if job.processes > 1:
         return _launch_distributed(job, target, job.processes)
-    runtime.configure(job.threads, job.seed, job.config.get("cache_dir"), job.config.get("precision"))
+    configure(job)
     return resolve(target)(job)
+
+
+def configure(job: Job) -> None:
+    """Set up this process for ``job`` (:func:`workflow.runtime.configure`, and its tracking)."""
+    runtime.configure(job.threads, job.seed, job.config.get("cache_dir"), job.config.get("precision"))
+    runtime.set_tracking(job.config.get("tracking"), job.run_name)
 
 
 def _launch_distributed(job: Job, target: str, processes: int) -> None:
@@ -202,7 +219,7 @@ def _main(spec_path: str) -> None:
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     if rank > 0:
         job = dataclasses.replace(job, output=rank_outputs(job.output, rank, scratch))
-    runtime.configure(job.threads, job.seed, job.config.get("cache_dir"), job.config.get("precision"))
+    configure(job)
     resolve(spec["target"])(job)
 
 

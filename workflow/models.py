@@ -65,11 +65,19 @@ def load_tokenizer(path: str, task: str):
     return prepared if prepared is not None else tokenizer
 
 
+def model_source(path: str) -> str:
+    """``path`` made absolute when it is a local folder (a hub id is returned as is). Models load
+    from it, so the adapters trained on them record an absolute ``base_model_name_or_path`` (in
+    ``adapter_config.json`` and the model card) and ``AutoPeftModelFor...`` finds the base from any
+    working directory."""
+    return os.path.abspath(path) if os.path.isdir(path) else path
+
+
 def load_causal_lm(path: str, dtype: torch.dtype | None = None):
-    """The base causal LM of ``path`` (folder or hub id) on the runtime device; its ``lm_head``
-    computes fp32 logits (:class:`FP32Head`)."""
+    """The base causal LM of ``path`` (folder or hub id, :func:`model_source`) on the runtime device;
+    its ``lm_head`` computes fp32 logits (:class:`FP32Head`)."""
     with reading(path, "model"):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch_dtype())
+        model = AutoModelForCausalLM.from_pretrained(model_source(path), dtype=dtype or torch_dtype())
     fp32_head(model.get_output_embeddings())
     return model.to(runtime.device())
 
@@ -110,7 +118,7 @@ def load_sequence_classifier(base_path: str, pad_token_id: int | None = None, dt
     weights and optimizer states, as the LoRA weights do.
     """
     with reading(base_path, "model"):
-        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1,
+        model = AutoModelForSequenceClassification.from_pretrained(model_source(base_path), num_labels=1,
                                                                    dtype=dtype or torch_dtype())
     fp32_head(model.score.float())
     if pad_token_id is None:

@@ -377,14 +377,6 @@ def build_dpo(model, ref_model, tokenizer, reward_fn, prompts, cfg, scratch, see
                             processing_class=tokenizer, reward_processing_classes=None, callbacks=callbacks)
 
 
-def template_end_ids(tokenizer) -> list[int]:
-    """Token ids the chat template renders after an assistant answer (e.g. ``<|im_end|>``, newline)."""
-    marker = "\x00answer\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
-                                         tokenize=False)
-    return list(tokenizer(text.split(marker)[-1], add_special_tokens=False)["input_ids"])
-
-
 class TemplateEndReward(torch.nn.Module):
     """Reward model for trl's PPO that scores a rollout where the reward model was trained to.
 
@@ -440,6 +432,8 @@ class TemplateEndReward(torch.nn.Module):
 def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch, seed, callbacks):
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from workflow.templates import template_end_ids
 
     pcfg = cfg["policy"]
     kwargs = _common_args(scratch, cfg, seed)

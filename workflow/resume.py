@@ -37,7 +37,7 @@ FINGERPRINT = "fingerprint.json"
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # config sections that cannot change what a training stage computes
-_IGNORED_SECTIONS = ("plots", "evaluation")
+_IGNORED_SECTIONS = ("plots", "evaluation", "tracking")
 
 
 def fingerprint(config: dict[str, Any], inputs: Iterable[str | os.PathLike], **extra: Any) -> str:

@@ -1,9 +1,10 @@
-"""Per-job runtime set-up: threads, seeds, caches, device and precision."""
+"""Per-job runtime set-up: threads, seeds, caches, warnings, tracking, device and precision."""
 from __future__ import annotations
 
 import functools
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,25 +14,80 @@ import torch
 SCHEMA = Path(__file__).with_name("schemas") / "config.schema.yaml"
 
 _precision: str | None = None  # config "precision" of this process (set_precision); None: not set yet
+_tracking: dict[str, Any] = {"report_to": "none"}  # trainer arguments of config "tracking" (set_tracking)
+# Warnings that every stage would print again and again (about 60 per policy stage) and that say
+# nothing about the run: transformers 5 renaming gradient checkpointing, which trl calls every step.
+KNOWN_NOISY_WARNINGS = (
+    (FutureWarning, r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated and will be removed in v6"),
+)
+TENSORBOARD_DIR = "logs/tensorboard"  # event files of report_to tensorboard: one folder per job (set_tracking)
 
 
 def configure(threads: int, seed: int, cache_dir: str | None = None, precision: str | None = None) -> None:
     """Cap torch threads at the real CPU count, seed every RNG, point HF caches at ``cache_dir``
-    and set the process-wide ``precision`` (the job's ``config["precision"]``, see :func:`set_precision`).
+    (:func:`use_cache_dir`) and set the process-wide ``precision`` (the job's ``config["precision"]``,
+    see :func:`set_precision`).
 
     Snakemake does not cap ``--cores`` at the machine's cores, so ``threads`` may exceed them.
     """
     set_precision(precision)
-    if cache_dir:
-        cache = os.path.abspath(cache_dir)
-        os.environ.setdefault("HF_HOME", cache)
-        os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(cache, "datasets"))
+    use_cache_dir(cache_dir)
+    filter_known_warnings()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def filter_known_warnings() -> None:
+    """Hide exactly the :data:`KNOWN_NOISY_WARNINGS` (category and message); every other warning shows."""
+    for category, message in KNOWN_NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def user_hf_home() -> str:
+    """The user's own Hugging Face folder: ``$HF_HOME``, else ``$XDG_CACHE_HOME/huggingface``, else
+    ``~/.cache/huggingface`` (as ``huggingface_hub`` resolves it)."""
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.expanduser(os.environ.get("HF_HOME", default))
+
+
+def use_cache_dir(cache_dir: str | None) -> None:
+    """Config ``cache_dir``: models and datasets are cached under this folder (``HF_HOME``), while
+    the user's stored token (``hf auth login``) is still found (``HF_TOKEN_PATH``). ``None`` leaves
+    the user's own Hugging Face cache and settings untouched. Variables the user set win."""
+    if not cache_dir:
+        return
+    token = os.path.join(user_hf_home(), "token")
+    cache = os.path.abspath(os.path.expanduser(str(cache_dir)))
+    os.environ.setdefault("HF_TOKEN_PATH", token)
+    os.environ.setdefault("HF_HOME", cache)
+    os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(cache, "datasets"))
+
+
+def set_tracking(tracking: dict[str, Any] | None, run_name: str) -> None:
+    """Config ``tracking`` of this process's job, named ``run_name`` (``train_policy/rloo_1``): every
+    trainer reports to ``tracking.report_to`` (transformers' ``report_to``: ``none``, ``tensorboard``,
+    ``trackio``, ``wandb``, ... or a list) as run ``run_name`` of project ``tracking.project``
+    (trackio's ``project``, ``WANDB_PROJECT`` unless set); tensorboard writes its event files to
+    ``logs/tensorboard/<run_name>`` (``TENSORBOARD_LOGGING_DIR``, set per job)."""
+    global _tracking
+    tracking = tracking or {}
+    report_to = tracking.get("report_to", "none")
+    _tracking = {"report_to": list(report_to) if isinstance(report_to, (list, tuple)) else str(report_to),
+                 "run_name": run_name}
+    if tracking.get("project"):
+        _tracking["project"] = str(tracking["project"])
+        os.environ.setdefault("WANDB_PROJECT", _tracking["project"])
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.abspath(os.path.join(TENSORBOARD_DIR, run_name))
+
+
+def tracking_args() -> dict[str, Any]:
+    """Trainer arguments of the job's tracking (:func:`set_tracking`): ``report_to``, and once set,
+    ``run_name`` and ``project``; ``report_to="none"`` until then."""
+    return dict(_tracking)
 
 
 def device() -> torch.device:

@@ -28,9 +28,10 @@ from workflow.snapshots import SnapshotCallback
 
 def trainer_kwargs(output_dir: str, epochs: float, learning_rate: float, batch_size: int, seed: int,
                    **extra: Any) -> dict[str, Any]:
-    """Arguments every training stage gives its trl config: no checkpoints, no reporting, bf16
-    autocast when ``runtime.use_bf16()`` (config ``precision``; the CPU included), else fp32, CPU
-    when no GPU, seeded, tqdm progress, frequent logging."""
+    """Arguments every training stage gives its trl config: no checkpoints, reporting as config
+    ``tracking`` says (``runtime.tracking_args()``; none by default), bf16 autocast when
+    ``runtime.use_bf16()`` (config ``precision``; the CPU included), else fp32, CPU when no GPU,
+    seeded, tqdm progress, frequent logging."""
     kwargs = dict(
         output_dir=output_dir,
         num_train_epochs=float(epochs),
@@ -43,7 +44,7 @@ def trainer_kwargs(output_dir: str, epochs: float, learning_rate: float, batch_s
         data_seed=int(seed),
         save_strategy="no",
         eval_strategy="no",
-        report_to="none",
+        **runtime.tracking_args(),
         logging_strategy="steps",
         logging_steps=0.02,            # a ratio: about 50 log rows per run
         logging_first_step=True,

@@ -122,6 +122,8 @@ def _as_tensors(x: Mapping[str, torch.Tensor] | str | os.PathLike | None) -> dic
 class ZOPrOTrainer(RLOOTrainer):
     """RLOO whose update is the ZOPrO zeroth-order step (see module docstring)."""
 
+    _tag_names = ["trl", "zopro"]  # the tags of the saved adapter's model card (RLOOTrainer's: "rloo")
+
     def __init__(self, *args: Any, mu: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
                  v: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
                  zo_config: ZOConfig | GuardedConfig | None = None, **kwargs: Any):
