@@ -28,7 +28,7 @@ rule study_seed:
         "logs/study_seed/{seed}.log",
     benchmark:
         "results/benchmarks/study_seed/{seed}.tsv"
-    threads: workflow.cores
+    threads: 8  # capped to --cores on a laptop; the nested run uses what the job gets
     resources:
         **train_resources(),
     conda:

@@ -146,7 +146,8 @@ def test_sbatch_calls_of_every_rule(tmp_path):
     targets = [f"results/{m}/plots" for m in ("ppo", "rloo", "zorloo")] + [
         "results/rloo/plots_upto_1", "results/base_eval/evaluation_summary.csv", "results/sft/evaluation_summary.csv",
         *(f"results/{m}/iter_{i}/evaluation_summary.csv" for m in ("ppo", "rloo") for i in (0, 1)),
-        "results/zorloo/iter_1/evaluation_summary.csv"]
+        "results/zorloo/iter_1/evaluation_summary.csv",
+        "results/study/seed_1/results/rloo/evaluation.csv"]  # a study seed: one nested run in one job
     plan = snakemake(work, "-n", "--forceall", *targets, "--configfile", str(overlay))
     assert plan.returncode == 0, plan.stdout + plan.stderr
     _seed_outputs(plan.stdout, tmp_path / "seed")
