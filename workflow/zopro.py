@@ -230,10 +230,15 @@ class ZOPrOTrainer(RLOOTrainer):
     @torch.no_grad()
     def _kl_to_reference(self) -> float:
         """``KL(pi_now || pi_ref)`` to the frozen ``ref`` adapter (SFT), sequence level, on fresh
-        rollouts of the current policy (NaN without a ``ref`` adapter: no bound)."""
+        rollouts of the current policy (NaN without a ``ref`` adapter: no bound). Every call samples
+        with the same random numbers (common random numbers), so the differences between momentum
+        candidates are not swamped by sampling noise; the training RNG is left as it was."""
         if "ref" not in getattr(self.accelerator.unwrap_model(self.model), "peft_config", {}):
             return float("nan")
-        rollouts = self._rollouts()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):  # the same random numbers for every candidate
+            torch.manual_seed(self.zo_config.seed)
+            rollouts = self._rollouts()
         return float((rollouts["logps"] - self._sequence_logps(rollouts, adapter="ref")).mean())
 
     # --- the update -----------------------------------------------------------------------
