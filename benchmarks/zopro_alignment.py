@@ -1,6 +1,6 @@
 """Diagnostic: how well does the ZOPrO update point along the true policy gradient?
 
-Runs the real zorloo iteration-1 policy stage (same trainer, prompts, reward model and ``mu``/``v``
+Runs the real zorloo iteration-1 policy stage of the reference variant (same trainer, prompts, reward model and ``mu``/``v``
 as the workflow) for ``--steps`` updates and, at every update, also computes the exact gradient
 ``G`` of the RLOO loss on the same rollout batch with autograd. It then records:
 
@@ -11,7 +11,7 @@ as the workflow) for ``--steps`` updates and, at every update, also computes the
 * ``fd_rel_err``: relative error of the two-point finite difference ``(L(+eps z) - L(-eps z)) / 2 eps``
   against the exact ``G . z`` for several ``eps`` (float32 rounding, curvature).
 
-    .venv/bin/snakemake --cores all results/zorloo/iter_1/reward/metrics.csv   # the inputs
+    .venv/bin/snakemake --cores all results/rloo/iter_1/reward/metrics.csv   # the inputs (zorloo shares them)
     .venv/bin/python benchmarks/zopro_alignment.py --out results/benchmarks/zopro_alignment.csv
 
 Prints the per-setting means; one row per (step, setting) goes to ``--out``.
@@ -98,8 +98,9 @@ def main() -> None:
     cfg = yaml.safe_load(Path(args.config).read_text())
     runtime.configure(threads=2, seed=int(cfg["seed"]), cache_dir=cfg.get("cache_dir"))
     base = cfg["model"]["name"] or str(res / "base")
-    inputs = {"policy_prev": res / "zorloo/iter_0/policy/adapter", "policy_prev2": res / "sft/adapter",
-              "reward_i": res / "zorloo/iter_1/reward/adapter", "reward_prev": res / "reward/iter_0/adapter"}
+    # zorloo's iteration 0 and reward model 1 are rloo's (rules/common.smk, chain_owner)
+    inputs = {"policy_prev": res / "rloo/iter_0/policy/adapter", "policy_prev2": res / "sft/adapter",
+              "reward_i": res / "rloo/iter_1/reward/adapter", "reward_prev": res / "reward/iter_0/adapter"}
     missing = [str(p) for p in inputs.values() if not p.exists()]
     if missing:
         raise SystemExit(f"missing inputs {missing}: run the snakemake command in this script's docstring first")
@@ -115,7 +116,7 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
         trainer = policy.build_zorloo(model, tokenizer, reward_fn, prompts, cfg, scratch, seed, [],
-                                      str(res / "sft/adapter"), inputs)
+                                      str(res / "sft/adapter"), inputs, "reference")
         trainer.args.max_steps = args.steps
         original = trainer.training_step
 

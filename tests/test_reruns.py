@@ -129,8 +129,8 @@ def test_a_code_change_reruns_the_stages_that_run_it(finished_run):
 
 
 def test_forcerun_of_an_output_reruns_it_and_downstream(finished_run):
-    assert plan(finished_run, "--forcerun", "results/zorloo/iter_1/reward/metrics.csv") == \
-        {_job("refine_reward", 1)} | POLICY_1
+    assert plan(finished_run, "--forcerun", "results/rloo/iter_1/reward/metrics.csv") == \
+        {_job("refine_reward", 1, method="rloo")} | POLICY_1
 
 
 def test_deleted_output_reruns_when_named(finished_run):
