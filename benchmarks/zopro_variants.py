@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="folder of a finished run (see above)")
     parser.add_argument("--seeds", type=int, default=5, help="sampling seeds of the paired evaluation (default 5)")
     parser.add_argument("--cores", default="all", help="Snakemake --cores of each variant's stage")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        metavar="NAME", help="variants to run (default: all)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/zopro_variants.csv"))
     args = parser.parse_args()
     from workflow import runtime
@@ -84,7 +86,8 @@ def main() -> None:
     runtime.configure(2, int(cfg["seed"]))
     reference = evaluate_adapter(args.run_dir, args.run_dir / ITERATION_0, cfg)
     rows = []
-    for name, overlay in VARIANTS.items():
+    for name in args.variants:
+        overlay = VARIANTS[name]
         folder = train_variant(args.run_dir, name, overlay, args.cores)
         metrics = pd.read_csv(folder / "results/zorloo/iter_1/policy/metrics.csv")
         gain, stderr = paired_difference(evaluate_adapter(args.run_dir, folder / ITERATION_1, cfg), reference)
