@@ -29,7 +29,7 @@ VARIANTS: dict[str, dict] = {
     "guarded (default)": {},
     "momentum step only": {"zopro": {"step_size": 1e-9, "updates_per_batch": 1, "n_perturbations": 1}},
     "exploration only (momentum_kl 0)": {"zopro": {"momentum_kl": 0.0}},
-    "momentum_kl 1.0": {"zopro": {"momentum_kl": 1.0}},
+    "momentum_kl 0.5": {"zopro": {"momentum_kl": 0.5}},
     "momentum_kl 2.0": {"zopro": {"momentum_kl": 2.0}},
     "updates_per_batch 16": {"zopro": {"updates_per_batch": 16}},
     "reference (the paper's)": {"zopro": {"variant": "reference"}},
