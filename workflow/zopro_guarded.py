@@ -2,7 +2,7 @@
 
 The reference variant (:mod:`workflow.zopro_direction`) mixes the previous policy update ``mu``
 into every probe and scales the noise to ``|mu|``; measured on the embedded task its step is
-proportional to ``lr |G| |mu|^2``, so one small step stalls the next (README, "ZOPrO variants").
+proportional to ``lr |G| |mu|^2``, so one small step stalls the next (README, "ZOPrO").
 This variant separates the two things the paper's direction does:
 
 1. **momentum, bounded by a trust region** (once per stage, before the first rollout batch):
@@ -20,9 +20,9 @@ This variant separates the two things the paper's direction does:
    not depend on ``|mu|``) projected off the reward update ``v`` and off ``mu``. One-sided
    differences against the loss at the current point: ``g_j = (L(theta + eps z_j) - L0) / eps``;
    candidate ``theta' = theta - step_size * sqrt(d) * u / |u|`` with ``u = sum_j g_j z_j``: a
-   normalised step whose root-mean-square change per trainable element is ``step_size``. (An
-   unnormalised MeZO step ``lr * u`` grows with ``|g|``; measured, ``|g|`` grew as the policy
-   sharpened and the steps ran away, README "ZOPrO variants".)
+   normalised step whose root-mean-square change per trainable element is ``step_size``, so its
+   size does not follow the scale of the rewards (an unnormalised MeZO step ``lr * u`` grows with
+   ``|g|``, which grows with the reward spread).
 3. **a guard**: the candidate is kept only if the batch loss falls (``L(theta') < L0``, one more
    forward pass); otherwise the parameters are restored exactly (a copy of the trainable tensors
    is kept: LoRA weights are small) and the step counts as rejected (``zo/rejected``).
