@@ -18,6 +18,7 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -58,14 +59,14 @@ def _process_tree(root: int) -> list[int]:
     return tree
 
 
-def _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, **loop) -> jobmod.Job:
-    """The zorloo iteration-1 policy job of rule ``train_policy`` with 2 CPU processes."""
+def _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, method="zorloo", **loop) -> jobmod.Job:
+    """The iteration-1 policy job of a ZOPrO ``method`` (rule ``train_policy``) with 2 CPU processes."""
     config = copy.deepcopy(CFG)
     config["snapshots"] = {"every": 0.25}
     config["resources"] = {"cpu_processes": 2}
     config["policy"]["checkpoint_every"] = 0.25  # both processes checkpoint into one shared folder
     config["loop"].update(loop)
-    out = tmp_path / "results" / "zorloo" / "iter_1" / "policy"
+    out = tmp_path / "results" / method / "iter_1" / "policy"
     outputs = {"adapter": str(out / "adapter"), "snapshots": str(out / "snapshots"),
                "metrics": str(out / "metrics.csv"), "samples": str(out / "samples.parquet")}
     return jobmod.Job(
@@ -73,7 +74,7 @@ def _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, **loop) -> jobm
                "policy_prev2": adapters["sft"], "reward_prev": adapters["reward"],
                "train": embedded_parquet["train"]},
         output=outputs, params={"base": tiny_base, "checkpoints": str(out / "checkpoints")}, config=config,
-        wildcards={"method": "zorloo", "i": "1"}, threads=1)
+        wildcards={"method": method, "i": "1"}, threads=1)
 
 
 def _assert_ranks_identical(outputs, scratch) -> list[dict]:
@@ -94,17 +95,20 @@ def _env(monkeypatch, tmp_path):
     return scratch
 
 
-def test_zorloo_stage_in_two_processes_keeps_parameters_identical(tiny_base, adapters, embedded_parquet,
-                                                                    tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, metric", [("zorloo", "zo/g_abs"), ("zorloo_reference", "zo/g")])
+def test_zorloo_stage_in_two_processes_keeps_parameters_identical(method, metric, tiny_base, adapters,
+                                                                    embedded_parquet, tmp_path, monkeypatch):
+    """Both ZOPrO variants (guarded: the momentum step and the guard's decisions too) keep the two
+    processes' parameters identical."""
     scratch = _env(monkeypatch, tmp_path)
-    job = _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet)
+    job = _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, method=method)
     jobmod.run_job(job, "workflow.policy:run")
 
     snaps0 = _assert_ranks_identical(job.output, scratch)
     assert any(not torch.equal(snaps0[0][k], snaps0[-1][k]) for k in snaps0[0])   # and training moved them
     assert not os.path.exists(job.params["checkpoints"])  # removed by rank 0 once every process was done
     metrics = pd.read_csv(job.output["metrics"])
-    assert "zo/g" in metrics.columns and metrics["zo/g"].notna().any()
+    assert metric in metrics.columns and metrics[metric].notna().any()
 
 
 def test_killed_two_process_stage_resumes_on_both_processes(tiny_base, adapters, embedded_parquet, tmp_path,
