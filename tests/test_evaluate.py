@@ -151,8 +151,10 @@ def test_run_fails_on_nan_rewards(tiny_base, embedded_parquet, cfg, tmp_path):
               output={"samples": str(tmp_path / "evaluation.parquet"),
                       "summary": str(tmp_path / "evaluation_summary.csv")},
               params={"base": tiny_base}, config=cfg, wildcards={})
+    ecfg = cfg["evaluation"]
+    answers = int(ecfg["n_prompts"]) * int(ecfg.get("n_seeds", 1)) * int(ecfg["samples_per_prompt"])
     with pytest.raises(FloatingPointError, match=f"{tmp_path / 'evaluation.parquet'}: reward model {reward} "
-                                                 "produced non-finite scores for 12 of 12"):
+                                                 f"produced non-finite scores for {answers} of {answers}"):
         run(job)
     assert not (tmp_path / "evaluation.parquet").exists() and not (tmp_path / "evaluation_summary.csv").exists()
 
