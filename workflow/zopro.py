@@ -52,8 +52,8 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
