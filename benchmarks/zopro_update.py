@@ -6,6 +6,9 @@ Each method runs in a fresh subprocess (``--worker``) on the same randomly initi
 * ``fo``: RLOO/PPO-clip loss forward + backward + ``torch.optim.AdamW`` step;
 * ``zo``: ZOPrO's reference variant (``workflow.zopro_direction.ZOEngine``): two forwards under
   ``torch.no_grad`` at ``theta +/- eps z`` + in-place perturb/restore/update (no grads, no optimizer state);
+* ``zo_one_sided``: the same engine one-sided with the known base (``zopro.reference.two_sided:
+  false``, ``known_base: true``): at the rollout policy the loss is ``-mean(advantages)``, so one
+  forward at ``theta + eps z``;
 * ``zo_guarded``: ZOPrO's guarded variant (``workflow.zopro_guarded.GuardedEngine``), one guarded
   update as configured in config.yaml (``zopro.n_perturbations`` probes, one-sided, plus the base and
   the guard's forward), computing in fp32 on a bf16 base as the policy stage does.
@@ -16,7 +19,11 @@ its 128k vocabulary).
 
 Times: wall-clock per update (min over ``--reps`` after one warm-up) and process CPU time, per
 fresh process; and, fairer on a shared machine, both methods alternating in one process on the
-same model and batch (``interleaved_*`` ratios: the headline time ratio). Both use the same loss (trl's per-sequence PPO-clip with ``selective_log_softmax``, as in
+same model and batch (``interleaved_*`` ratios: the headline time ratio). The interleaved worker
+also profiles ``--profile-updates`` more updates of each method (``torch.profiler``) and counts,
+per update, the host reads of device values (``aten::_local_scalar_dense``: every ``.item()``,
+``float(tensor)`` or ``.tolist()``, each a synchronisation on a GPU) and, on a GPU, the kernel
+launches. Both use the same loss (trl's per-sequence PPO-clip with ``selective_log_softmax``, as in
 ``RLOOTrainer._compute_loss``). Memory: on CPU, the peak RSS of the phase minus the RSS right
 before it (the peak is reset with ``/proc/self/clear_refs`` and read from ``VmHWM``; a polling
 thread is the fallback); on GPU, ``torch.cuda.max_memory_allocated`` minus the allocation before
@@ -48,7 +55,7 @@ SIZES = {  # LlamaConfig kwargs
     "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8),
 }
-METHODS = ("fo", "zo", "zo_guarded")
+METHODS = ("fo", "zo", "zo_one_sided", "zo_guarded")
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -114,7 +121,8 @@ def build(size: str, r: int, seed: int, device: str, dtype: str = "fp32"):
 
     torch.manual_seed(seed)
     config = LlamaConfig(**SIZES[size], max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    with torch.device(device):  # initialised where it runs (a 1.5B model's CPU initialisation takes minutes)
+        model = LlamaForCausalLM(config).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0,
                                              task_type="CAUSAL_LM", init_lora_weights=False))
@@ -188,8 +196,8 @@ def rollout(model, args, device, k=2):
 
 
 def make_update(method, model, params, dtype="fp32"):
-    """One update of ``method`` on a rollout batch: ``fo`` (AdamW), ``zo`` (ZOPrO reference) or
-    ``zo_guarded`` (ZOPrO guarded)."""
+    """One update of ``method`` on a rollout batch: ``fo`` (AdamW), ``zo`` (ZOPrO reference),
+    ``zo_one_sided`` (reference, one-sided with the known base) or ``zo_guarded`` (ZOPrO guarded)."""
     import torch
     import yaml
 
@@ -211,12 +219,15 @@ def make_update(method, model, params, dtype="fp32"):
     gen = torch.Generator().manual_seed(3)
     mu = {n: 1e-3 * torch.randn(p.shape, generator=gen) for n, p in named}
     v = {n: torch.randn(p.shape, generator=gen) for n, p in named}
-    if method == "zo":
-        engine = ZOEngine(named, mu, v, ZOConfig(lr=1e-5, eps=1e-3, gamma_schedule="linear"), total_steps=1000)
+    if method in ("zo", "zo_one_sided"):
+        one_sided = method == "zo_one_sided"
+        engine = ZOEngine(named, mu, v, ZOConfig(lr=1e-5, eps=1e-3, gamma_schedule="linear", two_sided=not one_sided),
+                          total_steps=1000)
 
         def update(b):
             with torch.no_grad():
-                engine.estimate(lambda: rloo_loss(model, b, autocast=bf16))
+                engine.estimate(lambda: rloo_loss(model, b, autocast=bf16),
+                                base=-b["advantages"].mean() if one_sided else None)
                 engine.apply()
         return update
 
@@ -234,6 +245,24 @@ def make_update(method, model, params, dtype="fp32"):
     return update
 
 
+def profile_counts(update, batch, n_updates: int, device: str) -> dict:
+    """Host reads of device values and (on a GPU) kernel launches per update, from ``torch.profiler``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n_updates):
+            update(batch)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    out = {"host_reads_per_update": sum(n == "aten::_local_scalar_dense" for n in names) / n_updates}
+    if device == "cuda":
+        out["kernel_launches_per_update"] = sum("LaunchKernel" in n for n in names) / n_updates
+    return out
+
+
 def interleaved_times(args) -> dict:
     """Wall and CPU time per update of both methods, alternating in one process (fair under load)."""
     import torch
@@ -245,7 +274,7 @@ def interleaved_times(args) -> dict:
     batch = make_batch(model, args, device)
     params = [p for p in model.parameters() if p.requires_grad]
     # zo_guarded on a bf16 base switches the model to fp32 computation: timed in its own process only
-    methods = METHODS if args.dtype == "fp32" else ("fo", "zo")
+    methods = METHODS if args.dtype == "fp32" else ("fo", "zo", "zo_one_sided")
     updates = {m: make_update(m, model, params, args.dtype) for m in methods}
     wall = {m: [] for m in updates}
     cpu = {m: [] for m in updates}
@@ -260,7 +289,10 @@ def interleaved_times(args) -> dict:
             if rep:  # rep 0 is the warm-up
                 wall[m].append(time.perf_counter() - t0)
                 cpu[m].append(time.process_time() - c0)
-    return {"phase": "interleaved", "device": device, "params_base": n_params, "params_lora": n_lora,
+    counts = {}
+    for m, fn in updates.items():
+        counts.update({f"{m}_{k}": v for k, v in profile_counts(fn, batch, args.profile_updates, device).items()})
+    return {"phase": "interleaved", "device": device, "params_base": n_params, "params_lora": n_lora, **counts,
             **{f"{m}_time_min_s": min(wall[m]) for m in updates},
             **{f"{m}_time_median_s": sorted(wall[m])[len(wall[m]) // 2] for m in updates},
             **{f"{m}_cpu_min_s": min(cpu[m]) for m in updates}}
@@ -328,6 +360,7 @@ def main(argv=None) -> None:
     ap.add_argument("--completion-len", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3, help="timed updates per method (after one warm-up)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--profile-updates", type=int, default=3, help="profiled updates per method (counts)")
     ap.add_argument("--full", action="store_true", help="also a full iteration: generation + scoring + update")
     ap.add_argument("--cpu", action="store_true", help="force CPU even with a GPU")
     ap.add_argument("--out", default="results/benchmarks/zopro_update.json", help="JSON path; a .csv is written beside")
@@ -400,6 +433,11 @@ def main(argv=None) -> None:
         print(f"{r['phase']:<8}{r['method']:<8}{r['peak_mib']:>10.1f}{r['time_min_s']:>9.3f}{r['time_mean_s']:>9.3f}{r['cpu_min_s']:>9.3f}")
     print("interleaved (one process, alternating), min wall per update: "
           + ", ".join(f"{m} {inter[f'{m}_time_min_s']:.3f} s" for m in METHODS if f"{m}_time_min_s" in inter))
+    for m in METHODS:
+        if f"{m}_host_reads_per_update" in inter:
+            launches = inter.get(f"{m}_kernel_launches_per_update")
+            print(f"{m}: {inter[f'{m}_host_reads_per_update']:.0f} host reads per update"
+                  + (f", {launches:.0f} kernel launches" if launches is not None else ""))
     for k, val in ratios.items():
         print(f"{k}: {val:.3f}")
     print(f"wrote {out} and {out.with_suffix('.csv')}")

@@ -8,6 +8,8 @@ then each policy answers the evaluation prompts with ``--seeds`` sampling seeds 
 over the iteration-0 policy is paired over (prompt, seed) units (:func:`workflow.evaluate.paired_difference`).
 
     .venv/bin/python benchmarks/zopro_variants.py . --out results/benchmarks/zopro_variants.csv
+
+A study seed's chain (``results/study/seed_<s>``) is compared with ``--seed <s>``.
 """
 from __future__ import annotations
 
@@ -40,14 +42,14 @@ ITERATION_0 = "results/rloo/iter_0/policy/adapter"
 ITERATION_1 = "results/zorloo/iter_1/policy/adapter"
 
 
-def train_variant(run_dir: Path, name: str, overlay: dict, cores: str) -> Path:
-    """Run zorloo's iteration-1 policy stage with ``overlay`` in its own folder; returns the folder."""
+def train_variant(run_dir: Path, name: str, overlay: dict, cores: str, seed: int) -> Path:
+    """Run zorloo's iteration-1 policy stage with ``overlay`` and ``seed`` in its own folder; returns the folder."""
     folder = run_dir / "zopro_variants" / name.replace(" ", "_").replace("(", "").replace(")", "").replace("'", "")
     if not (folder / ITERATION_1).exists():
         for part in PREFIX:
             if not (folder / part).exists():
                 shutil.copytree(run_dir / part, folder / part)
-        (folder / "overlay.yaml").write_text(yaml.safe_dump(overlay or {"zopro": {}}))
+        (folder / "overlay.yaml").write_text(yaml.safe_dump({"zopro": {}, **overlay, "seed": seed}))
         cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(folder), "--cores", cores,
                ITERATION_1, "--rerun-triggers", "mtime", "--configfile", str(REPO / "config.yaml"),
                str(folder / "overlay.yaml")]
@@ -76,6 +78,8 @@ def main() -> None:
     parser.add_argument("--cores", default="all", help="Snakemake --cores of each variant's stage")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         metavar="NAME", help="variants to run (default: all)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the run's training seed (default: config.yaml's; a study seed's folder needs its own)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/zopro_variants.csv"))
     args = parser.parse_args()
     from workflow import runtime
@@ -83,12 +87,14 @@ def main() -> None:
 
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     cfg["evaluation"]["n_seeds"] = args.seeds
+    if args.seed is not None:
+        cfg["seed"] = args.seed
     runtime.configure(2, int(cfg["seed"]))
     reference = evaluate_adapter(args.run_dir, args.run_dir / ITERATION_0, cfg)
     rows = []
     for name in args.variants:
         overlay = VARIANTS[name]
-        folder = train_variant(args.run_dir, name, overlay, args.cores)
+        folder = train_variant(args.run_dir, name, overlay, args.cores, int(cfg["seed"]))
         metrics = pd.read_csv(folder / "results/zorloo/iter_1/policy/metrics.csv")
         gain, stderr = paired_difference(evaluate_adapter(args.run_dir, folder / ITERATION_1, cfg), reference)
         alpha = metrics["zo/momentum_alpha"].dropna() if "zo/momentum_alpha" in metrics else pd.Series(dtype=float)

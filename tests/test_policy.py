@@ -25,8 +25,10 @@ CFG = {
                "rloo_k": 2, "clip_range": 0.2},
     "zopro": {"variant": "guarded", "step_size": 1e-3, "eps": 1e-3, "n_perturbations": 2,
               "updates_per_batch": 2, "momentum_kl": 0.5, "momentum_prompts": 4,
+              "known_base": True,
               "reference": {"learning_rate": 1e-3, "eps": 1e-3, "gamma_start": 0.999, "gamma_schedule": "linear",
-                            "n_perturbations": 1, "two_sided": True, "weight_decay": 0.0}},
+                            "n_perturbations": 1, "two_sided": True, "known_base": True,
+                            "weight_decay": 0.0}},
     "reward": {"batch_size": 4, "refine_epochs": 1, "refine_learning_rate": 1e-3},
     "judge": {"kind": "rule", "max_drop_rate": 0.5, "batch_size": 4},
 }

@@ -7,9 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from workflow.zopro_direction import (
-    Direction, ZOConfig, ZOEngine, ZOOptimizer, decays, gamma_at, perturb,
-)
+from workflow.zopro_direction import Direction, ZOConfig, ZOEngine, ZOOptimizer, decays, gamma_at, tensor_seed
 
 SHAPES = {"layers.0.q.lora_A.weight": (4, 16), "layers.0.q.lora_B.weight": (16, 4),
           "layers.1.v.lora_A.weight": (4, 16), "layers.1.norm.bias": (16,)}
@@ -29,17 +27,35 @@ def cos(a, b):
 
 
 # --- direction geometry ----------------------------------------------------------------------
+def per_tensor(d: Direction, flat: torch.Tensor) -> list[torch.Tensor]:
+    return d.flat.views(flat)
+
+
 @pytest.mark.parametrize("gamma", [0.0, 0.6, 0.999])
 def test_direction_orthogonal_to_v_and_norm_mu_per_tensor(gamma):
     names, params, mu, v = make()
     d = Direction(names, params, mu, v)
-    for k, name in enumerate(names):
-        z = d.z(k, params[k], seed=3, step=5, j=0, gamma=gamma)
+    for name, z in zip(names, per_tensor(d, d.z(seed=3, step=5, j=0, gamma=gamma))):
         explore = z - gamma * mu[name]  # = sqrt(1-g^2) n_perp
         v_hat = v[name] / v[name].norm()
         assert abs(float(torch.dot(explore.flatten(), v_hat.flatten()))) < 1e-5 * float(mu[name].norm()) + 1e-7
         expected = math.sqrt(1 - gamma**2) * float(mu[name].norm())
         assert float(explore.norm()) == pytest.approx(expected, rel=1e-5, abs=1e-9)
+
+
+def test_flat_directions_are_the_per_tensor_formula():
+    """The flat buffers give the numbers of the tensor-by-tensor formula (module docstring): each
+    tensor's noise from its own seed, projected off its v_hat, rescaled to |mu_k|, mixed with mu."""
+    names, params, mu, v = make()
+    d = Direction(names, params, mu, v)
+    gamma = 0.6
+    for k, (name, p, z) in enumerate(zip(names, params, per_tensor(d, d.z(7, 2, 1, gamma)))):
+        gen = torch.Generator().manual_seed(tensor_seed(7, 2, 1, k))
+        n = torch.randn(p.shape, generator=gen)
+        v_hat = v[name] / v[name].norm()
+        n = n - float((v_hat * n).sum()) * v_hat
+        n = n * float(mu[name].norm()) / float(n.norm())
+        torch.testing.assert_close(z, math.sqrt(1 - gamma**2) * n + gamma * mu[name], rtol=1e-5, atol=1e-7)
 
 
 def test_keys_without_v_get_plain_noise_and_zero_mu_gets_rms_norm():
@@ -48,33 +64,29 @@ def test_keys_without_v_get_plain_noise_and_zero_mu_gets_rms_norm():
     names, params, mu, v = make(with_v=[n for n in SHAPES if n != no_v], with_mu=[n for n in SHAPES if n != no_mu])
     mu["layers.1.norm.bias"] = torch.zeros(16)  # zero norm = no mu
     d = Direction(names, params, mu, v)
-    k = names.index(no_v)
-    raw = d.noise(k, params[k], 3, 0, 0)
-    z = d.z(k, params[k], 3, 0, 0, gamma=0.0)
-    assert cos(z.flatten(), raw.flatten()) == pytest.approx(1.0, abs=1e-6)  # not projected
+    raw = dict(zip(names, per_tensor(d, d.noise(3, 0, 0))))
+    z = dict(zip(names, per_tensor(d, d.z(3, 0, 0, gamma=0.0))))
+    assert cos(z[no_v].flatten(), raw[no_v].flatten()) == pytest.approx(1.0, abs=1e-6)  # not projected
     nonzero = [mu[n] for n in names if n in mu and float(mu[n].norm()) > 0]
     rms = math.sqrt(sum(float(m.pow(2).sum()) for m in nonzero) / sum(m.numel() for m in nonzero))
     for name in (no_mu, "layers.1.norm.bias"):
-        k = names.index(name)
-        z = d.z(k, params[k], 3, 0, 0, gamma=0.0)
-        assert float(z.norm()) == pytest.approx(rms * math.sqrt(params[k].numel()), rel=1e-5)
-        assert torch.isfinite(z).all()
+        assert float(z[name].norm()) == pytest.approx(rms * math.sqrt(z[name].numel()), rel=1e-5)
+        assert torch.isfinite(z[name]).all()
     # no mu at all: plain MeZO noise (its own norm)
     d0 = Direction(names, params, {}, {})
-    assert torch.equal(d0.z(0, params[0], 3, 0, 0, gamma=0.5), math.sqrt(0.75) * d0.noise(0, params[0], 3, 0, 0))
+    torch.testing.assert_close(d0.z(3, 0, 0, gamma=0.5), math.sqrt(0.75) * d0.noise(3, 0, 0))
 
 
 def test_same_seed_same_direction_and_seed_advances():
     names, params, mu, v = make()
     d = Direction(names, params, mu, v)
-    a = [d.z(k, p, 7, 2, 0, 0.5) for k, p in enumerate(params)]
-    b = [d.z(k, p, 7, 2, 0, 0.5) for k, p in enumerate(params)]
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    c = [d.z(k, p, 7, 3, 0, 0.5) for k, p in enumerate(params)]  # next update
-    e = [d.z(k, p, 7, 2, 1, 0.5) for k, p in enumerate(params)]  # second q-SPSA direction
-    assert not torch.equal(a[0], c[0]) and not torch.equal(a[0], e[0])
+    a, b = d.z(7, 2, 0, 0.5), d.z(7, 2, 0, 0.5)
+    assert torch.equal(a, b)
+    c = d.z(7, 3, 0, 0.5)  # next update
+    e = d.z(7, 2, 1, 0.5)  # second q-SPSA direction
+    assert not torch.equal(a, c) and not torch.equal(a, e)
     # seed + step is what matters: (seed 7, step 3) == (seed 8, step 2)
-    assert torch.equal(c[0], d.z(0, params[0], 8, 2, 0, 0.5))
+    assert torch.equal(c, d.z(8, 2, 0, 0.5))
 
 
 def test_perturb_in_place_matches_z():
@@ -82,10 +94,12 @@ def test_perturb_in_place_matches_z():
     d = Direction(names, params, mu, v)
     before = [p.clone() for p in params]
     ids = [id(p) for p in params]
-    perturb(params, 0.5, d, 1, 0, 0, 0.3)
+    z = d.z(1, 0, 0, 0.3)
+    d.flat.add_(z, 0.5)
     assert [id(p) for p in params] == ids
     for k, p in enumerate(params):
-        torch.testing.assert_close(p, before[k] + 0.5 * d.z(k, before[k], 1, 0, 0, 0.3))
+        torch.testing.assert_close(p, before[k] + 0.5 * per_tensor(d, z)[k])
+    torch.testing.assert_close(d.flat.copy(), torch.cat([b.reshape(-1) for b in before]) + 0.5 * z)
 
 
 # --- SPSA ------------------------------------------------------------------------------------
@@ -256,7 +270,7 @@ def test_load_direction_inputs(tmp_path):
 
 
 # --- one real trainer step ------------------------------------------------------------------
-def _tiny_policy(tiny_base):
+def _tiny_policy(tiny_base, dropout=0.1):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -264,18 +278,18 @@ def _tiny_policy(tiny_base):
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1,
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout,
                                              task_type="CAUSAL_LM", init_lora_weights=False))
     return model, tok
 
 
-def _trainer(tiny_base, tmp_path, max_steps=2, **args_kw):
+def _trainer(tiny_base, tmp_path, max_steps=2, dropout=0.1, two_sided=True, **args_kw):
     from datasets import Dataset
     from trl import RLOOConfig
 
     from workflow.zopro import ZOPrOTrainer
 
-    model, tok = _tiny_policy(tiny_base)
+    model, tok = _tiny_policy(tiny_base, dropout)
     prompts = [[{"role": "user", "content": f"say {w}"}] for w in ["yes", "no", "maybe", "hello"] * 4]
     ds = Dataset.from_dict({"prompt": prompts})
 
@@ -290,7 +304,7 @@ def _trainer(tiny_base, tmp_path, max_steps=2, **args_kw):
                       max_completion_length=6, max_steps=max_steps, learning_rate=1.0, logging_steps=1,
                       report_to=[], use_cpu=True, save_strategy="no", beta=0.05, seed=0,
                       lr_scheduler_type="constant", **args_kw)
-    cfg = ZOConfig(lr=1e-2, eps=1e-2, gamma_start=0.999, gamma_schedule="linear", seed=5)
+    cfg = ZOConfig(lr=1e-2, eps=1e-2, gamma_start=0.999, gamma_schedule="linear", seed=5, two_sided=two_sided)
     trainer = ZOPrOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
                            mu=mu, v=v, zo_config=cfg)
     return trainer, model
@@ -329,3 +343,30 @@ def test_trainer_checkpoint_carries_zo_state(tiny_base, tmp_path):
     assert resumed.zo.state.step == 2
     for (n, p), (_, q) in zip(trainer.model.named_parameters(), model2.named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_known_base_is_the_loss_at_the_rollout_policy(tiny_base, tmp_path, dropout):
+    """On the first update after a generation the one-sided base is -mean(advantages), equal to the
+    loss a forward pass gives; on buffered rollouts after an update, or with dropout, none is used."""
+    trainer, _ = _trainer(tiny_base, tmp_path, max_steps=2, dropout=dropout, two_sided=False,
+                          gradient_accumulation_steps=2, num_iterations=2)
+    seen = []
+    known_base = trainer._known_base
+
+    def spy(inputs):
+        base = known_base(inputs)
+        with torch.no_grad(), trainer.compute_loss_context_manager():
+            seen.append((base, float(trainer._compute_loss(trainer.model, inputs))))
+        return base
+
+    trainer._known_base = spy
+    trainer.train()
+    assert len(seen) == 4  # 2 updates x 2 micro-batches; one generation every 2 updates
+    if dropout:
+        assert all(base is None for base, _ in seen)
+    else:
+        assert [base is None for base, _ in seen] == [False, False, True, True]
+        for base, loss in seen[:2]:
+            assert float(base) == pytest.approx(loss, abs=1e-6)

@@ -34,7 +34,7 @@ def quadratic(params: dict[str, torch.Tensor], target: dict[str, torch.Tensor]):
 def test_probes_are_unit_scale_orthogonal_to_v_and_mu_and_replayable():
     engine, _, mu, v = make(config())
     z = engine.probes(5)
-    flat_v = engine._flat(v)
+    flat_v = engine.flat.flat(v)
     assert z.shape == (4, sum(t.numel() for t in mu.values()))
     assert (z @ flat_v).abs().max() < 1e-4 * float(flat_v.norm())
     assert (z @ engine.mu).abs().max() < 1e-4 * float(engine.mu.norm())
@@ -78,13 +78,13 @@ def test_non_finite_losses_skip_the_update():
 @pytest.mark.parametrize("budget", [0.0, 0.1, 0.3, 10.0])
 def test_momentum_takes_the_largest_grid_step_within_the_kl_budget(budget):
     engine, params, mu, _ = make(config(momentum_kl=budget))
-    start = engine.flat_params()
-    kl = lambda: float(((engine.flat_params() - start).norm() / engine.mu.norm()) ** 2)  # alpha^2
+    start = engine.flat.copy()
+    kl = lambda: float(((engine.flat.copy() - start).norm() / engine.mu.norm()) ** 2)  # alpha^2
     metrics = engine.momentum(kl)
     allowed = [a for a in MOMENTUM_GRID if a * a <= budget]
     alpha = max(allowed) if allowed and budget > 0 else 0.0
     assert metrics["zo/momentum_alpha"] == alpha and engine.state.momentum_alpha == alpha
-    torch.testing.assert_close(engine.flat_params(), start + alpha * engine.mu)
+    torch.testing.assert_close(engine.flat.copy(), start + alpha * engine.mu)
 
 
 def test_state_dict_resumes_the_probe_sequence_and_refuses_another_seed():
@@ -164,9 +164,9 @@ def test_finite_differences_match_autograd_on_a_bf16_base(bf16_precision, tiny_b
 def test_momentum_keeps_the_rise_of_the_kl_to_the_reference_within_budget(start_kl):
     """KL to SFT = start_kl + 2 alpha^2 may rise by at most momentum_kl = 0.5: alpha <= 0.5."""
     engine, _, _, _ = make(config(momentum_kl=0.5))
-    start = engine.flat_params()
-    alpha = lambda: float((engine.flat_params() - start).norm() / engine.mu.norm())
+    start = engine.flat.copy()
+    alpha = lambda: float((engine.flat.copy() - start).norm() / engine.mu.norm())
     metrics = engine.momentum(lambda: 0.1 * alpha() ** 2, lambda: start_kl + 2 * alpha() ** 2)
     assert metrics["zo/momentum_alpha"] == 0.5
     assert metrics["zo/momentum_reference_kl"] == pytest.approx(start_kl + 0.5)
-    torch.testing.assert_close(engine.flat_params(), start + 0.5 * engine.mu)
+    torch.testing.assert_close(engine.flat.copy(), start + 0.5 * engine.mu)

@@ -137,6 +137,7 @@ class ZOPrOTrainer(RLOOTrainer):
         super().__init__(*args, **kwargs)
         self.args.max_grad_norm = 0.0  # no gradients to clip
         self.args.learning_rate = self.zo_config.lr  # logged lr and scheduler base = the ZO lr
+        self._stochastic_forward = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules())
         if self.guarded and self.args.gradient_accumulation_steps != 1:
             raise ValueError("the guarded ZOPrO variant updates on whole rollout batches: "
                              "gradient_accumulation_steps must be 1")
@@ -254,18 +255,32 @@ class ZOPrOTrainer(RLOOTrainer):
                 return self._compute_loss(model, inputs)
 
         with torch.no_grad():
+            base = self._known_base(inputs)
             if self.guarded:
-                self._record(engine.update(loss_fn))
-                loss = engine.last_loss
+                self._record(engine.update(loss_fn, base=base))
+                loss = torch.tensor(engine.last_loss)
             else:
-                _, loss = engine.estimate(loss_fn)
+                _, loss = engine.estimate(loss_fn, base=base)
         del inputs
         self._step += 1
         self._current_train_step_time += time.perf_counter() - time_before
         if self._step % self.current_gradient_accumulation_steps == 0:
             self._metrics["train"]["step_time"].append(self._current_train_step_time)
             self._current_train_step_time = 0.0
-        return torch.tensor(loss / self.current_gradient_accumulation_steps, device=self.args.device)
+        return (loss.float() / self.current_gradient_accumulation_steps).to(self.args.device)
+
+    def _known_base(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """The batch loss at the current parameters without a forward pass, where it is exact
+        (``zopro.known_base``): on the first update after a generation the policy is the one that
+        scored the rollouts, every ratio is 1 and the PPO-clip loss is ``-mean(advantages)``.
+        None elsewhere: later updates on buffered rollouts, active dropout (the training forward is
+        then random, LoRA's default dropout 0.1 included), an auxiliary loss, the switch off."""
+        if not self.zo_config.known_base or self._stochastic_forward or self.aux_loss_enabled:
+            return None
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every >= self.current_gradient_accumulation_steps:
+            return None
+        return -inputs["advantages"].mean()
 
 
 def train_zopro(model: Any, reward_funcs: Any, args: Any, train_dataset: Any, mu: Any, v: Any,

@@ -23,10 +23,12 @@ Decisions for missing data (documented contract):
   A zero ``mu_k`` therefore never freezes a tensor, and never gives it a much larger step than
   its neighbours.
 
-Noise is generated tensor by tensor with a ``torch.Generator`` on the parameter's device, seeded
-from ``(seed + step, j, k)`` through ``numpy.random.SeedSequence``; no copy of the parameters is
-ever made (MeZO style). Only ``mu`` and ``v_hat`` (one float32 copy each of the trainable tensors)
-are held.
+Noise is generated tensor by tensor with a ``torch.Generator`` on the parameters' device, seeded
+from ``(seed + step, j, k)`` through ``numpy.random.SeedSequence``, into one flat buffer per
+direction; the per-tensor projections and rescalings are segment sums over that buffer, and the
+parameters move through ``torch._foreach_*`` ops (:class:`FlatParams`). The engine holds ``mu``,
+``v_hat`` and the ``n_perturbations`` directions of the current update (float32 copies of the
+trainable tensors: LoRA-sized) and never copies the parameters themselves (MeZO style).
 
 Restoring parameters after the pair ``+eps z, -2 eps z, +eps z`` is exact up to float rounding,
 not bit-exact: ``fl(fl(fl(p + a) - 2a) + a)`` may differ from ``p`` by about one ulp of
@@ -70,6 +72,7 @@ class ZOConfig:
     gamma_schedule: str = "linear"
     n_perturbations: int = 1
     two_sided: bool = True
+    known_base: bool = True
     weight_decay: float = 0.0
     seed: int = 0
 
@@ -94,6 +97,7 @@ class ZOConfig:
             gamma_schedule=str(section.get("gamma_schedule", cls.gamma_schedule)),
             n_perturbations=int(section.get("n_perturbations", cls.n_perturbations)),
             two_sided=bool(section.get("two_sided", cls.two_sided)),
+            known_base=bool(section.get("known_base", cls.known_base)),
             weight_decay=float(section.get("weight_decay", cls.weight_decay)),
             seed=int(seed),
         )
@@ -125,89 +129,106 @@ def decays(name: str) -> bool:
     return NO_DECAY.search(name) is None
 
 
-class Direction:
-    """Per-tensor ingredients of ``z``: ``mu``, ``v_hat`` and the norm the noise is rescaled to.
+class FlatParams:
+    """The trainable tensors seen as one flat float32 vector (the order of ``params``).
 
-    ``names``/``params`` fix the tensor order; ``mu`` and ``v`` are dicts keyed like ``names``
-    (normalised LoRA keys). Keys of ``mu``/``v`` that are not parameters are ignored.
+    Updates go through ``torch._foreach_*`` over views of a flat buffer: one fused kernel per
+    operation on a GPU instead of one per tensor, and no host synchronisation.
+    """
+
+    def __init__(self, names: Sequence[str], params: Sequence[torch.Tensor]):
+        if len(names) != len(params):
+            raise ValueError("names and params differ in length")
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate parameter names after normalisation")
+        self.names = list(names)
+        self.params = list(params)
+        self.sizes = [p.numel() for p in self.params]
+        self.device = self.params[0].device
+
+    def flat(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``tensors`` (keyed like the names; missing keys are zero) as one float32 vector."""
+        parts = []
+        for name, p in zip(self.names, self.params):
+            t = tensors.get(name)
+            if t is not None and tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"{name}: shape {tuple(t.shape)} does not match parameter {tuple(p.shape)}")
+            parts.append(torch.zeros(p.numel()) if t is None else t.detach().reshape(-1).float().cpu())
+        return torch.cat(parts).to(self.device)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` split into tensors shaped (and typed) like the parameters."""
+        return [t.view(p.shape).to(p.dtype) for p, t in zip(self.params, flat.split(self.sizes))]
+
+    def copy(self) -> torch.Tensor:
+        """A float32 copy of the trainable tensors, concatenated."""
+        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
+
+    @torch.no_grad()
+    def add_(self, flat: torch.Tensor, alpha: float = 1.0) -> None:
+        """``params += alpha * flat`` in place."""
+        torch._foreach_add_(self.params, self.views(flat), alpha=alpha)
+
+    @torch.no_grad()
+    def set_(self, flat: torch.Tensor) -> None:
+        """``params = flat`` (restores a :meth:`copy`)."""
+        torch._foreach_copy_(self.params, self.views(flat))
+
+
+class Direction:
+    """The ingredients of ``z`` on flat buffers: ``mu``, ``v_hat`` and the norm each tensor's noise
+    is rescaled to (module docstring). ``mu``/``v``: dicts keyed like ``names`` (normalised LoRA
+    keys); keys that are not parameters are ignored. Per-tensor reductions are segment sums
+    (``index_add_``) on the parameters' device: no loop over tensors, no host synchronisation.
     """
 
     def __init__(self, names: Sequence[str], params: Sequence[torch.Tensor],
                  mu: Mapping[str, torch.Tensor] | None, v: Mapping[str, torch.Tensor] | None):
-        if len(names) != len(params):
-            raise ValueError("names and params differ in length")
-        mu = mu or {}
-        v = v or {}
-        self.names = list(names)
-        self.mu: list[torch.Tensor | None] = []
-        self.v_hat: list[torch.Tensor | None] = []
-        mu_norms: list[float] = []
-        mu_sq, mu_numel = 0.0, 0
-        for name, p in zip(names, params):
-            m = self._take(mu, name, p)
-            norm = float(m.norm()) if m is not None else 0.0
-            if norm > 0:
-                mu_sq += norm * norm
-                mu_numel += p.numel()
-            self.mu.append(m if norm > 0 else None)
-            mu_norms.append(norm)
-            w = self._take(v, name, p)
-            wn = float(w.norm()) if w is not None else 0.0
-            self.v_hat.append(w.div_(wn) if wn > 0 else None)
-        rms = math.sqrt(mu_sq / mu_numel) if mu_numel else None
-        self.mu_rms = rms
-        # None = keep the noise's own norm (no mu information anywhere)
-        self.target_norm: list[float | None] = [
-            n if n > 0 else (rms * math.sqrt(p.numel()) if rms is not None else None)
-            for n, p in zip(mu_norms, params)
-        ]
-        self.shared_v = sum(x is not None for x in self.v_hat)
-        self.shared_mu = sum(x is not None for x in self.mu)
+        self.flat = FlatParams(names, params)
+        device, sizes = self.flat.device, self.flat.sizes
+        self.segment = torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                               torch.tensor(sizes, device=device))
+        self.mu = self.flat.flat(mu or {})
+        v_flat = self.flat.flat(v or {})
+        v_norms = self.norms(v_flat)
+        self.v_hat = v_flat / torch.where(v_norms > 0, v_norms, 1.0)[self.segment]
+        mu_norms = self.norms(self.mu)
+        numel = torch.tensor(sizes, device=device, dtype=torch.float32)
+        with_mu = mu_norms > 0
+        mu_numel = float(numel[with_mu].sum())
+        self.mu_rms = math.sqrt(float(mu_norms.pow(2).sum()) / mu_numel) if mu_numel else None
+        # the norm each tensor's noise is rescaled to; NaN = keep the noise's own norm (no mu anywhere)
+        fill = self.mu_rms * numel.sqrt() if self.mu_rms is not None else torch.full_like(numel, math.nan)
+        self.target_norm = torch.where(with_mu, mu_norms, fill)
 
-    @staticmethod
-    def _take(d: Mapping[str, torch.Tensor], name: str, p: torch.Tensor) -> torch.Tensor | None:
-        t = d.get(name)
-        if t is None:
-            return None
-        if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match parameter {tuple(p.shape)}")
-        return t.detach().to(device=p.device, dtype=torch.float32).clone()
+    def norms(self, flat: torch.Tensor) -> torch.Tensor:
+        """The norm of each tensor's segment of ``flat`` (``[n_tensors]``)."""
+        return self.segment_sums(flat * flat).sqrt()
 
-    def noise(self, k: int, p: torch.Tensor, seed: int, step: int, j: int) -> torch.Tensor:
-        """The raw Gaussian noise ``n_k`` (float32, on ``p``'s device), regenerated from its seed."""
-        gen = torch.Generator(device=p.device)
-        gen.manual_seed(tensor_seed(seed, step, j, k))
-        return torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
+    def segment_sums(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat.new_zeros(len(self.flat.sizes)).index_add_(0, self.segment, flat)
 
-    def z(self, k: int, p: torch.Tensor, seed: int, step: int, j: int, gamma: float) -> torch.Tensor:
-        """``z_k`` of direction ``j`` of update ``step`` (float32, a fresh temporary of ``p``'s size)."""
-        n = self.noise(k, p, seed, step, j)
-        vh = self.v_hat[k]
-        if vh is not None:
-            n.sub_(vh, alpha=float(torch.dot(vh.reshape(-1), n.reshape(-1))))
-        target = self.target_norm[k]
-        if target is not None:
-            nn_ = float(n.norm())
-            n.mul_(target / nn_ if nn_ > 0 else 0.0)
-        n.mul_(math.sqrt(max(0.0, 1.0 - gamma * gamma)))
-        m = self.mu[k]
-        if m is not None and gamma != 0.0:
-            n.add_(m, alpha=gamma)
+    def noise(self, seed: int, step: int, j: int) -> torch.Tensor:
+        """The raw Gaussian noise of direction ``j`` of update ``step`` (flat float32): tensor ``k``'s
+        segment is drawn from its own generator seeded by ``tensor_seed(seed, step, j, k)``."""
+        out = torch.empty(sum(self.flat.sizes), device=self.flat.device)
+        gen = torch.Generator(device=self.flat.device)
+        for k, part in enumerate(out.split(self.flat.sizes)):
+            gen.manual_seed(tensor_seed(seed, step, j, k))
+            part.normal_(generator=gen)
+        return out
+
+    def z(self, seed: int, step: int, j: int, gamma: float) -> torch.Tensor:
+        """``z`` of direction ``j`` of update ``step`` (flat float32, a fresh buffer)."""
+        n = self.noise(seed, step, j)
+        n -= self.v_hat * self.segment_sums(n * self.v_hat)[self.segment]
+        norms = self.norms(n)
+        scale = torch.where(torch.isnan(self.target_norm), 1.0,
+                            torch.where(norms > 0, self.target_norm / norms, 0.0))
+        n *= (scale * math.sqrt(max(0.0, 1.0 - gamma * gamma)))[self.segment]
+        if gamma != 0.0:
+            n.add_(self.mu, alpha=gamma)
         return n
-
-    def iter_z(self, params: Sequence[torch.Tensor], seed: int, step: int, j: int,
-               gamma: float) -> Iterator[tuple[int, torch.Tensor]]:
-        for k, p in enumerate(params):
-            yield k, self.z(k, p, seed, step, j, gamma)
-
-
-@torch.no_grad()
-def perturb(params: Sequence[torch.Tensor], scale: float, direction: Direction, seed: int, step: int,
-            j: int, gamma: float) -> None:
-    """``params += scale * z`` in place, tensor by tensor, regenerating ``z`` from its seed."""
-    for k, z in direction.iter_z(params, seed, step, j, gamma):
-        p = params[k]
-        p.add_(z.to(p.dtype), alpha=scale)
 
 
 @dataclasses.dataclass
@@ -229,10 +250,23 @@ class ZOState:
         return cls(**{k: v for k, v in d.items() if k in fields})
 
 
-def _world() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
+def mean_across_processes(values: torch.Tensor) -> torch.Tensor:
+    """``values`` averaged over data-parallel processes (one all-reduce; identity when alone).
+    Stays on ``values``' device (NCCL reduces on the current GPU)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
+    out = values.to(device)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(values.device) / dist.get_world_size()
+
+
+def loss_tensor(loss: Any, device: torch.device) -> torch.Tensor:
+    """A loss as a float64 scalar on ``device`` (no host synchronisation for a tensor)."""
+    if torch.is_tensor(loss):
+        return loss.detach().reshape(()).to(device=device, dtype=torch.float64)
+    return torch.tensor(float(loss), dtype=torch.float64, device=device)
 
 
 class ZOEngine:
@@ -243,6 +277,11 @@ class ZOEngine:
     under ``torch.distributed``, across processes with one all-reduce of ``n_perturbations``
     scalars; skips non-finite ``g``; ``theta <- theta - lr * (mean_j g_j z_j + wd * theta)``;
     advances the step, hence the seed). No optimizer state, no autograd graph.
+
+    Everything stays on the parameters' device: the directions of an update are drawn once into
+    flat buffers (``n_perturbations`` float32 copies of the trainable tensors) and reused by every
+    micro-batch and by ``apply``; losses and ``g`` are device tensors. The one host
+    synchronisation per update is ``apply``'s decision on a non-finite ``g`` (with its metrics).
     """
 
     def __init__(self, named_params: Sequence[tuple[str, torch.Tensor]], mu: Mapping[str, torch.Tensor] | None,
@@ -250,14 +289,14 @@ class ZOEngine:
                  common_random_numbers: bool = True):
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
-        if len(set(self.names)) != len(self.names):
-            raise ValueError("duplicate parameter names after normalisation")
         self.config = config
         self.direction = Direction(self.names, self.params, mu, v)
-        self.decay = [decays(n) for n in self.names]
+        self.flat = self.direction.flat
+        self.decaying = [p for p, n in zip(self.params, self.names) if decays(n)]
         self.state = ZOState(total_steps=total_steps)
         self.common_random_numbers = common_random_numbers
-        self._g_sum = torch.zeros(config.n_perturbations, dtype=torch.float64)
+        self._g_sum = torch.zeros(config.n_perturbations, dtype=torch.float64, device=self.flat.device)
+        self._z: tuple[tuple[int, float], list[torch.Tensor]] | None = None  # (step, gamma) -> directions
 
     # --- schedule -------------------------------------------------------------------------
     @property
@@ -268,12 +307,17 @@ class ZOEngine:
     def gamma(self) -> float:
         return gamma_at(self.config.gamma_schedule, self.config.gamma_start, self.state.step, self.state.total_steps)
 
-    def perturb(self, scale: float, j: int = 0) -> None:
-        perturb(self.params, scale, self.direction, self.config.seed, self.state.step, j, self.gamma)
+    def directions(self) -> list[torch.Tensor]:
+        """The ``n_perturbations`` flat directions of the current update (drawn once, then cached)."""
+        key = (self.state.step, self.gamma)
+        if self._z is None or self._z[0] != key:
+            self._z = (key, [self.direction.z(self.config.seed, self.state.step, j, key[1])
+                             for j in range(self.config.n_perturbations)])
+        return self._z[1]
 
     def z(self, j: int = 0) -> list[torch.Tensor]:
-        """The current direction ``j`` as a list of tensors (tests and diagnostics only: a copy)."""
-        return [z for _, z in self.direction.iter_z(self.params, self.config.seed, self.state.step, j, self.gamma)]
+        """Direction ``j`` of the current update shaped like the parameters (tests and diagnostics)."""
+        return [t.clone() for t in self.flat.views(self.directions()[j])]
 
     # --- estimation -----------------------------------------------------------------------
     def _rng_snapshot(self) -> Callable[[], None]:
@@ -289,41 +333,43 @@ class ZOEngine:
         return restore
 
     @torch.no_grad()
-    def estimate(self, loss_fn: Callable[[], Any]) -> tuple[torch.Tensor, float]:
-        """Projected gradients ``g_j`` of one micro-batch (accumulated until ``apply``) and the loss.
+    def estimate(self, loss_fn: Callable[[], Any], base: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected gradients ``g_j`` of one micro-batch (accumulated until ``apply``) and the loss,
+        both device tensors (float64).
 
         ``loss_fn()`` evaluates the micro-batch loss at the current parameters. Every evaluation
-        starts from the same RNG state (common random numbers: same dropout masks at both points).
-        Parameters are restored (up to float rounding) before returning.
+        starts from the same RNG state (common random numbers: same dropout masks at all points).
+        ``base``: the loss at the current parameters when already known (one-sided estimates use
+        it instead of a forward pass; ignored when two-sided). Parameters are restored (up to
+        float rounding) before returning.
         """
-        eps = self.config.eps
+        eps, device = self.config.eps, self.flat.device
         restore_rng = self._rng_snapshot()
 
-        def evaluate() -> float:
+        def evaluate() -> torch.Tensor:
             restore_rng()
-            out = loss_fn()
-            return float(out.detach().double().item()) if torch.is_tensor(out) else float(out)
+            return loss_tensor(loss_fn(), device)
 
-        q = self.config.n_perturbations
-        g = torch.empty(q, dtype=torch.float64)
-        losses = []
-        base = None if self.config.two_sided else evaluate()
-        for j in range(q):
-            self.perturb(+eps, j)
-            lp = evaluate()
+        g, losses = [], []
+        if not self.config.two_sided:
+            base = evaluate() if base is None else loss_tensor(base, device)
+        for z in self.directions():
+            self.flat.add_(z, eps)
+            plus = evaluate()
             if self.config.two_sided:
-                self.perturb(-2 * eps, j)
-                lm = evaluate()
-                self.perturb(+eps, j)
-                g[j] = (lp - lm) / (2 * eps)
-                losses.append(0.5 * (lp + lm))
+                self.flat.add_(z, -2 * eps)
+                minus = evaluate()
+                self.flat.add_(z, eps)
+                g.append((plus - minus) / (2 * eps))
+                losses.append(0.5 * (plus + minus))
             else:
-                self.perturb(-eps, j)
-                g[j] = (lp - base) / eps
+                self.flat.add_(z, -eps)
+                g.append((plus - base) / eps)
                 losses.append(base)
-        self._g_sum += g
+        g_t = torch.stack(g)
+        self._g_sum += g_t
         self.state.n_micro += 1
-        return g, float(np.mean(losses))
+        return g_t, torch.stack(losses).mean()
 
     # --- update ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -332,32 +378,20 @@ class ZOEngine:
         lr = self.config.lr if lr is None else float(lr)
         if self.state.n_micro == 0:
             return {}
-        g = self._g_sum / self.state.n_micro
-        world = _world()
-        if world > 1:
-            device = (torch.device("cuda", torch.cuda.current_device())
-                      if torch.distributed.get_backend() == "nccl" else torch.device("cpu"))
-            g_dev = g.to(device)
-            torch.distributed.all_reduce(g_dev, op=torch.distributed.ReduceOp.SUM)  # the one all-reduce
-            g = g_dev.cpu() / world
+        g = mean_across_processes(self._g_sum / self.state.n_micro)
         gamma = self.gamma
+        finite, g_mean, g_abs = torch.stack([torch.isfinite(g).all().double(), g.mean(), g.abs().mean()]).tolist()
         metrics = {"zo/gamma": gamma, "zo/seed": float(self.seed), "zo/lr": lr}
-        if not bool(torch.isfinite(g).all()):
+        if not finite:
             self.state.skipped += 1
             metrics["zo/g"] = float("nan")
         else:
-            q = len(g)
             wd = self.config.weight_decay
-            if wd:
-                for p, d in zip(self.params, self.decay):
-                    if d:
-                        p.mul_(1.0 - lr * wd)
-            for j in range(q):
-                coef = -lr * float(g[j]) / q
-                if coef != 0.0:
-                    perturb(self.params, coef, self.direction, self.config.seed, self.state.step, j, gamma)
-            metrics["zo/g"] = float(g.mean())
-            metrics["zo/g_abs"] = float(g.abs().mean())
+            if wd and self.decaying:
+                torch._foreach_mul_(self.decaying, 1.0 - lr * wd)
+            step = (g.float() / len(g)) @ torch.stack(self.directions())
+            self.flat.add_(step, -lr)
+            metrics["zo/g"], metrics["zo/g_abs"] = g_mean, g_abs
         metrics["zo/skipped"] = float(self.state.skipped)
         self.state.step += 1
         self._g_sum.zero_()
@@ -366,7 +400,7 @@ class ZOEngine:
 
     # --- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        self.state.g_sum = [float(x) for x in self._g_sum]
+        self.state.g_sum = self._g_sum.tolist()
         d = self.state.to_dict()
         d["config"] = dataclasses.asdict(self.config)
         return d
@@ -380,7 +414,7 @@ class ZOEngine:
             state.total_steps = self.state.total_steps
         self.state = state
         g = state.g_sum or [0.0] * self.config.n_perturbations
-        self._g_sum = torch.tensor(g, dtype=torch.float64)
+        self._g_sum = torch.tensor(g, dtype=torch.float64, device=self.flat.device)
 
 
 class ZOOptimizer(torch.optim.Optimizer):

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from workflow.zopro_direction import tensor_seed
+from workflow.zopro_direction import FlatParams, loss_tensor, mean_across_processes, tensor_seed
 
 MOMENTUM_GRID = tuple(k / 8 for k in range(1, 9))  # multiples of mu tried, smallest first
 
@@ -63,6 +63,7 @@ class GuardedConfig:
     updates_per_batch: int
     momentum_kl: float
     momentum_prompts: int
+    known_base: bool = True
     seed: int = 0
 
     @property
@@ -84,6 +85,7 @@ class GuardedConfig:
                    n_perturbations=int(section["n_perturbations"]),
                    updates_per_batch=int(section["updates_per_batch"]),
                    momentum_kl=float(section["momentum_kl"]), momentum_prompts=int(section["momentum_prompts"]),
+                   known_base=bool(section["known_base"]),
                    seed=int(config.get("seed", 0) if seed is None else seed))
 
 
@@ -99,24 +101,9 @@ class GuardedState:
     momentum_kl: float | None = None
 
 
-def _mean_across_processes(values: torch.Tensor) -> torch.Tensor:
-    """``values`` averaged over data-parallel processes (one all-reduce; identity when alone)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
-    out = values.to(device)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out.to(values.device) / dist.get_world_size()
-
-
 def _mean_scalar(value: float) -> float:
     """A scalar averaged over data-parallel processes (each estimated it on its own rollouts)."""
-    return float(_mean_across_processes(torch.tensor([float(value)], dtype=torch.float64))[0])
-
-
-def _as_float(loss: Any) -> float:
-    return float(loss.detach().double().item()) if torch.is_tensor(loss) else float(loss)
+    return float(mean_across_processes(torch.tensor([float(value)], dtype=torch.float64))[0])
 
 
 class GuardedEngine:
@@ -131,23 +118,12 @@ class GuardedEngine:
                  v: Mapping[str, torch.Tensor] | None, config: GuardedConfig):
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
+        self.flat = FlatParams(self.names, self.params)
         self.config = config
         self.state = GuardedState()
         self.last_loss = float("nan")  # batch loss after the last update() (logged as the training loss)
-        self._sizes = [p.numel() for p in self.params]
-        self._device = self.params[0].device
-        self.mu = self._flat(mu or {})
-        self._basis = self._orthonormal([self._flat(v or {}), self.mu])
-
-    # --- flat views of the trainable tensors ----------------------------------------------
-    def _flat(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        parts = []
-        for name, p in zip(self.names, self.params):
-            t = tensors.get(name)
-            if t is not None and tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"{name}: shape {tuple(t.shape)} does not match parameter {tuple(p.shape)}")
-            parts.append(torch.zeros(p.numel()) if t is None else t.detach().reshape(-1).float().cpu())
-        return torch.cat(parts).to(self._device)
+        self.mu = self.flat.flat(mu or {})
+        self._basis = self._orthonormal([self.flat.flat(v or {}), self.mu])
 
     @staticmethod
     def _orthonormal(vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -162,27 +138,11 @@ class GuardedEngine:
                 basis.append(x / norm)
         return torch.stack(basis) if basis else vectors[0].new_zeros(0, vectors[0].numel())
 
-    def flat_params(self) -> torch.Tensor:
-        """A float32 copy of the trainable tensors, concatenated."""
-        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
-
-    @torch.no_grad()
-    def add_(self, flat: torch.Tensor, alpha: float = 1.0) -> None:
-        """``params += alpha * flat`` (``flat`` in the order of :meth:`flat_params`)."""
-        for p, t in zip(self.params, flat.split(self._sizes)):
-            p.add_(t.view(p.shape).to(p.dtype), alpha=alpha)
-
-    @torch.no_grad()
-    def set_(self, flat: torch.Tensor) -> None:
-        """``params = flat`` (restores a copy taken with :meth:`flat_params`)."""
-        for p, t in zip(self.params, flat.split(self._sizes)):
-            p.copy_(t.view(p.shape))
-
     def probes(self, step: int) -> torch.Tensor:
         """The ``[q, d]`` unit-variance probes of update ``step``, orthogonal to ``v`` and ``mu``."""
-        gen = torch.Generator(device=self._device)
+        gen = torch.Generator(device=self.flat.device)
         gen.manual_seed(tensor_seed(self.config.seed, step, 0, 0))
-        z = torch.randn(self.config.n_perturbations, sum(self._sizes), generator=gen, device=self._device)
+        z = torch.randn(self.config.n_perturbations, sum(self.flat.sizes), generator=gen, device=self.flat.device)
         if len(self._basis):
             z -= (z @ self._basis.T) @ self._basis
         return z
@@ -201,12 +161,12 @@ class GuardedEngine:
         alpha, kl, reference_kl = 0.0, 0.0, float("nan")
         budget = self.config.momentum_kl
         if budget > 0 and float(self.mu.norm()) > 0:
-            start = self.flat_params()
+            start = self.flat.copy()
             reference_start = _mean_scalar(reference_kl_of()) if reference_kl_of is not None else float("nan")
             reference_kl = reference_start
             for candidate in MOMENTUM_GRID:
-                self.set_(start)
-                self.add_(self.mu, candidate)
+                self.flat.set_(start)
+                self.flat.add_(self.mu, candidate)
                 value = _mean_scalar(kl_of())
                 if not value <= budget:
                     break
@@ -216,50 +176,57 @@ class GuardedEngine:
                         break
                     reference_kl = to_reference
                 alpha, kl = candidate, value
-            self.set_(start)
-            self.add_(self.mu, alpha)
+            self.flat.set_(start)
+            self.flat.add_(self.mu, alpha)
         self.state.momentum_alpha, self.state.momentum_kl = alpha, kl
         return {"zo/momentum_alpha": alpha, "zo/momentum_kl": kl, "zo/momentum_reference_kl": reference_kl}
 
     # --- 2./3. guarded exploration --------------------------------------------------------
     @torch.no_grad()
-    def update(self, loss_fn: Callable[[], Any]) -> dict[str, float]:
-        """The guarded updates of one rollout batch (``loss_fn()``: the batch loss at the current
-        parameters); returns the metrics of the batch."""
+    def update(self, loss_fn: Callable[[], Any], base: Any = None) -> dict[str, float]:
+        """The guarded updates of one rollout batch; returns the metrics of the batch.
+
+        ``loss_fn()``: the batch loss at the current parameters; ``base``: that loss at the start
+        when already known (no forward pass then). Decisions are device tensors (``torch.where``),
+        so the updates make no host synchronisation; the metrics are read once at the end.
+        """
         cfg = self.config
-        q, eps = cfg.n_perturbations, cfg.eps
-        base = _as_float(loss_fn())
-        start_loss, kept, g_abs = base, 0, []
+        q, eps, device = cfg.n_perturbations, cfg.eps, self.flat.device
+        base = loss_tensor(loss_fn() if base is None else base, device)
+        start_loss = base
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        kept, skipped, g_abs, n_finite = zero, zero, zero, zero
         for _ in range(cfg.updates_per_batch):
             z = self.probes(self.state.step)
             self.state.step += 1
-            saved = self.flat_params()
-            g = torch.empty(q, dtype=torch.float64)
+            saved = self.flat.copy()
+            g = torch.empty(q, dtype=torch.float64, device=device)
             for j in range(q):
-                self.add_(z[j], eps)
-                g[j] = (_as_float(loss_fn()) - base) / eps
-                self.set_(saved)
-            g = _mean_across_processes(g)
-            if not bool(torch.isfinite(g).all()):
-                self.state.skipped += 1
-                continue
-            g_abs.append(float(g.abs().mean()))
-            step = g.to(device=z.device, dtype=z.dtype) @ z
-            norm = float(step.norm())
-            if norm > 0:
-                self.add_(step, -cfg.step_size * math.sqrt(step.numel()) / norm)
-            new = _as_float(loss_fn())
-            change = float(_mean_across_processes(torch.tensor([new - base], dtype=torch.float64))[0])
-            if math.isfinite(change) and change < 0:
-                base, kept = new, kept + 1
-                self.state.accepted += 1
-            else:
-                self.set_(saved)
-                self.state.rejected += 1
-        self.last_loss = base
-        return {"zo/accepted_fraction": kept / cfg.updates_per_batch, "zo/rejected": float(self.state.rejected),
-                "zo/skipped": float(self.state.skipped), "zo/loss_change": base - start_loss,
-                "zo/g_abs": sum(g_abs) / len(g_abs) if g_abs else float("nan")}
+                self.flat.add_(z[j], eps)
+                g[j] = (loss_tensor(loss_fn(), device) - base) / eps
+                self.flat.set_(saved)
+            g = mean_across_processes(g)
+            finite = torch.isfinite(g).all()
+            step = torch.where(finite, g, 0.0).to(z.dtype) @ z  # a non-finite g: no step (skipped)
+            norm = step.norm()
+            self.flat.add_(step * (cfg.step_size * math.sqrt(step.numel()) / torch.where(norm > 0, norm, 1.0)), -1.0)
+            new = loss_tensor(loss_fn(), device)
+            change = mean_across_processes((new - base).reshape(1))[0]
+            accept = finite & (change < 0)  # NaN compares false: rejected
+            self.flat.set_(torch.where(accept, self.flat.copy(), saved))
+            base = torch.where(accept, new, base)
+            kept, skipped = kept + accept.double(), skipped + (~finite).double()
+            g_abs, n_finite = g_abs + torch.where(finite, g.abs().mean(), 0.0), n_finite + finite.double()
+        kept_n, skipped_n, g_abs_sum, finite_n, end, start = (
+            torch.stack([kept, skipped, g_abs, n_finite, base, start_loss]).tolist())
+        kept_n, skipped_n = int(kept_n), int(skipped_n)
+        self.state.accepted += kept_n
+        self.state.skipped += skipped_n
+        self.state.rejected += cfg.updates_per_batch - kept_n - skipped_n
+        self.last_loss = end
+        return {"zo/accepted_fraction": kept_n / cfg.updates_per_batch, "zo/rejected": float(self.state.rejected),
+                "zo/skipped": float(self.state.skipped), "zo/loss_change": end - start,
+                "zo/g_abs": g_abs_sum / finite_n if finite_n else float("nan")}
 
     # --- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
