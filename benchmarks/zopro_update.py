@@ -22,8 +22,8 @@ fresh process; and, fairer on a shared machine, both methods alternating in one 
 same model and batch (``interleaved_*`` ratios: the headline time ratio). The interleaved worker
 also profiles ``--profile-updates`` more updates of each method (``torch.profiler``) and counts,
 per update, the host reads of device values (``aten::_local_scalar_dense``: every ``.item()``,
-``float(tensor)`` or ``.tolist()``, each a synchronisation on a GPU) and, on a GPU, the kernel
-launches. Both use the same loss (trl's per-sequence PPO-clip with ``selective_log_softmax``, as in
+``float(tensor)``, each a synchronisation on a GPU) and, on a GPU, the kernel launches and the
+CUDA synchronisation calls (``.tolist()`` and copies to the host included). Both use the same loss (trl's per-sequence PPO-clip with ``selective_log_softmax``, as in
 ``RLOOTrainer._compute_loss``). Memory: on CPU, the peak RSS of the phase minus the RSS right
 before it (the peak is reset with ``/proc/self/clear_refs`` and read from ``VmHWM``; a polling
 thread is the fallback); on GPU, ``torch.cuda.max_memory_allocated`` minus the allocation before
@@ -260,6 +260,7 @@ def profile_counts(update, batch, n_updates: int, device: str) -> dict:
     out = {"host_reads_per_update": sum(n == "aten::_local_scalar_dense" for n in names) / n_updates}
     if device == "cuda":
         out["kernel_launches_per_update"] = sum("LaunchKernel" in n for n in names) / n_updates
+        out["syncs_per_update"] = sum("Synchronize" in n for n in names) / n_updates
     return out
 
 
@@ -435,9 +436,9 @@ def main(argv=None) -> None:
           + ", ".join(f"{m} {inter[f'{m}_time_min_s']:.3f} s" for m in METHODS if f"{m}_time_min_s" in inter))
     for m in METHODS:
         if f"{m}_host_reads_per_update" in inter:
-            launches = inter.get(f"{m}_kernel_launches_per_update")
+            launches, syncs = inter.get(f"{m}_kernel_launches_per_update"), inter.get(f"{m}_syncs_per_update")
             print(f"{m}: {inter[f'{m}_host_reads_per_update']:.0f} host reads per update"
-                  + (f", {launches:.0f} kernel launches" if launches is not None else ""))
+                  + (f", {launches:.0f} kernel launches, {syncs:.0f} synchronisations" if launches is not None else ""))
     for k, val in ratios.items():
         print(f"{k}: {val:.3f}")
     print(f"wrote {out} and {out.with_suffix('.csv')}")
