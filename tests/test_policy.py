@@ -63,11 +63,19 @@ def test_reward_function_raises_on_nan(tiny_base, adapters):
         fn([prompt], ["x"])
 
 
-def _sft_logits(tiny_base, adapter, ids):
+def _sft_logits(tiny_base, adapter, ids, autocast=False):
+    """The SFT policy's logits (``autocast``: under bf16 autocast, as trainers prepared for bf16
+    mixed precision run their reference models)."""
     from workflow.models import load_policy
 
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         return load_policy(tiny_base, adapter).eval()(ids).logits
+
+
+def _is_sft(logits, tiny_base, adapter, ids) -> bool:
+    """Whether ``logits`` are the SFT policy's, computed as is or, with bf16 precision, under autocast."""
+    return any(torch.allclose(logits, _sft_logits(tiny_base, adapter, ids, autocast), atol=1e-5)
+               for autocast in {False, runtime.use_bf16()})
 
 
 def test_rloo_reference_is_the_sft_adapter(tiny_base, adapters, tmp_path):
@@ -287,7 +295,7 @@ def test_ppo_and_dpo_references_are_the_sft_adapter(tiny_base, adapters, tmp_pat
         ref = trainer.model.policy.eval()(ids).logits
     with torch.no_grad():
         cur = trainer.model.policy(ids).logits
-    assert torch.allclose(ref, sft_logits, atol=1e-5) and not torch.allclose(cur, sft_logits, atol=1e-3)
+    assert _is_sft(ref, tiny_base, adapters["sft"], ids) and not torch.allclose(cur, sft_logits, atol=1e-3)
     # online DPO: an explicit frozen base + SFT model
     model = load_policy(tiny_base, adapters["sft2"], trainable=True)
     ref_model = load_policy(tiny_base, adapters["sft"])
@@ -295,7 +303,7 @@ def test_ppo_and_dpo_references_are_the_sft_adapter(tiny_base, adapters, tmp_pat
                                load_tokenizer(adapters["reward"], "chat"), name="rm")
     trainer = policy.build_dpo(model, ref_model, tok, fn, prompts, CFG, str(tmp_path / "dpo"), 0, [])
     with torch.no_grad():
-        assert torch.allclose(trainer.ref_model(ids).logits, sft_logits, atol=1e-5)
+        assert _is_sft(trainer.ref_model(ids).logits, tiny_base, adapters["sft"], ids)
     assert not any(p.requires_grad for p in trainer.ref_model.parameters())
 
 

@@ -172,10 +172,11 @@ def test_update_formula_q_spsa_accumulation_and_weight_decay():
     eng = ZOEngine(list(zip(names, params)), mu, v, cfg)
     before = [p.clone() for p in params]
     zs = [eng.z(j) for j in range(2)]
-    w1 = [torch.randn(p.shape) for p in params]
-    w2 = [torch.randn(p.shape) for p in params]
-    g1, _ = eng.estimate(lambda: sum(float((w * p).sum()) for w, p in zip(w1, params)))
-    g2, _ = eng.estimate(lambda: sum(float((w * p).sum()) for w, p in zip(w2, params)))
+    gen = torch.Generator().manual_seed(1)
+    w1 = [torch.randn(p.shape, generator=gen) for p in params]
+    w2 = [torch.randn(p.shape, generator=gen) for p in params]
+    g1, _ = eng.estimate(lambda: sum(float((w.double() * p.double()).sum()) for w, p in zip(w1, params)))
+    g2, _ = eng.estimate(lambda: sum(float((w.double() * p.double()).sum()) for w, p in zip(w2, params)))
     metrics = eng.apply()
     g = (g1 + g2) / 2
     # linear losses: g_j is the exact directional derivative

@@ -118,7 +118,7 @@ def test_trainer_two_processes_stay_in_sync(tiny_base, tmp_path):
 
     from safetensors.torch import load_file
 
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU processes
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), __file__, tiny_base, str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -113,10 +113,13 @@ def bf16_precision():
 def _directional_error(model, batch, z: list[torch.Tensor], eps: float, autocast: bool) -> float:
     """|finite difference - autograd G.z| / |G.z| of a sequence log-prob loss along ``z``."""
     params = [p for p in model.parameters() if p.requires_grad]
-    advantages = torch.linspace(-1.0, 1.0, batch["input_ids"].shape[0])
+    device = params[0].device
+    batch = {k: t.to(device) for k, t in batch.items()}
+    z = [t.to(device) for t in z]
+    advantages = torch.linspace(-1.0, 1.0, batch["input_ids"].shape[0], device=device)
 
     def loss() -> torch.Tensor:
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with ctx:
             logits = model(**batch).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]

@@ -152,8 +152,11 @@ def _launch_distributed(job: Job, target: str, processes: int) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd += ["--multi_gpu", "-m", "workflow.job", spec.name]
+    # CPU processes (resources.gpus 0) stay on the CPU on a GPU machine too: hidden GPUs make
+    # accelerate join them with gloo rather than give each a GPU that may not exist
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if job.gpus == 0 else None
     try:
-        subprocess.run(cmd, check=True, stdout=_fd_or_none(sys.stdout), stderr=_fd_or_none(sys.stderr))
+        subprocess.run(cmd, check=True, stdout=_fd_or_none(sys.stdout), stderr=_fd_or_none(sys.stderr), env=env)
     finally:
         os.unlink(spec.name)
 
