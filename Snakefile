@@ -10,12 +10,13 @@ from workflow.study import workflow_hash
 min_version("9.0")
 
 # Make the `workflow/` package importable by scripts and by accelerate-launched workers.
-os.environ.update(
-    PYTHONPATH=os.pathsep.join(p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p)
-)
+os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p))
 
 
 configfile: os.path.join(workflow.basedir, "config.yaml")
+
+
+report: "report/workflow.rst"
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
@@ -50,3 +51,4 @@ rule all:
         "results/sft/evaluation.parquet",
         "results/base_eval/evaluation_summary.csv",
         expand("results/{m}/evaluation.csv", m=config["loop"]["methods"]),
+        "results/compare/plots",

@@ -10,6 +10,7 @@ that the trainer logged (``metrics.csv``). A reward score that rises while gold 
 exploiting its reward model; a KL that jumps within one stage is a step size or KL control that is
 too loose. Evaluation numbers (held-out prompts) are in ``results/{method}/evaluation.csv``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ def stage_windows(stage: Path, windows: int) -> pd.DataFrame:
     samples = pd.read_parquet(stage / "samples.parquet")
     metrics = pd.read_csv(stage / "metrics.csv")
     metrics = metrics[metrics["step"].notna() & metrics.get("loss", metrics["step"]).notna()]
-    metrics = metrics.assign(seq_kl=[sequence_kl({k: v for k, v in row.items() if pd.notna(v)})
-                                     for row in metrics.to_dict("records")])
+    metrics = metrics.assign(
+        seq_kl=[sequence_kl({k: v for k, v in row.items() if pd.notna(v)}) for row in metrics.to_dict("records")]
+    )
     last = max(int(samples["step"].max()), int(metrics["step"].max()) if len(metrics) else 0, 1)
     edges = np.linspace(0, last, windows + 1)
     rows = []
@@ -40,13 +42,17 @@ def stage_windows(stage: Path, windows: int) -> pd.DataFrame:
         s = samples[(samples["step"] > lo) | ((w == 0) & (samples["step"] == lo))]
         s = s[s["step"] <= hi]
         m = metrics[(metrics["step"] > lo) & (metrics["step"] <= hi)]
-        rows.append({
-            "window": w, "steps": f"{int(lo)}-{int(hi)}", "rollouts": len(s),
-            "reward_score": float(s["score"].mean()) if len(s) else np.nan,
-            "gold": float(s["gold"].mean()) if "gold" in s and len(s) else np.nan,
-            "seq_kl": float(pd.to_numeric(m["seq_kl"], errors="coerce").mean()) if len(m) else np.nan,
-            "kl_coef": float(m[KL_COEF].mean()) if KL_COEF in m and len(m) else np.nan,
-        })
+        rows.append(
+            {
+                "window": w,
+                "steps": f"{int(lo)}-{int(hi)}",
+                "rollouts": len(s),
+                "reward_score": float(s["score"].mean()) if len(s) else np.nan,
+                "gold": float(s["gold"].mean()) if "gold" in s and len(s) else np.nan,
+                "seq_kl": float(pd.to_numeric(m["seq_kl"], errors="coerce").mean()) if len(m) else np.nan,
+                "kl_coef": float(m[KL_COEF].mean()) if KL_COEF in m and len(m) else np.nan,
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -14,6 +14,7 @@ grow with the number of parameters (it streams fixed-size chunks), only its time
     .venv/bin/python benchmarks/plots_memory.py --dir /work/bench_plots            # full scale
     .venv/bin/python benchmarks/plots_memory.py --dir /tmp/bp --params 2000000    # smaller
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,22 @@ MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def lora_shapes(params: int, hidden: int = 2048, intermediate: int = 5632, r: int = 16) -> dict:
     """LoRA A/B shapes of a Llama-like model with as many layers as needed for ``params``;
     small targets shrink ``hidden`` / ``intermediate`` so that at least one layer fits."""
+
     def per_layer(h, m):
         return r * (4 * 2 * h + 3 * (h + m))
+
     while per_layer(hidden, intermediate) > params and hidden > 16:
         hidden, intermediate = hidden // 2, intermediate // 2
     layers = max(1, round(params / per_layer(hidden, intermediate)))
-    dims = {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
-            "o_proj": (hidden, hidden), "gate_proj": (hidden, intermediate),
-            "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden)}
+    dims = {
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, hidden),
+        "v_proj": (hidden, hidden),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (hidden, intermediate),
+        "up_proj": (hidden, intermediate),
+        "down_proj": (intermediate, hidden),
+    }
     shapes = {}
     for layer in range(layers):
         for mod in MODULES:
@@ -76,11 +85,11 @@ def write_trajectories(root: Path, shapes: dict, snapshots: int, iterations: int
             for j in range(per_iter[i]):
                 if j:  # snapshot 0 of an iteration is the previous iteration's final weights
                     off = int(rng.integers(0, 1_000_000))
-                    state += 1e-4 * drift + 1e-4 * pool[off:off + n]
+                    state += 1e-4 * drift + 1e-4 * pool[off : off + n]
                 tensors, start = {}, 0
                 for key, shape in shapes.items():
                     size = int(np.prod(shape))
-                    tensors[key] = state[start:start + size].reshape(shape)
+                    tensors[key] = state[start : start + size].reshape(shape)
                     start += size
                 if name == "reward":
                     tensors["score.weight"] = np.ones((1, 16), dtype=np.float32)
@@ -115,22 +124,45 @@ def main(argv: list[str] | None = None) -> None:
         need = lambda prm: 2 * a.snapshots * prm * 4 * 1.01  # noqa: E731
         if need(params) > free - a.disk_margin_gb * 1e9:
             params = int(max(1e5, (free - a.disk_margin_gb * 1e9) / (2 * a.snapshots * 4 * 1.01)))
-            print(f"disk: {free / 1e9:.1f} GB free, {need(a.params) / 1e9:.1f} GB needed; "
-                  f"scaling down to {params:,} parameters per model", flush=True)
+            print(
+                f"disk: {free / 1e9:.1f} GB free, {need(a.params) / 1e9:.1f} GB needed; "
+                f"scaling down to {params:,} parameters per model",
+                flush=True,
+            )
         shapes = lora_shapes(params)
         n = sum(int(np.prod(s)) for s in shapes.values())
-        print(f"writing 2 x {a.snapshots} snapshots of {n:,} parameters ({2 * a.snapshots * n * 4 / 1e9:.1f} GB) "
-              f"into {root}", flush=True)
+        print(
+            f"writing 2 x {a.snapshots} snapshots of {n:,} parameters ({2 * a.snapshots * n * 4 / 1e9:.1f} GB) "
+            f"into {root}",
+            flush=True,
+        )
         t0 = time.perf_counter()
         dirs = write_trajectories(root, shapes, a.snapshots, a.iterations)
-        meta = {"dirs": dirs, "params": n, "snapshots": a.snapshots, "iterations": a.iterations,
-                "write_seconds": time.perf_counter() - t0}
+        meta = {
+            "dirs": dirs,
+            "params": n,
+            "snapshots": a.snapshots,
+            "iterations": a.iterations,
+            "write_seconds": time.perf_counter() - t0,
+        }
         meta_path.write_text(json.dumps(meta, indent=2))
         print(f"written in {meta['write_seconds']:.0f} s", flush=True)
     out = root / "plots"
-    cmd = [sys.executable, "-m", "workflow.plots", "--policy", *meta["dirs"]["policy"],
-           "--reward", *meta["dirs"]["reward"], "--out", str(out), "--reduce-dim", str(a.reduce_dim),
-           "--projections", *a.projections]
+    cmd = [
+        sys.executable,
+        "-m",
+        "workflow.plots",
+        "--policy",
+        *meta["dirs"]["policy"],
+        "--reward",
+        *meta["dirs"]["reward"],
+        "--out",
+        str(out),
+        "--reduce-dim",
+        str(a.reduce_dim),
+        "--projections",
+        *a.projections,
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT)
@@ -139,12 +171,19 @@ def main(argv: list[str] | None = None) -> None:
     if proc.returncode:
         raise SystemExit(f"pipeline failed with exit code {proc.returncode}")
     summary = json.loads((out / "summary.json").read_text())
-    result = {"params_per_model": meta["params"], "snapshots_per_model": meta["snapshots"],
-              "iterations": meta["iterations"], "data_gb": 2 * meta["snapshots"] * meta["params"] * 4 / 1e9,
-              "reduce_dim": a.reduce_dim, "projections": a.projections,
-              "peak_rss_mb": round(peak_mb, 1), "wall_seconds": round(wall, 1),
-              "stream_seconds": round(summary["stream_seconds"], 1), "target_peak_mb": 1024,
-              "ok": peak_mb < 1024}
+    result = {
+        "params_per_model": meta["params"],
+        "snapshots_per_model": meta["snapshots"],
+        "iterations": meta["iterations"],
+        "data_gb": 2 * meta["snapshots"] * meta["params"] * 4 / 1e9,
+        "reduce_dim": a.reduce_dim,
+        "projections": a.projections,
+        "peak_rss_mb": round(peak_mb, 1),
+        "wall_seconds": round(wall, 1),
+        "stream_seconds": round(summary["stream_seconds"], 1),
+        "target_peak_mb": 1024,
+        "ok": peak_mb < 1024,
+    }
     (root / "plots_memory.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     if a.cleanup:

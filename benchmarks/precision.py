@@ -25,11 +25,11 @@ measures
     .venv/bin/python benchmarks/precision.py
     .venv/bin/python benchmarks/precision.py --base results/base --steps 8
 """
+
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import sys
 import tempfile
@@ -48,17 +48,38 @@ import torch  # noqa: E402
 from workflow import models, policy, runtime  # noqa: E402
 
 VARIANTS = ("fp32", "bf16 plain", "bf16")
-BASE_CFG = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 192, "num_layers": 2, "num_heads": 4,
-            "epochs": 4, "learning_rate": 1e-2, "batch_size": 64, "max_length": 128}
+BASE_CFG = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_layers": 2,
+    "num_heads": 4,
+    "epochs": 4,
+    "learning_rate": 1e-2,
+    "batch_size": 64,
+    "max_length": 128,
+}
 LORA = {"lora": {"r": 8, "alpha": None, "dropout": 0.1, "target_modules": "all-linear"}}
 
 
 def stage_cfg(generation_length: int) -> dict[str, Any]:
     """The policy-stage config of the RLOO runs (config.yaml's policy section, smaller batches)."""
-    return {"seed": 0, "dataset": {"name": "embedded"}, **LORA, "snapshots": {"every": 0.5},
-            "model": {"max_length": 128, "generation_length": generation_length},
-            "policy": {"learning_rate": 1e-3, "batch_size": 8, "epochs": 1, "kl_coef": 0.01, "temperature": 1.0,
-                       "rloo_k": 2, "clip_range": 0.2}}
+    return {
+        "seed": 0,
+        "dataset": {"name": "embedded"},
+        **LORA,
+        "snapshots": {"every": 0.5},
+        "model": {"max_length": 128, "generation_length": generation_length},
+        "policy": {
+            "learning_rate": 1e-3,
+            "batch_size": 8,
+            "epochs": 1,
+            "kl_coef": 0.01,
+            "temperature": 1.0,
+            "rloo_k": 2,
+            "clip_range": 0.2,
+        },
+    }
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -84,8 +105,9 @@ def prepare(work: Path, base: str | None, rows: int) -> tuple[str, dict[str, str
             continue
         torch.manual_seed(seed)
         if name == "reward":
-            model = get_peft_model(models.load_sequence_classifier(base, tokenizer.pad_token_id),
-                                   lora_config(LORA, "SEQ_CLS"))
+            model = get_peft_model(
+                models.load_sequence_classifier(base, tokenizer.pad_token_id), lora_config(LORA, "SEQ_CLS")
+            )
         else:
             model = get_peft_model(models.load_causal_lm(base), lora_config(LORA))
         generator = torch.Generator().manual_seed(seed)
@@ -141,14 +163,17 @@ def reward_dtypes(base: str, adapter: str) -> dict[str, str]:
         model(input_ids=ids).logits.sum().backward()
     optimizer.step()
     named = list(model.named_parameters())
-    return {"trained reward: base weights": dtypes(p for n, p in named if "lora_" not in n and "score" not in n),
-            "trained reward: LoRA weights": dtypes(p for n, p in named if "lora_" in n),
-            "trained reward: score head": dtypes(p for n, p in named if "score.modules_to_save" in n),
-            "trained reward: AdamW states": adam_states(optimizer)}
+    return {
+        "trained reward: base weights": dtypes(p for n, p in named if "lora_" not in n and "score" not in n),
+        "trained reward: LoRA weights": dtypes(p for n, p in named if "lora_" in n),
+        "trained reward: score head": dtypes(p for n, p in named if "score.modules_to_save" in n),
+        "trained reward: AdamW states": adam_states(optimizer),
+    }
 
 
-def rloo_run(base: str, adapters: dict[str, str], prompts: list, steps: int, generation_length: int,
-             scratch: str) -> dict[str, float | str]:
+def rloo_run(
+    base: str, adapters: dict[str, str], prompts: list, steps: int, generation_length: int, scratch: str
+) -> dict[str, float | str]:
     """Train RLOO for ``steps`` updates and compare each update's log-probs with its rollout's."""
     tokenizer = models.load_tokenizer(base, "chat")
     tokenizer.padding_side = "left"
@@ -156,7 +181,7 @@ def rloo_run(base: str, adapters: dict[str, str], prompts: list, steps: int, gen
     reward = models.load_reward_model(base, adapters["reward"])
     reward_fn = policy.RewardFunction(reward, models.load_tokenizer(adapters["reward"], "chat"), name="reward")
     cfg = stage_cfg(generation_length)
-    prompts = prompts[:steps * cfg["policy"]["batch_size"] // cfg["policy"]["rloo_k"]]  # one epoch: `steps` updates
+    prompts = prompts[: steps * cfg["policy"]["batch_size"] // cfg["policy"]["rloo_k"]]  # one epoch: `steps` updates
     torch.manual_seed(0)
     trainer = policy.build_rloo(model, tokenizer, reward_fn, prompts, cfg, scratch, 0, [], adapters["sft"])
     calls: list[dict[str, Any]] = []
@@ -167,8 +192,16 @@ def rloo_run(base: str, adapters: dict[str, str], prompts: list, steps: int, gen
         out = logps_of(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         peft = trainer.accelerator.unwrap_model(trainer.model)
         kind = "new" if torch.is_grad_enabled() else ("ref" if peft.active_adapter == "ref" else "old")
-        calls.append({"kind": kind, "ids": input_ids, "attention": attention_mask, "keep": logits_to_keep,
-                      "mask": attention_mask[:, -logits_to_keep:].float(), "logps": out[0].detach().float()})
+        calls.append(
+            {
+                "kind": kind,
+                "ids": input_ids,
+                "attention": attention_mask,
+                "keep": logits_to_keep,
+                "mask": attention_mask[:, -logits_to_keep:].float(),
+                "logps": out[0].detach().float(),
+            }
+        )
         return out
 
     def loss(model, inputs):
@@ -227,8 +260,10 @@ def reward_run(base: str, adapter: str, rows) -> tuple[dict[str, np.ndarray], st
     tokenizer = models.load_tokenizer(adapter, "chat")
     model = models.load_reward_model(base, adapter, pad_token_id=tokenizer.pad_token_id)
     prompts = list(rows["prompt"])
-    scores = {"chosen": reward_scores(model, tokenizer, prompts, list(rows["chosen"])),
-              "rejected": reward_scores(model, tokenizer, prompts, list(rows["rejected"]))}
+    scores = {
+        "chosen": reward_scores(model, tokenizer, prompts, list(rows["chosen"])),
+        "rejected": reward_scores(model, tokenizer, prompts, list(rows["rejected"])),
+    }
     return scores, dtypes(model.parameters())
 
 
@@ -236,9 +271,12 @@ def reward_stats(scores: dict[str, np.ndarray], exact: dict[str, np.ndarray]) ->
     error = np.abs(np.concatenate([scores[k] - exact[k] for k in ("chosen", "rejected")]))
     spread = np.concatenate([exact["chosen"], exact["rejected"]]).std()
     flips = int(((scores["chosen"] > scores["rejected"]) != (exact["chosen"] > exact["rejected"])).sum())
-    return {"scoring: |score - fp32|, mean": float(error.mean()), "scoring: |score - fp32|, max": float(error.max()),
-            "scoring: max error / score std": float(error.max() / spread),
-            "scoring: pairs whose order flips": f"{flips}/{len(exact['chosen'])}"}
+    return {
+        "scoring: |score - fp32|, mean": float(error.mean()),
+        "scoring: |score - fp32|, max": float(error.max()),
+        "scoring: max error / score std": float(error.max() / spread),
+        "scoring: pairs whose order flips": f"{flips}/{len(exact['chosen'])}",
+    }
 
 
 def fmt(value: Any) -> str:
@@ -250,8 +288,11 @@ def fmt(value: Any) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="an existing base model folder (default: build a small one in --work)")
-    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "zopro_precision"),
-                        help="folder for the built base and the adapters (reused when present)")
+    parser.add_argument(
+        "--work",
+        default=os.path.join(tempfile.gettempdir(), "zopro_precision"),
+        help="folder for the built base and the adapters (reused when present)",
+    )
     parser.add_argument("--rows", type=int, default=600, help="embedded training rows of the built base")
     parser.add_argument("--steps", type=int, default=4, help="RLOO updates per variant")
     parser.add_argument("--generation-length", type=int, default=24)
@@ -270,14 +311,18 @@ def main(argv: list[str] | None = None) -> None:
     for name in VARIANTS:
         with variant(name), tempfile.TemporaryDirectory(dir=work) as scratch:
             torch.manual_seed(0)
-            columns[name] = {**rloo_run(base, adapters, prompts, args.steps, args.generation_length, scratch),
-                             **reward_dtypes(base, adapters["reward"])}
+            columns[name] = {
+                **rloo_run(base, adapters, prompts, args.steps, args.generation_length, scratch),
+                **reward_dtypes(base, adapters["reward"]),
+            }
             scores, weights = reward_run(base, adapters["reward"], test)
         if name == "fp32":
             exact_scores = scores
         columns[name].update({"scoring: reward model weights": weights, **reward_stats(scores, exact_scores)})
-    print(f"\nbase: {base}; {args.steps} RLOO updates of 8 rollouts ({args.generation_length} new tokens); "
-          f"reward: {len(test)} held-out pairs; device {runtime.device()}, {torch.get_num_threads()} threads\n")
+    print(
+        f"\nbase: {base}; {args.steps} RLOO updates of 8 rollouts ({args.generation_length} new tokens); "
+        f"reward: {len(test)} held-out pairs; device {runtime.device()}, {torch.get_num_threads()} threads\n"
+    )
     width = max(len(k) for k in columns["fp32"])
     print(f"| {'':{width}} | " + " | ".join(f"{v:>16}" for v in VARIANTS) + " |")
     print(f"|{'-' * (width + 2)}|" + "|".join("-" * 18 for _ in VARIANTS) + "|")

@@ -18,6 +18,7 @@ table of the README and its folder layout (``--dir``/seed_<s>).
     .venv/bin/python benchmarks/seeds.py --methods ppo dpo rloo --seeds 0 1 2 --dir /work/seeds \\
         --out results/benchmarks/seeds.csv
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,22 @@ def run_seed(seed: int, methods: list[str], workdir: Path, cores: str, overlays:
     workdir.mkdir(parents=True, exist_ok=True)
     targets = [f"results/{m}/evaluation.csv" for m in methods]
     configs = [str(ROOT / "config.yaml"), *[str(Path(o).resolve()) for o in overlays]]
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--cores", cores,
-           *targets, "--configfile", *configs, "--config", f"seed={seed}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--cores",
+        cores,
+        *targets,
+        "--configfile",
+        *configs,
+        "--config",
+        f"seed={seed}",
+    ]
     log = workdir / "snakemake.log"
     with open(log, "w") as handle:
         done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -64,24 +79,38 @@ def iteration_rows(seed: int, methods: list[str], workdir: Path) -> list[dict]:
         for i in sorted(int(k) for k in table.index if k >= 0):
             row = table.loc[i]
             gain, gain_se = paired(table, i, "sft")
-            rows.append({"method": method, "seed": seed, "iteration": i, "sft_gold": float(sft.gold_mean),
-                         "gold": float(row.gold_mean), "gold_se": float(row.gold_stderr),
-                         "gain": gain, "gain_se": gain_se, "z": paired_z(gain, gain_se),
-                         "drop_z": -paired_z(*paired(table, i, "previous")),
-                         "kl": float(row.kl), "passes": verdict.passed})
+            rows.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "iteration": i,
+                    "sft_gold": float(sft.gold_mean),
+                    "gold": float(row.gold_mean),
+                    "gold_se": float(row.gold_stderr),
+                    "gain": gain,
+                    "gain_se": gain_se,
+                    "z": paired_z(gain, gain_se),
+                    "drop_z": -paired_z(*paired(table, i, "previous")),
+                    "kl": float(row.kl),
+                    "passes": verdict.passed,
+                }
+            )
     return rows
 
 
 def markdown(table: pd.DataFrame) -> str:
     """Per method and seed: each iteration's paired gain over SFT (z) [KL to SFT], and the verdict."""
     iterations = sorted(table["iteration"].unique())
-    lines = ["| method | seed | " + " | ".join(f"iter {i}" for i in iterations) + " | all criteria |",
-             "|" + " --- |" * (len(iterations) + 3)]
+    lines = [
+        "| method | seed | " + " | ".join(f"iter {i}" for i in iterations) + " | all criteria |",
+        "|" + " --- |" * (len(iterations) + 3),
+    ]
     for (method, seed), group in table.groupby(["method", "seed"], sort=True):
         cells = {int(r.iteration): f"{r.gain:+.3f} ({r.z:.1f}) [{r.kl:.2f}]" for r in group.itertuples()}
         verdict = "pass" if bool(group["passes"].all()) else "FAIL"
-        lines.append(f"| {method} | {seed} | " + " | ".join(cells.get(int(i), "") for i in iterations)
-                     + f" | {verdict} |")
+        lines.append(
+            f"| {method} | {seed} | " + " | ".join(cells.get(int(i), "") for i in iterations) + f" | {verdict} |"
+        )
     return "\n".join(lines)
 
 
@@ -93,8 +122,9 @@ def main() -> None:
     parser.add_argument("--cores", default="all")
     parser.add_argument("--configfile", nargs="*", default=[], help="config overlays after config.yaml")
     parser.add_argument("--out", default="results/benchmarks/seeds.csv")
-    parser.add_argument("--summarise-only", action="store_true",
-                        help="tabulate the seed folders as they are, without running Snakemake")
+    parser.add_argument(
+        "--summarise-only", action="store_true", help="tabulate the seed folders as they are, without running Snakemake"
+    )
     args = parser.parse_args()
     rows = []
     for seed in args.seeds:

@@ -23,6 +23,7 @@ more than ``--min-z`` paired standard errors (optionally also ``--max-kl``, and 
 iteration more than that many paired standard errors below the iteration before). Options combine; exit status 1 when any check fails or a file is unusable
 (the message names it), 2 on a command-line error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,7 +101,9 @@ def reward_accuracy_line(results: Path) -> str:
         return "Reward model 0: no held-out accuracy logged"
     pairs = metrics["heldout_rows"].dropna() if "heldout_rows" in metrics else pd.Series(dtype=float)
     on = f" on {int(pairs.iloc[-1])} held-out pairs" if len(pairs) else ""
-    return f"Reward model 0: held-out pairwise accuracy **{acc.iloc[-1]:.3f}**{on} (`results/reward/iter_0/metrics.csv`)"
+    return (
+        f"Reward model 0: held-out pairwise accuracy **{acc.iloc[-1]:.3f}**{on} (`results/reward/iter_0/metrics.csv`)"
+    )
 
 
 def results_block(results: Path) -> str:
@@ -137,18 +140,29 @@ def results_block(results: Path) -> str:
         def cell(t: pd.DataFrame, column: str) -> str:
             value, se = paired(t, int(column.split()[1]), reference)
             return "" if math.isnan(value) else f"{_fmt(value, se)} ({paired_z(value, se):.1f})"
+
         return cell
 
     def kl(t: pd.DataFrame, column: str) -> str:
         i = int(column.split()[1])
         return f"{t.loc[i, 'kl']:.2f}" if i in t.index else ""
 
-    lines += table("Gold score, mean ± standard error over (prompt, sampling seed) units "
-                   "(`results/{method}/evaluation.csv`):", ["SFT", *heads], gold)
-    lines += table("Paired gain over SFT (`gold_gain_vs_sft`: the same prompts and sampling seeds, mean ± standard "
-                   "error of the per-(prompt, seed) differences) and, in brackets, z = gain / paired se:", heads, gain("sft"))
-    lines += table("Paired gain over the iteration before (`gold_gain_vs_previous`; iteration 0: over SFT) and, "
-                   "in brackets, z:", heads, gain("previous"))
+    lines += table(
+        "Gold score, mean ± standard error over (prompt, sampling seed) units (`results/{method}/evaluation.csv`):",
+        ["SFT", *heads],
+        gold,
+    )
+    lines += table(
+        "Paired gain over SFT (`gold_gain_vs_sft`: the same prompts and sampling seeds, mean ± standard "
+        "error of the per-(prompt, seed) differences) and, in brackets, z = gain / paired se:",
+        heads,
+        gain("sft"),
+    )
+    lines += table(
+        "Paired gain over the iteration before (`gold_gain_vs_previous`; iteration 0: over SFT) and, in brackets, z:",
+        heads,
+        gain("previous"),
+    )
     lines += table("KL to SFT (sequence-level, mean over the evaluation answers):", heads, kl)
 
     def agreement(t: pd.DataFrame, column: str) -> str:
@@ -157,8 +171,12 @@ def results_block(results: Path) -> str:
         return "" if pd.isna(value) else f"{value:.3f}"
 
     if any("reward_gold_accuracy" in t for t in tables.values()):
-        lines += table("How often reward model i orders two answers of policy i as gold does (`reward_gold_accuracy`; "
-                       "a fall while the reward score rises is reward hacking):", ["SFT", *heads], agreement)
+        lines += table(
+            "How often reward model i orders two answers of policy i as gold does (`reward_gold_accuracy`; "
+            "a fall while the reward score rises is reward hacking):",
+            ["SFT", *heads],
+            agreement,
+        )
     return "\n".join(lines)
 
 
@@ -167,10 +185,16 @@ def gold_table(results: Path) -> str:
     iteration (for printing: the times vary from run to run, so it is not part of the README block)."""
     tables = method_tables(results)
     iterations = _iterations(tables)
-    header = "| method | SFT | " + " | ".join(f"iter {i}" for i in iterations) + " | KL to SFT (last) | policy train s / iter |"
+    header = (
+        "| method | SFT | "
+        + " | ".join(f"iter {i}" for i in iterations)
+        + " | KL to SFT (last) | policy train s / iter |"
+    )
     lines = [header, "|" + " --- |" * (len(iterations) + 4)]
     for method, t in tables.items():
-        cells = [_fmt(t.loc[i, "gold_mean"], t.loc[i, "gold_stderr"]) if i in t.index else "" for i in [-1, *iterations]]
+        cells = [
+            _fmt(t.loc[i, "gold_mean"], t.loc[i, "gold_stderr"]) if i in t.index else "" for i in [-1, *iterations]
+        ]
         kl = f"{t.loc[max(iterations), 'kl']:.2f}" if iterations and max(iterations) in t.index else ""
         secs = "/".join(f"{t.loc[i, 'wall_time_s']:.0f}" for i in iterations if i in t.index)
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {kl} | {secs} |")
@@ -196,8 +220,10 @@ def _split_readme(readme: Path) -> tuple[str, str, str]:
         raise SystemExit(f"{readme}: no such file")
     text = readme.read_text(encoding="utf-8")
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise SystemExit(f"{readme}: needs exactly one '{BEGIN}' followed by one '{END}' "
-                         f"(found {text.count(BEGIN)} begin and {text.count(END)} end markers)")
+        raise SystemExit(
+            f"{readme}: needs exactly one '{BEGIN}' followed by one '{END}' "
+            f"(found {text.count(BEGIN)} begin and {text.count(END)} end markers)"
+        )
     start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
     return text[:start], text[start:stop], text[stop:]
 
@@ -230,13 +256,15 @@ def readme_diff(readme: Path, block: str, run_label: str = "run") -> str:
     _, old, _ = _split_readme(readme)
     ours = [line + "\n" for line in old.strip("\n").splitlines()]
     theirs = [line + "\n" for line in block.strip("\n").splitlines()]
-    return "".join(difflib.unified_diff(ours, theirs, fromfile=f"{readme} (results block)",
-                                        tofile=f"{run_label} (generated)"))
+    return "".join(
+        difflib.unified_diff(ours, theirs, fromfile=f"{readme} (results block)", tofile=f"{run_label} (generated)")
+    )
 
 
 @dataclass
 class GateResult:
     """The gate's verdict on one method: the smallest z over SFT, the largest KL and drop, failures."""
+
     method: str
     iterations: list[int] = field(default_factory=list)
     min_z: tuple[float, int | None] = (math.nan, None)
@@ -259,8 +287,9 @@ def _worst(pairs: list[tuple[float, int]], smallest: bool) -> tuple[float, int |
     return (min if smallest else max)(pairs)
 
 
-def gate_method(method: str, table: pd.DataFrame, min_z: float, max_kl: float | None = None,
-                max_drop_z: float | None = None) -> GateResult:
+def gate_method(
+    method: str, table: pd.DataFrame, min_z: float, max_kl: float | None = None, max_drop_z: float | None = None
+) -> GateResult:
     """Check one method's ``evaluation.csv`` (indexed by iteration, -1 = SFT).
 
     Fails when an iteration's paired gain over SFT is not more than ``min_z`` of its paired standard
@@ -277,8 +306,10 @@ def gate_method(method: str, table: pd.DataFrame, min_z: float, max_kl: float | 
         result.failures.append(f"{method}: no iteration evaluated")
         return result
     if not has_paired_gains(table):
-        result.failures.append(f"{method}: evaluation.csv has no paired gains (gold_gain_vs_sft, gold_gain_vs_previous): "
-                               "written before paired evaluation, rerun its evaluation")
+        result.failures.append(
+            f"{method}: evaluation.csv has no paired gains (gold_gain_vs_sft, gold_gain_vs_previous): "
+            "written before paired evaluation, rerun its evaluation"
+        )
         return result
     sft = table.loc[-1]
     zs, kls, drops = [], [], []
@@ -292,7 +323,8 @@ def gate_method(method: str, table: pd.DataFrame, min_z: float, max_kl: float | 
             result.failures.append(
                 f"{method} iteration {i}: gold {_fmt(row.gold_mean, row.gold_stderr)} vs SFT "
                 f"{_fmt(sft.gold_mean, sft.gold_stderr)}, paired gain {_fmt(gain, se)}, "
-                f"z = {z:.2f}, not above {min_z:g}")
+                f"z = {z:.2f}, not above {min_z:g}"
+            )
         kl = float(row.kl)
         kls.append((kl, i))
         if max_kl is not None and not kl < max_kl:
@@ -303,14 +335,16 @@ def gate_method(method: str, table: pd.DataFrame, min_z: float, max_kl: float | 
             result.failures.append(
                 f"{method} iteration {i}: gold {_fmt(row.gold_mean, row.gold_stderr)} vs {previous_label} "
                 f"{_fmt(previous.gold_mean, previous.gold_stderr)}, a drop of {drop:.2f} paired standard errors, "
-                f"more than {max_drop_z:g}")
+                f"more than {max_drop_z:g}"
+            )
         previous, previous_label = row, f"iteration {i}"
     result.min_z, result.max_kl, result.max_drop_z = _worst(zs, True), _worst(kls, False), _worst(drops, False)
     return result
 
 
-def gate(results: Path, methods: list[str], min_z: float, max_kl: float | None = None,
-         max_drop_z: float | None = None) -> tuple[list[GateResult], list[str]]:
+def gate(
+    results: Path, methods: list[str], min_z: float, max_kl: float | None = None, max_drop_z: float | None = None
+) -> tuple[list[GateResult], list[str]]:
     """Gate every method of ``methods`` that the run has; a run with none of them fails."""
     tables = method_tables(results)
     present = [m for m in methods if m in tables]
@@ -322,15 +356,20 @@ def gate(results: Path, methods: list[str], min_z: float, max_kl: float | None =
 
 def gate_table(verdicts: list[GateResult]) -> str:
     """Per-method pass/fail summary of the gate (worst value and its iteration)."""
+
     def cell(pair: tuple[float, int | None], fmt: str) -> str:
         value, i = pair
         return "" if i is None else f"{value:{fmt}} (iter {i})"
 
-    lines = ["| method | iterations | min paired z over SFT | max KL to SFT | max paired drop z | gate |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| method | iterations | min paired z over SFT | max KL to SFT | max paired drop z | gate |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for v in verdicts:
-        lines.append(f"| {v.method} | {len(v.iterations)} | {cell(v.min_z, '.2f')} | {cell(v.max_kl, '.2f')} | "
-                     f"{cell(v.max_drop_z, '.2f')} | {'pass' if v.passed else 'FAIL'} |")
+        lines.append(
+            f"| {v.method} | {len(v.iterations)} | {cell(v.min_z, '.2f')} | {cell(v.max_kl, '.2f')} | "
+            f"{cell(v.max_drop_z, '.2f')} | {'pass' if v.passed else 'FAIL'} |"
+        )
     return "\n".join(lines)
 
 
@@ -339,16 +378,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", nargs="?", default=".", type=Path, help="folder holding results/ (default .)")
     parser.add_argument("--write-readme", type=Path, metavar="README", help="regenerate the block between the markers")
-    parser.add_argument("--check-readme", type=Path, metavar="README",
-                        help="exit 1 with a diff when the README's block differs from the run's")
+    parser.add_argument(
+        "--check-readme",
+        type=Path,
+        metavar="README",
+        help="exit 1 with a diff when the README's block differs from the run's",
+    )
     parser.add_argument("--gate", action="store_true", help="exit 1 unless the first-order methods beat SFT")
-    parser.add_argument("--gate-methods", nargs="+", default=FIRST_ORDER, metavar="METHOD",
-                        help=f"methods the gate checks when present (default {' '.join(FIRST_ORDER)})")
-    parser.add_argument("--min-z", type=float, default=2.0,
-                        help="every iteration's gold must beat SFT by more than this many paired SEs (default 2)")
+    parser.add_argument(
+        "--gate-methods",
+        nargs="+",
+        default=FIRST_ORDER,
+        metavar="METHOD",
+        help=f"methods the gate checks when present (default {' '.join(FIRST_ORDER)})",
+    )
+    parser.add_argument(
+        "--min-z",
+        type=float,
+        default=2.0,
+        help="every iteration's gold must beat SFT by more than this many paired SEs (default 2)",
+    )
     parser.add_argument("--max-kl", type=float, help="also: every iteration's KL to SFT below this")
-    parser.add_argument("--max-drop-z", type=float,
-                        help="also: no iteration's gold more than this many paired SEs below the iteration before")
+    parser.add_argument(
+        "--max-drop-z",
+        type=float,
+        help="also: no iteration's gold more than this many paired SEs below the iteration before",
+    )
     return parser.parse_args(argv)
 
 
@@ -369,8 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_readme:
         diff = readme_diff(args.check_readme, block, str(results))
         if diff:
-            print(f"{args.check_readme}: the results block differs from {results} "
-                  f"(regenerate with --write-readme {args.check_readme}):", file=sys.stderr)
+            print(
+                f"{args.check_readme}: the results block differs from {results} "
+                f"(regenerate with --write-readme {args.check_readme}):",
+                file=sys.stderr,
+            )
             sys.stderr.write(diff)
             status = 1
         else:
@@ -382,9 +440,12 @@ def main(argv: list[str] | None = None) -> int:
         for failure in failures:
             print(f"gate FAIL: {failure}", file=sys.stderr)
         status = status or (1 if failures else 0)
-        print(f"gate: {'FAIL' if failures else 'pass'} (min z {args.min_z:g}"
-              + (f", max KL {args.max_kl:g}" if args.max_kl is not None else "")
-              + (f", max drop z {args.max_drop_z:g}" if args.max_drop_z is not None else "") + ")")
+        print(
+            f"gate: {'FAIL' if failures else 'pass'} (min z {args.min_z:g}"
+            + (f", max KL {args.max_kl:g}" if args.max_kl is not None else "")
+            + (f", max drop z {args.max_drop_z:g}" if args.max_drop_z is not None else "")
+            + ")"
+        )
     return status
 
 

@@ -16,6 +16,7 @@ as the workflow) for ``--steps`` updates and, at every update, also computes the
 
 Prints the per-setting means; one row per (step, setting) goes to ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,12 +61,18 @@ def probe_step(trainer, inputs, step: int) -> list[dict]:
 
     with torch.enable_grad():
         grad = _flat(torch.autograd.grad(loss_fn(), params))
-    rows = [{"step": step, "setting": "cos_mu", "value": _cos(-grad, _flat(m if m is not None else torch.zeros_like(p)
-                                                                           for m, p in zip(engine.direction.mu, params)))}]
+    rows = [
+        {
+            "step": step,
+            "setting": "cos_mu",
+            "value": _cos(
+                -grad, _flat(m if m is not None else torch.zeros_like(p) for m, p in zip(engine.direction.mu, params))
+            ),
+        }
+    ]
     seed, update_step = engine.config.seed, engine.state.step
     for gamma in GAMMAS:
-        zs = [_flat(z for _, z in engine.direction.iter_z(params, seed, update_step, j, gamma))
-              for j in range(max(QS))]
+        zs = [_flat(z for _, z in engine.direction.iter_z(params, seed, update_step, j, gamma)) for j in range(max(QS))]
         for q in QS:
             update = -sum(float(grad @ z) * z for z in zs[:q]) / q
             rows.append({"step": step, "setting": f"cos_est gamma={gamma} q={q}", "value": _cos(-grad, update)})
@@ -79,8 +86,13 @@ def probe_step(trainer, inputs, step: int) -> list[dict]:
             minus = float(loss_fn())
             perturb(params, eps, engine.direction, seed, update_step, 0, 0.0)
             estimate = (plus - minus) / (2 * eps)
-            rows.append({"step": step, "setting": f"fd_rel_err eps={eps:g}",
-                         "value": abs(estimate - exact) / abs(exact) if exact else math.nan})
+            rows.append(
+                {
+                    "step": step,
+                    "setting": f"fd_rel_err eps={eps:g}",
+                    "value": abs(estimate - exact) / abs(exact) if exact else math.nan,
+                }
+            )
     return rows
 
 
@@ -99,8 +111,12 @@ def main() -> None:
     runtime.configure(threads=2, seed=int(cfg["seed"]), cache_dir=cfg.get("cache_dir"))
     base = cfg["model"]["name"] or str(res / "base")
     # zorloo's iteration 0 and reward model 1 are rloo's (rules/common.smk, chain_owner)
-    inputs = {"policy_prev": res / "rloo/iter_0/policy/adapter", "policy_prev2": res / "sft/adapter",
-              "reward_i": res / "rloo/iter_1/reward/adapter", "reward_prev": res / "reward/iter_0/adapter"}
+    inputs = {
+        "policy_prev": res / "rloo/iter_0/policy/adapter",
+        "policy_prev2": res / "sft/adapter",
+        "reward_i": res / "rloo/iter_1/reward/adapter",
+        "reward_prev": res / "reward/iter_0/adapter",
+    }
     missing = [str(p) for p in inputs.values() if not p.exists()]
     if missing:
         raise SystemExit(f"missing inputs {missing}: run the snakemake command in this script's docstring first")
@@ -115,8 +131,9 @@ def main() -> None:
     reward_fn = policy.RewardFunction(reward, reward_tokenizer, "reward 1", max_length=cfg["model"]["max_length"])
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = policy.build_zorloo(model, tokenizer, reward_fn, prompts, cfg, scratch, seed, [],
-                                      str(res / "sft/adapter"), inputs, "reference")
+        trainer = policy.build_zorloo(
+            model, tokenizer, reward_fn, prompts, cfg, scratch, seed, [], str(res / "sft/adapter"), inputs, "reference"
+        )
         trainer.args.max_steps = args.steps
         original = trainer.training_step
 

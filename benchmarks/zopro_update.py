@@ -34,6 +34,7 @@ log-probs, a cheap length reward, leave-one-out advantages) + update.
     python benchmarks/zopro_update.py --size small --full --out /tmp/zopro_small.json
     python benchmarks/zopro_update.py --size 1b --dtype bf16 --batch 16 --prompt-len 256 --completion-len 256
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,12 +49,30 @@ import time
 from pathlib import Path
 
 SIZES = {  # LlamaConfig kwargs
-    "default": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                    num_attention_heads=12, num_key_value_heads=12),
-    "small": dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=4),
-    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8),
+    "default": dict(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+    ),
+    "small": dict(
+        vocab_size=8000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ),
+    "1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
 }
 METHODS = ("fo", "zo", "zo_one_sided", "zo_guarded")
 
@@ -124,8 +143,17 @@ def build(size: str, r: int, seed: int, device: str, dtype: str = "fp32"):
     with torch.device(device):  # initialised where it runs (a 1.5B model's CPU initialisation takes minutes)
         model = LlamaForCausalLM(config).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0,
-                                             task_type="CAUSAL_LM", init_lora_weights=False))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            target_modules="all-linear",
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            init_lora_weights=False,
+        ),
+    )
     model.to(device)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model, n_params, n_lora
@@ -135,7 +163,7 @@ def per_token_logps(model, input_ids, attention_mask, n_completion):
     from trl.trainer.utils import selective_log_softmax
 
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    logits = logits[:, -n_completion - 1:-1, :]
+    logits = logits[:, -n_completion - 1 : -1, :]
     return selective_log_softmax(logits, input_ids[:, -n_completion:])
 
 
@@ -147,8 +175,10 @@ def rloo_loss(model, batch, clip=0.2, autocast=False):
 
     ctx = torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx:
-        logps = (per_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["n_completion"]).float()
-                 * batch["completion_mask"]).sum(1)
+        logps = (
+            per_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["n_completion"]).float()
+            * batch["completion_mask"]
+        ).sum(1)
     coef_1 = torch.exp(logps - batch["old_logps"])
     coef_2 = torch.clamp(coef_1, 1 - clip, 1 + clip)
     adv = batch["advantages"]
@@ -161,12 +191,17 @@ def make_batch(model, args, device):
     g = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (args.batch, args.prompt_len + args.completion_len), generator=g).to(device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "n_completion": args.completion_len,
-             "completion_mask": torch.ones(args.batch, args.completion_len, device=device),
-             "advantages": torch.randn(args.batch, generator=g).to(device)}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "n_completion": args.completion_len,
+        "completion_mask": torch.ones(args.batch, args.completion_len, device=device),
+        "advantages": torch.randn(args.batch, generator=g).to(device),
+    }
     with torch.no_grad():
-        batch["old_logps"] = (per_token_logps(model, ids, batch["attention_mask"], args.completion_len)
-                              * batch["completion_mask"]).sum(1)
+        batch["old_logps"] = (
+            per_token_logps(model, ids, batch["attention_mask"], args.completion_len) * batch["completion_mask"]
+        ).sum(1)
     return batch
 
 
@@ -179,9 +214,15 @@ def rollout(model, args, device, k=2):
     prompts = torch.randint(3, model.config.vocab_size, (n_prompts, args.prompt_len), generator=g).to(device)
     prompts = prompts.repeat_interleave(k, 0)
     with torch.no_grad():
-        out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-                             max_new_tokens=args.completion_len, min_new_tokens=args.completion_len,
-                             pad_token_id=0, eos_token_id=None)
+        out = model.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            do_sample=True,
+            max_new_tokens=args.completion_len,
+            min_new_tokens=args.completion_len,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
         mask = torch.ones_like(out)
         n = out.shape[1] - args.prompt_len
         cmask = torch.ones(out.shape[0], n, device=device)
@@ -191,8 +232,14 @@ def rollout(model, args, device, k=2):
         reward = (out[:, -n:] % 7 == 0).float().mean(1) - 0.05 * (old - ref)
         r = reward.view(-1, k)
         adv = (r - (r.sum(1, keepdim=True) - r) / (k - 1)).view(-1)
-    return {"input_ids": out, "attention_mask": mask, "n_completion": n, "completion_mask": cmask,
-            "old_logps": old, "advantages": adv}
+    return {
+        "input_ids": out,
+        "attention_mask": mask,
+        "n_completion": n,
+        "completion_mask": cmask,
+        "old_logps": old,
+        "advantages": adv,
+    }
 
 
 def make_update(method, model, params, dtype="fp32"):
@@ -210,6 +257,7 @@ def make_update(method, model, params, dtype="fp32"):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return update
 
     from workflow.snapshots import normalise_key
@@ -221,14 +269,21 @@ def make_update(method, model, params, dtype="fp32"):
     v = {n: torch.randn(p.shape, generator=gen) for n, p in named}
     if method in ("zo", "zo_one_sided"):
         one_sided = method == "zo_one_sided"
-        engine = ZOEngine(named, mu, v, ZOConfig(lr=1e-5, eps=1e-3, gamma_schedule="linear", two_sided=not one_sided),
-                          total_steps=1000)
+        engine = ZOEngine(
+            named,
+            mu,
+            v,
+            ZOConfig(lr=1e-5, eps=1e-3, gamma_schedule="linear", two_sided=not one_sided),
+            total_steps=1000,
+        )
 
         def update(b):
             with torch.no_grad():
-                engine.estimate(lambda: rloo_loss(model, b, autocast=bf16),
-                                base=-b["advantages"].mean() if one_sided else None)
+                engine.estimate(
+                    lambda: rloo_loss(model, b, autocast=bf16), base=-b["advantages"].mean() if one_sided else None
+                )
                 engine.apply()
+
         return update
 
     from workflow.models import fp32_compute
@@ -242,6 +297,7 @@ def make_update(method, model, params, dtype="fp32"):
 
     def update(b):
         engine.update(lambda: rloo_loss(model, b))
+
     return update
 
 
@@ -280,7 +336,7 @@ def interleaved_times(args) -> dict:
     wall = {m: [] for m in updates}
     cpu = {m: [] for m in updates}
     for rep in range(args.reps + 1):
-        for m, fn in (updates.items() if rep % 2 == 0 else reversed(list(updates.items()))):
+        for m, fn in updates.items() if rep % 2 == 0 else reversed(list(updates.items())):
             if device == "cuda":
                 torch.cuda.synchronize()
             t0, c0 = time.perf_counter(), time.process_time()
@@ -293,10 +349,16 @@ def interleaved_times(args) -> dict:
     counts = {}
     for m, fn in updates.items():
         counts.update({f"{m}_{k}": v for k, v in profile_counts(fn, batch, args.profile_updates, device).items()})
-    return {"phase": "interleaved", "device": device, "params_base": n_params, "params_lora": n_lora, **counts,
-            **{f"{m}_time_min_s": min(wall[m]) for m in updates},
-            **{f"{m}_time_median_s": sorted(wall[m])[len(wall[m]) // 2] for m in updates},
-            **{f"{m}_cpu_min_s": min(cpu[m]) for m in updates}}
+    return {
+        "phase": "interleaved",
+        "device": device,
+        "params_base": n_params,
+        "params_lora": n_lora,
+        **counts,
+        **{f"{m}_time_min_s": min(wall[m]) for m in updates},
+        **{f"{m}_time_median_s": sorted(wall[m])[len(wall[m]) // 2] for m in updates},
+        **{f"{m}_cpu_min_s": min(cpu[m]) for m in updates},
+    }
 
 
 def worker(args) -> dict:
@@ -309,6 +371,7 @@ def worker(args) -> dict:
     model.train()
     batch = make_batch(model, args, device)
     import gc
+
     gc.collect()
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -343,10 +406,18 @@ def worker(args) -> dict:
             times = timed(iteration, args.reps + 1)
         peak = mem.mib
     steady = times[1:]  # the first run warms allocator and lazy buffers
-    result = {"method": args.worker, "phase": args.phase, "device": device, "params_base": n_params,
-              "params_lora": n_lora, "peak_mib": peak, "time_min_s": min(steady),
-              "time_mean_s": sum(steady) / len(steady), "cpu_min_s": min(cpu_times[1:]),
-              "rss_after_load_mib": _rss_kb() / 1024}
+    result = {
+        "method": args.worker,
+        "phase": args.phase,
+        "device": device,
+        "params_base": n_params,
+        "params_lora": n_lora,
+        "peak_mib": peak,
+        "time_min_s": min(steady),
+        "time_mean_s": sum(steady) / len(steady),
+        "cpu_min_s": min(cpu_times[1:]),
+        "rss_after_load_mib": _rss_kb() / 1024,
+    }
     return result
 
 
@@ -377,17 +448,23 @@ def main(argv=None) -> None:
     phases = ["update", "full"] if args.full else ["update"]
     for phase in phases:
         for method in METHODS:  # one fresh process per (method, phase)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--phase", phase] + \
-                  list(argv if argv is not None else sys.argv[1:])
-            env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                       TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--phase", phase] + list(
+                argv if argv is not None else sys.argv[1:]
+            )
+            env = dict(
+                os.environ,
+                PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                TRL_EXPERIMENTAL_SILENCE="1",
+                TOKENIZERS_PARALLELISM="false",
+            )
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr)
                 raise SystemExit(f"worker {method}/{phase} failed")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "zo", "--phase", "interleaved"] + \
-          list(argv if argv is not None else sys.argv[1:])
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "zo", "--phase", "interleaved"] + list(
+        argv if argv is not None else sys.argv[1:]
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -406,16 +483,25 @@ def main(argv=None) -> None:
     for m in METHODS[1:]:
         if f"{m}_time_min_s" in inter:
             ratios[f"interleaved_update_time_{m}_over_fo"] = inter[f"{m}_time_min_s"] / inter["fo_time_min_s"]
-            ratios[f"interleaved_update_median_time_{m}_over_fo"] = (inter[f"{m}_time_median_s"]
-                                                                     / inter["fo_time_median_s"])
+            ratios[f"interleaved_update_median_time_{m}_over_fo"] = (
+                inter[f"{m}_time_median_s"] / inter["fo_time_median_s"]
+            )
             ratios[f"interleaved_update_cpu_time_{m}_over_fo"] = inter[f"{m}_cpu_min_s"] / inter["fo_cpu_min_s"]
     summary = {
         "command": " ".join([os.path.relpath(sys.argv[0], root)] + list(argv if argv is not None else sys.argv[1:])),
-        "setup": {k: getattr(args, k) for k in ("size", "r", "dtype", "batch", "prompt_len", "completion_len", "reps",
-                                                 "threads", "full")},
-        "model": SIZES[args.size], "device": fo["device"], "params_base": fo["params_base"],
-        "params_lora": fo["params_lora"], "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-        "methods": rows, "interleaved": inter, "ratios": ratios,
+        "setup": {
+            k: getattr(args, k)
+            for k in ("size", "r", "dtype", "batch", "prompt_len", "completion_len", "reps", "threads", "full")
+        },
+        "model": SIZES[args.size],
+        "device": fo["device"],
+        "params_base": fo["params_base"],
+        "params_lora": fo["params_lora"],
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "methods": rows,
+        "interleaved": inter,
+        "ratios": ratios,
         "targets": {"update_memory_zo_over_fo": "<= 0.5", "update_time_zo_over_fo": "<= 1.0"},
     }
     out = Path(args.out)
@@ -426,19 +512,27 @@ def main(argv=None) -> None:
         w.writeheader()
         w.writerows(rows)
 
-    print(f"model: Llama {fo['params_base'] / 1e6:.1f}M params, LoRA r={args.r} {fo['params_lora'] / 1e6:.2f}M "
-          f"trainable; batch {args.batch} x ({args.prompt_len}+{args.completion_len}) tokens; device {fo['device']}, "
-          f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"model: Llama {fo['params_base'] / 1e6:.1f}M params, LoRA r={args.r} {fo['params_lora'] / 1e6:.2f}M "
+        f"trainable; batch {args.batch} x ({args.prompt_len}+{args.completion_len}) tokens; device {fo['device']}, "
+        f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'phase':<8}{'method':<8}{'peak MiB':>10}{'min s':>9}{'mean s':>9}{'cpu s':>9}")
     for r in rows:
-        print(f"{r['phase']:<8}{r['method']:<8}{r['peak_mib']:>10.1f}{r['time_min_s']:>9.3f}{r['time_mean_s']:>9.3f}{r['cpu_min_s']:>9.3f}")
-    print("interleaved (one process, alternating), min wall per update: "
-          + ", ".join(f"{m} {inter[f'{m}_time_min_s']:.3f} s" for m in METHODS if f"{m}_time_min_s" in inter))
+        print(
+            f"{r['phase']:<8}{r['method']:<8}{r['peak_mib']:>10.1f}{r['time_min_s']:>9.3f}{r['time_mean_s']:>9.3f}{r['cpu_min_s']:>9.3f}"
+        )
+    print(
+        "interleaved (one process, alternating), min wall per update: "
+        + ", ".join(f"{m} {inter[f'{m}_time_min_s']:.3f} s" for m in METHODS if f"{m}_time_min_s" in inter)
+    )
     for m in METHODS:
         if f"{m}_host_reads_per_update" in inter:
             launches, syncs = inter.get(f"{m}_kernel_launches_per_update"), inter.get(f"{m}_syncs_per_update")
-            print(f"{m}: {inter[f'{m}_host_reads_per_update']:.0f} host reads per update"
-                  + (f", {launches:.0f} kernel launches, {syncs:.0f} synchronisations" if launches is not None else ""))
+            print(
+                f"{m}: {inter[f'{m}_host_reads_per_update']:.0f} host reads per update"
+                + (f", {launches:.0f} kernel launches, {syncs:.0f} synchronisations" if launches is not None else "")
+            )
     for k, val in ratios.items():
         print(f"{k}: {val:.3f}")
     print(f"wrote {out} and {out.with_suffix('.csv')}")

@@ -11,6 +11,7 @@ over the iteration-0 policy is paired over (prompt, seed) units (:func:`workflow
 
 A study seed's chain (``results/study/seed_<s>``) is compared with ``--seed <s>``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,14 @@ VARIANTS: dict[str, dict] = {
     "updates_per_batch 16": {"zopro": {"updates_per_batch": 16}},
     "reference (the paper's)": {"zopro": {"variant": "reference"}},
 }
-PREFIX = ["results/data", "results/base", "results/sft", "results/reward", "results/rloo/iter_0",
-          "results/rloo/iter_1/reward"]
+PREFIX = [
+    "results/data",
+    "results/base",
+    "results/sft",
+    "results/reward",
+    "results/rloo/iter_0",
+    "results/rloo/iter_1/reward",
+]
 ITERATION_0 = "results/rloo/iter_0/policy/adapter"
 ITERATION_1 = "results/zorloo/iter_1/policy/adapter"
 
@@ -50,12 +57,27 @@ def train_variant(run_dir: Path, name: str, overlay: dict, cores: str, seed: int
             if not (folder / part).exists():
                 shutil.copytree(run_dir / part, folder / part)
         (folder / "overlay.yaml").write_text(yaml.safe_dump({"zopro": {}, **overlay, "seed": seed}))
-        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(folder), "--cores", cores,
-               ITERATION_1, "--rerun-triggers", "mtime", "--configfile", str(REPO / "config.yaml"),
-               str(folder / "overlay.yaml")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(folder),
+            "--cores",
+            cores,
+            ITERATION_1,
+            "--rerun-triggers",
+            "mtime",
+            "--configfile",
+            str(REPO / "config.yaml"),
+            str(folder / "overlay.yaml"),
+        ]
         with open(folder / "snakemake.log", "w") as log:
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            subprocess.run(
+                cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+            )
     return folder
 
 
@@ -64,8 +86,9 @@ def evaluate_adapter(run_dir: Path, adapter: Path, cfg: dict) -> pd.DataFrame:
     from workflow.evaluate import evaluate, evaluation_prompts
     from workflow.models import load_policy, load_tokenizer, read_rows
 
-    prompts = evaluation_prompts(read_rows(str(run_dir / "results/data/embedded/test.parquet")),
-                                 int(cfg["evaluation"]["n_prompts"]))
+    prompts = evaluation_prompts(
+        read_rows(str(run_dir / "results/data/embedded/test.parquet")), int(cfg["evaluation"]["n_prompts"])
+    )
     tokenizer = load_tokenizer(str(run_dir / "results/sft/adapter"), "chat")
     model = load_policy(str(run_dir / "results/base"), str(adapter))
     return evaluate(model, tokenizer, None, prompts, cfg, seed=int(cfg["seed"]))
@@ -76,10 +99,20 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="folder of a finished run (see above)")
     parser.add_argument("--seeds", type=int, default=5, help="sampling seeds of the paired evaluation (default 5)")
     parser.add_argument("--cores", default="all", help="Snakemake --cores of each variant's stage")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                        metavar="NAME", help="variants to run (default: all)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="the run's training seed (default: config.yaml's; a study seed's folder needs its own)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        metavar="NAME",
+        help="variants to run (default: all)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="the run's training seed (default: config.yaml's; a study seed's folder needs its own)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/zopro_variants.csv"))
     args = parser.parse_args()
     from workflow import runtime
@@ -98,17 +131,25 @@ def main() -> None:
         metrics = pd.read_csv(folder / "results/zorloo/iter_1/policy/metrics.csv")
         gain, stderr = paired_difference(evaluate_adapter(args.run_dir, folder / ITERATION_1, cfg), reference)
         alpha = metrics["zo/momentum_alpha"].dropna() if "zo/momentum_alpha" in metrics else pd.Series(dtype=float)
-        rows.append({"variant": name, "gold_gain_vs_iteration_0": gain, "gold_gain_stderr": stderr,
-                     "momentum_alpha": float(alpha.iloc[0]) if len(alpha) else float("nan"),
-                     "stage_runtime_s": float(metrics["runtime_s"].dropna().iloc[-1])})
+        rows.append(
+            {
+                "variant": name,
+                "gold_gain_vs_iteration_0": gain,
+                "gold_gain_stderr": stderr,
+                "momentum_alpha": float(alpha.iloc[0]) if len(alpha) else float("nan"),
+                "stage_runtime_s": float(metrics["runtime_s"].dropna().iloc[-1]),
+            }
+        )
         print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
     print("| variant | gold gain over iteration 0 | momentum alpha | stage s |\n| --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['variant']} | {r['gold_gain_vs_iteration_0']:+.3f} ± {r['gold_gain_stderr']:.3f} | "
-              f"{r['momentum_alpha']:.3f} | {r['stage_runtime_s']:.0f} |")
+        print(
+            f"| {r['variant']} | {r['gold_gain_vs_iteration_0']:+.3f} ± {r['gold_gain_stderr']:.3f} | "
+            f"{r['momentum_alpha']:.3f} | {r['stage_runtime_s']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

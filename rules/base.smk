@@ -7,17 +7,17 @@ rule base_model:
         train=data_path("train"),
     output:
         model=directory("results/base"),
-    params:
-        settings=settings("base_model", "model.max_length", "precision"),
-        code=stage_code("workflow.base_model"),
     log:
         "logs/base_model/base_model.log",
     benchmark:
         "results/benchmarks/base_model/base_model.tsv"
+    conda:
+        "../envs/train.yaml"
     threads: 2
     resources:
         **train_resources(),
-    conda:
-        "../envs/train.yaml"
+    params:
+        settings=settings("base_model", "model.max_length", "precision"),
+        code=stage_code("workflow.base_model"),
     script:
         "../scripts/build_base_model.py"

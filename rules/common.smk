@@ -1,7 +1,6 @@
 # Paths and input functions shared by every stage. The results layout is documented in README.md.
 from workflow.rerun import code_hash, stage_settings
 
-
 METHODS = ["ppo", "dpo", "rloo", "zorloo", "zorloo_reference"]
 # ZOPrO methods: iteration 0 is first-order RLOO, the same job as rloo's iteration 0 (same seed and
 # settings), so they share rloo's iteration 0 and the reward model refined from it (reward model 1)
@@ -85,8 +84,16 @@ def stage_code(module):
 def policy_settings(wildcards):
     """Settings of train_policy: ``zopro`` only where ZOPrO trains (ZO_METHODS, iteration >= 1)."""
     zopro = ("zopro",) if wildcards.method in ZO_METHODS and int(wildcards.i) >= 1 else ()
-    return settings("policy", "loop.intraepoch", "loop.iteration_fraction", "snapshots", "model",
-                    "dataset.name", "precision", *zopro)
+    return settings(
+        "policy",
+        "loop.intraepoch",
+        "loop.iteration_fraction",
+        "snapshots",
+        "model",
+        "dataset.name",
+        "precision",
+        *zopro,
+    )
 
 
 def base_model_param(wildcards, input):
@@ -120,7 +127,8 @@ def _embedded_rows(wildcards):
 
 # Plots (rules/plots.smk)
 N_ITERATIONS = int(config["loop"]["iterations"])
-PLOT_FILES = ["{name}.png", "{name}.html", "{name}.csv"]
+# files of a plots folder shown in the report (the 3D HTML stay beside them: each embeds plotly.js)
+REPORT_PLOT_FILES = ["{name}.png", "{name}.csv"]
 
 
 def trajectory_inputs(method, k):

@@ -8,6 +8,14 @@ rule extract_dataset:
         unpack(_extract_inputs),
     output:
         rows="results/data/{dataset}/{split}.parquet",
+    log:
+        "logs/extract_dataset/{dataset}_{split}.log",
+    conda:
+        "../envs/data.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         source=lambda wc: _dataset_option(wc, "source"),
         file=_split_file,
@@ -16,13 +24,5 @@ rule extract_dataset:
         embedded_rows=_embedded_rows,
         settings=settings(),
         code=stage_code("workflow.extract"),
-    log:
-        "logs/extract_dataset/{dataset}_{split}.log",
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    conda:
-        "../envs/data.yaml"
     script:
         "../scripts/extract_dataset.py"

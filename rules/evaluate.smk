@@ -7,50 +7,55 @@
 
 rule evaluate_policy:
     input:
+        **base_inputs(),
         adapter="results/sft/adapter",
         reward="results/reward/iter_0/adapter",
         test=data_path("test"),
-        **base_inputs(),
     output:
         samples="results/sft/evaluation.parquet",
-        summary="results/sft/evaluation_summary.csv",
-    params:
-        base=base_model_param,
-        settings=settings(*EVAL_SETTINGS),
-        code=stage_code("workflow.evaluate"),
+        summary=report(
+            "results/sft/evaluation_summary.csv",
+            caption="../report/training.rst",
+            category="Training",
+            labels={"stage": "SFT", "file": "evaluation"},
+        ),
     log:
         "logs/evaluate_policy/sft.log",
     benchmark:
         "results/benchmarks/evaluate_policy/sft.tsv"
+    conda:
+        "../envs/train.yaml"
     threads: 4
     resources:
         **train_resources(),
-    conda:
-        "../envs/train.yaml"
+    params:
+        base=base_model_param,
+        settings=settings(*EVAL_SETTINGS),
+        code=stage_code("workflow.evaluate"),
     script:
         "../scripts/evaluate_policy.py"
 
 
 rule evaluate_base:
     input:
+        **base_inputs(),
         reward="results/reward/iter_0/adapter",
         test=data_path("test"),
-        **base_inputs(),
     output:
         samples="results/base_eval/evaluation.parquet",
         summary="results/base_eval/evaluation_summary.csv",
-    params:
-        base=base_model_param,
-        settings=settings(*EVAL_SETTINGS),
-        code=stage_code("workflow.evaluate"),
     log:
         "logs/evaluate_base/base.log",
     benchmark:
         "results/benchmarks/evaluate_base/base.tsv"
+    conda:
+        "../envs/train.yaml"
     threads: 4
     resources:
         **train_resources(),
-    conda:
-        "../envs/train.yaml"
+    params:
+        base=base_model_param,
+        settings=settings(*EVAL_SETTINGS),
+        code=stage_code("workflow.evaluate"),
     script:
         "../scripts/evaluate_policy.py"

@@ -25,21 +25,21 @@ rule train_policy:
         snapshots=directory("results/{method}/iter_{i}/policy/snapshots"),
         metrics="results/{method}/iter_{i}/policy/metrics.csv",
         samples="results/{method}/iter_{i}/policy/samples.parquet",
+    log:
+        "logs/train_policy/{method}_{i}.log",
+    benchmark:
+        "results/benchmarks/train_policy/{method}_{i}.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: 4
+    resources:
+        **train_resources(),
     params:
         base=base_model_param,
         settings=policy_settings,
         code=stage_code("workflow.policy"),
         # resumable state of a killed stage (not an output: it survives the kill; workflow/resume.py)
         checkpoints="results/{method}/iter_{i}/policy/checkpoints",
-    log:
-        "logs/train_policy/{method}_{i}.log",
-    benchmark:
-        "results/benchmarks/train_policy/{method}_{i}.tsv"
-    threads: 4
-    resources:
-        **train_resources(),
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/train_policy.py"
 
@@ -49,19 +49,21 @@ rule collect_pairs:
         unpack(collect_pairs_inputs),
     output:
         pairs="results/{method}/iter_{i}/pairs.parquet",
-    params:
-        base=base_model_param,
-        settings=settings("loop.uncertain_fraction", "loop.pair_temperature", "judge", "model", "dataset.name", "precision"),
-        code=stage_code("workflow.pairs"),
     log:
         "logs/collect_pairs/{method}_{i}.log",
     benchmark:
         "results/benchmarks/collect_pairs/{method}_{i}.tsv"
+    conda:
+        "../envs/train.yaml"
     threads: 4
     resources:
         **train_resources(),
-    conda:
-        "../envs/train.yaml"
+    params:
+        base=base_model_param,
+        settings=settings(
+            "loop.uncertain_fraction", "loop.pair_temperature", "judge", "model", "dataset.name", "precision"
+        ),
+        code=stage_code("workflow.pairs"),
     script:
         "../scripts/collect_pairs.py"
 
@@ -73,6 +75,15 @@ rule refine_reward:
         adapter=directory("results/{method}/iter_{i}/reward/adapter"),
         snapshots=directory("results/{method}/iter_{i}/reward/snapshots"),
         metrics="results/{method}/iter_{i}/reward/metrics.csv",
+    log:
+        "logs/refine_reward/{method}_{i}.log",
+    benchmark:
+        "results/benchmarks/refine_reward/{method}_{i}.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: 4
+    resources:
+        **train_resources(),
     params:
         base=base_model_param,
         settings=settings(
@@ -86,15 +97,6 @@ rule refine_reward:
             *MODEL_SETTINGS,
         ),
         code=stage_code("workflow.pairs"),
-    log:
-        "logs/refine_reward/{method}_{i}.log",
-    benchmark:
-        "results/benchmarks/refine_reward/{method}_{i}.tsv"
-    threads: 4
-    resources:
-        **train_resources(),
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/refine_reward.py"
 
@@ -105,20 +107,20 @@ rule evaluate_iteration:
     output:
         samples="results/{method}/iter_{i}/evaluation.parquet",
         summary="results/{method}/iter_{i}/evaluation_summary.csv",
+    log:
+        "logs/evaluate_iteration/{method}_{i}.log",
+    benchmark:
+        "results/benchmarks/evaluate_iteration/{method}_{i}.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: 4
+    resources:
+        **train_resources(),
     params:
         base=base_model_param,
         iteration=lambda wc: int(wc.i),
         settings=settings(*EVAL_SETTINGS),
         code=stage_code("workflow.loop_eval"),
-    log:
-        "logs/evaluate_iteration/{method}_{i}.log",
-    benchmark:
-        "results/benchmarks/evaluate_iteration/{method}_{i}.tsv"
-    threads: 4
-    resources:
-        **train_resources(),
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/evaluate_iteration.py"
 
@@ -127,18 +129,23 @@ rule evaluation_table:
     input:
         unpack(lambda wc: evaluation_inputs(wc.method)),  # SFT's from rule evaluate_policy (rules/evaluate.smk)
     output:
-        table="results/{method}/evaluation.csv",
-    params:
-        benchmarks=policy_benchmarks,
-        settings=settings(),
-        code=stage_code("workflow.loop_eval"),
+        table=report(
+            "results/{method}/evaluation.csv",
+            caption="../report/evaluation.rst",
+            category="Evaluation",
+            labels={"method": "{method}"},
+        ),
     log:
         "logs/evaluation_table/{method}.log",
+    conda:
+        "../envs/train.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/train.yaml"
+    params:
+        benchmarks=policy_benchmarks,
+        settings=settings(),
+        code=stage_code("workflow.loop_eval"),
     script:
         "../scripts/evaluation_table.py"

@@ -10,23 +10,24 @@ rule plot_trajectories:
     output:
         plots=report(
             directory("results/{method}/plots"),
-            patterns=PLOT_FILES,
+            patterns=REPORT_PLOT_FILES,
             caption="../report/trajectories.rst",
             category="Trajectories",
             subcategory="{method}",
+            labels={"method": "{method}", "file": "{name}"},
         ),
-    params:
-        settings=settings("plots", "loop.keep_rm_alpha"),
-        code=stage_code("workflow.plots"),
     log:
         "logs/plot_trajectories/{method}.log",
     benchmark:
         "results/benchmarks/plot_trajectories/{method}.tsv"
+    conda:
+        "../envs/plots.yaml"
     threads: 2
     resources:
         **plots_resources(),
-    conda:
-        "../envs/plots.yaml"
+    params:
+        settings=settings("plots", "loop.keep_rm_alpha"),
+        code=stage_code("workflow.plots"),
     script:
         "../scripts/plot_trajectories.py"
 
@@ -37,23 +38,24 @@ rule plot_trajectories_upto:
     output:
         plots=report(
             directory("results/{method}/plots_upto_{k}"),
-            patterns=PLOT_FILES,
+            patterns=REPORT_PLOT_FILES,
             caption="../report/trajectories_upto.rst",
             category="Trajectories",
             subcategory="{method} (first {k} iterations)",
+            labels={"method": "{method}", "file": "{name}"},
         ),
-    params:
-        settings=settings("plots", "loop.keep_rm_alpha"),
-        code=stage_code("workflow.plots"),
     log:
         "logs/plot_trajectories_upto/{method}_{k}.log",
     benchmark:
         "results/benchmarks/plot_trajectories_upto/{method}_{k}.tsv"
+    conda:
+        "../envs/plots.yaml"
     threads: 2
     resources:
         **plots_resources(),
-    conda:
-        "../envs/plots.yaml"
+    params:
+        settings=settings("plots", "loop.keep_rm_alpha"),
+        code=stage_code("workflow.plots"),
     script:
         "../scripts/plot_trajectories.py"
 
@@ -65,21 +67,22 @@ rule compare_methods:
     output:
         plots=report(
             directory("results/compare/plots"),
-            patterns=["{name}.png", "{name}.csv"],
+            patterns=REPORT_PLOT_FILES,
             caption="../report/compare.rst",
             category="Comparison",
+            labels={"file": "{name}"},
         ),
-    params:
-        methods=list(config["loop"]["methods"]),
-        settings=settings(),
-        code=stage_code("workflow.plots"),
     log:
         "logs/compare_methods/compare.log",
+    conda:
+        "../envs/plots.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=15,
-    conda:
-        "../envs/plots.yaml"
+    params:
+        methods=list(config["loop"]["methods"]),
+        settings=settings(),
+        code=stage_code("workflow.plots"),
     script:
         "../scripts/compare_methods.py"

@@ -6,13 +6,27 @@
 
 rule reward_initial:
     input:
+        **base_inputs(),
         train=data_path("train"),
         test=data_path("test"),
-        **base_inputs(),
     output:
         adapter=directory("results/reward/iter_0/adapter"),
         snapshots=directory("results/reward/iter_0/snapshots"),
-        metrics="results/reward/iter_0/metrics.csv",
+        metrics=report(
+            "results/reward/iter_0/metrics.csv",
+            caption="../report/training.rst",
+            category="Training",
+            labels={"stage": "reward model 0", "file": "training metrics"},
+        ),
+    log:
+        "logs/reward_initial/iter_0.log",
+    benchmark:
+        "results/benchmarks/reward_initial/iter_0.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: 4
+    resources:
+        **train_resources(),
     params:
         base=base_model_param,
         settings=settings(
@@ -25,14 +39,5 @@ rule reward_initial:
             *MODEL_SETTINGS,
         ),
         code=stage_code("workflow.reward"),
-    log:
-        "logs/reward_initial/iter_0.log",
-    benchmark:
-        "results/benchmarks/reward_initial/iter_0.tsv"
-    threads: 4
-    resources:
-        **train_resources(),
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/train_reward.py"

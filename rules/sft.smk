@@ -4,24 +4,29 @@
 
 rule sft:
     input:
-        train=data_path("train"),
         **base_inputs(),
+        train=data_path("train"),
     output:
         adapter=directory("results/sft/adapter"),
         snapshots=directory("results/sft/snapshots"),
-        metrics="results/sft/metrics.csv",
-    params:
-        base=base_model_param,
-        settings=settings("sft", "lora", "snapshots", *MODEL_SETTINGS),
-        code=stage_code("workflow.sft"),
+        metrics=report(
+            "results/sft/metrics.csv",
+            caption="../report/training.rst",
+            category="Training",
+            labels={"stage": "SFT", "file": "training metrics"},
+        ),
     log:
         "logs/sft/sft.log",
     benchmark:
         "results/benchmarks/sft/sft.tsv"
+    conda:
+        "../envs/train.yaml"
     threads: 4
     resources:
         **train_resources(),
-    conda:
-        "../envs/train.yaml"
+    params:
+        base=base_model_param,
+        settings=settings("sft", "lora", "snapshots", *MODEL_SETTINGS),
+        code=stage_code("workflow.sft"),
     script:
         "../scripts/train_sft.py"

@@ -19,20 +19,20 @@ wildcard_constraints:
 rule study_seed:
     output:
         evaluation=expand("results/study/seed_{{seed}}/results/{method}/evaluation.csv", method=STUDY_METHODS),
+    log:
+        "logs/study_seed/{seed}.log",
+    benchmark:
+        "results/benchmarks/study_seed/{seed}.tsv"
+    conda:
+        "../envs/study.yaml"  # the whole stack: the nested run's jobs run in it too (no --sdm conda inside)
+    threads: 8  # capped to --cores on a laptop; the nested run uses what the job gets
+    resources:
+        **train_resources(),
     params:
         workdir=lambda wc: f"results/study/seed_{wc.seed}",
         snakefile=os.path.join(workflow.basedir, "Snakefile"),
         settings=study_seed_settings(),
         code=workflow_hash(workflow.basedir),
-    log:
-        "logs/study_seed/{seed}.log",
-    benchmark:
-        "results/benchmarks/study_seed/{seed}.tsv"
-    threads: 8  # capped to --cores on a laptop; the nested run uses what the job gets
-    resources:
-        **train_resources(),
-    conda:
-        "../envs/study.yaml"  # the whole stack: the nested run's jobs run in it too (no --sdm conda inside)
     script:
         "../scripts/study_seed.py"
 
@@ -43,17 +43,17 @@ rule study_summary:
     output:
         table="results/study/summary.csv",
         figure=report("results/study/summary.png", caption="../report/study.rst", category="Study"),
-    params:
-        runs=study_runs(),
-        settings=settings(),
-        code=stage_code("workflow.study"),
     log:
         "logs/study_summary/summary.log",
+    conda:
+        "../envs/plots.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/plots.yaml"
+    params:
+        runs=study_runs(),
+        settings=settings(),
+        code=stage_code("workflow.study"),
     script:
         "../scripts/study_summary.py"

@@ -1,2 +1,3 @@
 from workflow.study import run_seed_script
+
 run_seed_script(snakemake)  # noqa: F821

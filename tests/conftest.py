@@ -5,6 +5,7 @@
 ``tiny_base``        -> str path of a saved tiny Llama + tokenizer (chat template, pad token set)
 ``adapters``         -> {"sft", "sft2", "reward", "reward1"}: random LoRA adapters on ``tiny_base``
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,15 @@ import torch  # noqa: E402
 
 EMBEDDED_ROWS = {"train": 64, "test": 32}
 TINY_BASE_CFG = {
-    "vocab_size": 360, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
-    "epochs": 1, "learning_rate": 3e-3, "batch_size": 16, "max_length": 128,
+    "vocab_size": 360,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_layers": 2,
+    "num_heads": 2,
+    "epochs": 1,
+    "learning_rate": 3e-3,
+    "batch_size": 16,
+    "max_length": 128,
 }
 
 
@@ -69,7 +77,9 @@ def _perturb_lora(model, seed: int, scale: float = 0.05) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.add_(torch.randn(p.shape, generator=gen).to(p.device) * scale)  # noise drawn on the CPU: same on every device
+                p.add_(
+                    torch.randn(p.shape, generator=gen).to(p.device) * scale
+                )  # noise drawn on the CPU: same on every device
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +102,9 @@ def adapters(tiny_base, tmp_path_factory):
         out[name] = str(root / name)
     for name, seed in (("reward", 3), ("reward1", 4)):
         torch.manual_seed(seed)
-        model = get_peft_model(load_sequence_classifier(tiny_base, tok.pad_token_id), lora_config(POLICY_TEST_LORA, "SEQ_CLS"))
+        model = get_peft_model(
+            load_sequence_classifier(tiny_base, tok.pad_token_id), lora_config(POLICY_TEST_LORA, "SEQ_CLS")
+        )
         _perturb_lora(model, seed)
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)

@@ -1,4 +1,5 @@
 """Run the workflow's Snakefile in a scratch working directory from tests."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 600, env: dict | None = None,
-              snakefile: Path = REPO / "Snakefile") -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, timeout: int = 600, env: dict | None = None, snakefile: Path = REPO / "Snakefile"
+) -> subprocess.CompletedProcess:
     """Run ``snakemake`` on the repository's Snakefile (or ``snakefile``) with ``workdir`` as working directory."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(workdir), *args]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}

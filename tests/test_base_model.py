@@ -1,4 +1,5 @@
 """The tiny base model: the shared fixture and the real ``base_model`` stage function."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -12,12 +13,13 @@ def _generate(path: str, prompt: str = "Describe the garden.") -> str:
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
-    enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     torch.manual_seed(0)
     out = model.generate(**enc, do_sample=True, max_new_tokens=12)
     assert out.shape[1] > enc["input_ids"].shape[1]
-    return tok.decode(out[0, enc["input_ids"].shape[1]:])
+    return tok.decode(out[0, enc["input_ids"].shape[1] :])
 
 
 def test_tiny_base_fixture_loads_and_generates(tiny_base):
@@ -27,8 +29,9 @@ def test_tiny_base_fixture_loads_and_generates(tiny_base):
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "<|im_end|>", "<pad>")
     assert "<|im_start|>" in tok.all_special_tokens
     assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}) == 3
-    text = tok.apply_chat_template([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Yo."}],
-                                   tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Yo."}], tokenize=False
+    )
     assert text == "<s><|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\nYo.<|im_end|>\n"
     assert isinstance(_generate(tiny_base), str)
     rm = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=1)
@@ -43,10 +46,23 @@ def test_base_model_stage(embedded_parquet, tmp_path):
     from workflow.base_model import run
 
     out = tmp_path / "results" / "base"
-    cfg = {"vocab_size": 320, "hidden_size": 16, "intermediate_size": 32, "num_layers": 1, "num_heads": 2,
-           "epochs": 0.5, "learning_rate": 3e-3, "batch_size": 32}
-    job = Job(input={"train": embedded_parquet["train"]}, output={"model": str(out)}, params={},
-              config={"seed": 0, "base_model": cfg, "model": {"max_length": 64}}, wildcards={})
+    cfg = {
+        "vocab_size": 320,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_layers": 1,
+        "num_heads": 2,
+        "epochs": 0.5,
+        "learning_rate": 3e-3,
+        "batch_size": 32,
+    }
+    job = Job(
+        input={"train": embedded_parquet["train"]},
+        output={"model": str(out)},
+        params={},
+        config={"seed": 0, "base_model": cfg, "model": {"max_length": 64}},
+        wildcards={},
+    )
     threads = torch.get_num_threads()
     run(job)
     torch.set_num_threads(threads)
@@ -63,7 +79,7 @@ def test_base_model_stage(embedded_parquet, tmp_path):
 
 
 def test_pretraining_is_deterministic(embedded_frames):
-    from workflow.base_model import build_model, build_tokenizer, dialogues, pretrain, render, _plain_render
+    from workflow.base_model import _plain_render, build_model, build_tokenizer, dialogues, pretrain, render
 
     convs = dialogues(embedded_frames["train"].head(16))
     cfg = {"hidden_size": 16, "intermediate_size": 32, "num_layers": 1, "num_heads": 2, "epochs": 1, "batch_size": 8}

@@ -1,5 +1,6 @@
 """Settings that clash fail right after schema validation, before any job, naming the keys
 (workflow/config_checks.py, called by the Snakefile)."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import re
 
 import pytest
 import yaml
-
 from smk import REPO, snakemake
 
 
@@ -36,10 +36,18 @@ def _model_folder(path, config_json: bool = True, tokenizer: bool = True) -> str
 CLASHES = {
     "rule judge on hh-rlhf": (dict(dataset={"name": "hh-rlhf"}), ["judge.kind: rule", "dataset.name is 'hh-rlhf'"]),
     "llm judge without model": (dict(judge={"kind": "llm", "model": None}), ["judge.kind: llm needs judge.model"]),
-    "reward-model judge without model": (dict(judge={"kind": "reward_model"}), ["judge.kind: reward_model needs judge.model"]),
-    "batch not a multiple of rloo_k": (dict(policy={"batch_size": 15, "rloo_k": 2}),
-                                       ["policy.batch_size (15)", "policy.rloo_k (2)", "policy.batch_size: 16"]),
-    "kl_target without kl_coef": (dict(policy={"kl_target": 2.0, "kl_coef": 0.0}), ["policy.kl_target", "policy.kl_coef"]),
+    "reward-model judge without model": (
+        dict(judge={"kind": "reward_model"}),
+        ["judge.kind: reward_model needs judge.model"],
+    ),
+    "batch not a multiple of rloo_k": (
+        dict(policy={"batch_size": 15, "rloo_k": 2}),
+        ["policy.batch_size (15)", "policy.rloo_k (2)", "policy.batch_size: 16"],
+    ),
+    "kl_target without kl_coef": (
+        dict(policy={"kl_target": 2.0, "kl_coef": 0.0}),
+        ["policy.kl_target", "policy.kl_coef"],
+    ),
 }
 
 
@@ -68,8 +76,12 @@ def test_model_path_that_is_not_a_model_fails_naming_the_path(tmp_path, kind):
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert f"model.name: '{target}'" in out, out
-    expected = {"missing": "does not exist", "no config.json": "no config.json", "no tokenizer": "no tokenizer",
-                "a file": "is a file"}[kind]
+    expected = {
+        "missing": "does not exist",
+        "no config.json": "no config.json",
+        "no tokenizer": "no tokenizer",
+        "a file": "is a file",
+    }[kind]
     assert expected in out
 
 

@@ -1,4 +1,5 @@
 """Atomic writes, the job bridge and its data-parallel launch path."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,8 @@ import textwrap
 import pandas as pd
 import pytest
 
-from workflow import io, job as jobmod, runtime
+from workflow import io, runtime
+from workflow import job as jobmod
 
 
 def test_atomic_path_keeps_previous_file_on_error(tmp_path):
@@ -98,8 +100,9 @@ def test_require_gpus_fails_fast_without_gpu():
 
 
 def _write_probe_module(tmp_path):
-    (tmp_path / "probe_stage.py").write_text(textwrap.dedent(
-        """
+    (tmp_path / "probe_stage.py").write_text(
+        textwrap.dedent(
+            """
         import json, os
         import torch
 
@@ -110,7 +113,9 @@ def _write_probe_module(tmp_path):
             out = os.path.join(job.output["folder"], f"rank{rank}.json")
             json.dump({"rank": rank, "world": world, "threads": torch.get_num_threads(),
                        "seed": job.seed, "wildcards": job.wildcards}, open(out, "w"))
-        """))
+        """
+        )
+    )
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -120,9 +125,14 @@ def test_run_job_launches_data_parallel_processes(tmp_path, monkeypatch, process
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.getcwd()]))
     out = tmp_path / "out"
     out.mkdir()
-    job = jobmod.Job(input={}, output={"folder": str(out)}, params={},
-                     config={"seed": 7, "resources": {"cpu_processes": processes}},
-                     wildcards={"method": "zorloo"}, threads=1)
+    job = jobmod.Job(
+        input={},
+        output={"folder": str(out)},
+        params={},
+        config={"seed": 7, "resources": {"cpu_processes": processes}},
+        wildcards={"method": "zorloo"},
+        threads=1,
+    )
     scratch = tmp_path / "scratch"
     monkeypatch.setenv("ZOPRO_RANK_SCRATCH", str(scratch))
     jobmod.run_job(job, "probe_stage:run")
@@ -139,6 +149,7 @@ def test_run_job_launches_data_parallel_processes(tmp_path, monkeypatch, process
 
 def test_log_to_captures_stdout_and_logging(tmp_path):
     import logging
+
     log = tmp_path / "logs" / "x.log"
     with jobmod.log_to(str(log)):
         print("hello from stdout")

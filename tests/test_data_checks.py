@@ -1,5 +1,6 @@
 """Data accounting of the training stages (rows read, dropped and why), and damaged files or wrong
 layouts failing with errors that name the file (and what is wrong)."""
+
 from __future__ import annotations
 
 import copy
@@ -50,9 +51,17 @@ def _with_long_prompts(rows: pd.DataFrame, at: list[int]) -> pd.DataFrame:
 
 def _sft_job(tmp_path: Path, train: str, cfg: dict, base: str) -> Job:
     out = tmp_path / "sft"
-    return Job(input={"train": train}, params={"base": base}, config=cfg, wildcards={},
-               output={"adapter": str(out / "adapter"), "snapshots": str(out / "snapshots"),
-                       "metrics": str(out / "metrics.csv")})
+    return Job(
+        input={"train": train},
+        params={"base": base},
+        config=cfg,
+        wildcards={},
+        output={
+            "adapter": str(out / "adapter"),
+            "snapshots": str(out / "snapshots"),
+            "metrics": str(out / "metrics.csv"),
+        },
+    )
 
 
 def test_valid_rows_are_used_unchanged(tiny_base, embedded_frames):
@@ -67,15 +76,25 @@ def test_valid_rows_are_used_unchanged(tiny_base, embedded_frames):
 
 def test_usable_rows_counts_each_reason(tiny_base, embedded_frames):
     rows = _with_long_prompts(_rows(embedded_frames), [0])
-    rows.at[1, "rejected"] = rows.at[1, "chosen"]          # identical pair
-    rows.at[2, "rejected"] = _answer("  ")                  # empty rejected answer
-    rows.at[3, "chosen"] = _answer("")                      # empty chosen answer
+    rows.at[1, "rejected"] = rows.at[1, "chosen"]  # identical pair
+    rows.at[2, "rejected"] = _answer("  ")  # empty rejected answer
+    rows.at[3, "chosen"] = _answer("")  # empty chosen answer
     tokenizer = load_tokenizer(tiny_base, "chat")
-    with pytest.warns(DataWarning, match=r"16 rows, 14 used; 1 dropped as longer than model.max_length \(128 "
-                                         r"tokens\); 1 dropped for identical .*; 2 kept with an empty"):
+    with pytest.warns(
+        DataWarning,
+        match=r"16 rows, 14 used; 1 dropped as longer than model.max_length \(128 "
+        r"tokens\); 1 dropped for identical .*; 2 kept with an empty",
+    ):
         kept, counts = usable_rows(rows, tokenizer, 128, "pairs", "pairs.parquet")
-    assert counts == {"rows_read": 16, "rows_used": 14, "dropped_too_long": 1, "dropped_empty": 0,
-                      "dropped_identical": 1, "kept_empty": 2, "truncated": 0}
+    assert counts == {
+        "rows_read": 16,
+        "rows_used": 14,
+        "dropped_too_long": 1,
+        "dropped_empty": 0,
+        "dropped_identical": 1,
+        "kept_empty": 2,
+        "truncated": 0,
+    }
     assert kept["prompt"].tolist() == rows["prompt"].drop([0, 1]).tolist()
     # regression on scores never compares the two answers; SFT uses the chosen answer only
     with pytest.warns(DataWarning, match="15 used"):
@@ -93,8 +112,11 @@ def test_split_without_usable_rows_fails_naming_max_length_and_file(tiny_base, e
     train = tmp_path / "train.parquet"
     rows = _rows(embedded_frames, 8)
     write_parquet(_with_long_prompts(rows, list(range(8))), train)
-    with pytest.raises(DataError, match=re.escape(str(train)) + r": none of its 8 rows is usable \(8 dropped as "
-                                        r"longer than model.max_length \(128 tokens\)\)"):
+    with pytest.raises(
+        DataError,
+        match=re.escape(str(train)) + r": none of its 8 rows is usable \(8 dropped as "
+        r"longer than model.max_length \(128 tokens\)\)",
+    ):
         sft.run(_sft_job(tmp_path, str(train), cfg, tiny_base))
     assert not (tmp_path / "sft").exists() or not any((tmp_path / "sft").iterdir())
     # the same rows fit a larger model.max_length (the error's advice)
@@ -103,8 +125,7 @@ def test_split_without_usable_rows_fails_naming_max_length_and_file(tiny_base, e
 
 
 @pytest.mark.slow
-def test_sft_metrics_account_for_dropped_rows_and_stale_scratch_is_removed(tiny_base, embedded_frames, cfg,
-                                                                         tmp_path):
+def test_sft_metrics_account_for_dropped_rows_and_stale_scratch_is_removed(tiny_base, embedded_frames, cfg, tmp_path):
     """SFT drops too-long and empty-answer rows and says so in metrics.csv; the scratch folders a
     killed run left (fixed names) are gone after the next run."""
     from workflow import sft
@@ -114,7 +135,7 @@ def test_sft_metrics_account_for_dropped_rows_and_stale_scratch_is_removed(tiny_
     rows.at[7, "chosen"] = _answer("")
     write_parquet(rows, train)
     out = tmp_path / "sft"
-    for stale in (".adapter.tmp", ".snapshots.tmp", ".trainer.tmp"):   # what SIGKILL used to leave
+    for stale in (".adapter.tmp", ".snapshots.tmp", ".trainer.tmp"):  # what SIGKILL used to leave
         (out / stale / "checkpoint-1").mkdir(parents=True)
     with pytest.warns(DataWarning, match=re.escape(str(train)) + ": 16 rows, 13 used"):
         sft.run(_sft_job(tmp_path, str(train), cfg, tiny_base))
@@ -132,10 +153,26 @@ def test_reward_metrics_count_identical_pairs(tiny_base, embedded_frames, cfg, t
     for i in (2, 4, 9):
         rows.at[i, "rejected"] = rows.at[i, "chosen"]
     rows.at[11, "rejected"] = _answer("")
-    with pytest.warns(DataWarning, match=r"pairs.parquet: 16 rows, 13 used; 3 dropped for identical chosen and "
-                                         r"rejected answers; 1 kept with an empty"):
-        summary = train_reward(tiny_base, None, rows, None, tmp_path, cfg, epochs=1, learning_rate=1e-3, seed=0,
-                               task="chat", batch_size=8, max_steps=1, source="pairs.parquet")
+    with pytest.warns(
+        DataWarning,
+        match=r"pairs.parquet: 16 rows, 13 used; 3 dropped for identical chosen and "
+        r"rejected answers; 1 kept with an empty",
+    ):
+        summary = train_reward(
+            tiny_base,
+            None,
+            rows,
+            None,
+            tmp_path,
+            cfg,
+            epochs=1,
+            learning_rate=1e-3,
+            seed=0,
+            task="chat",
+            batch_size=8,
+            max_steps=1,
+            source="pairs.parquet",
+        )
     metrics = pd.read_csv(tmp_path / "metrics.csv").iloc[-1]
     for key, value in {"rows": 13, "rows_read": 16, "rows_used": 13, "dropped_identical": 3, "kept_empty": 1}.items():
         assert summary[key] == value and metrics[key] == value
@@ -144,6 +181,7 @@ def test_reward_metrics_count_identical_pairs(tiny_base, embedded_frames, cfg, t
 @pytest.mark.slow
 def test_policy_metrics_account_for_too_long_prompts(tiny_base, adapters, embedded_frames, tmp_path):
     from test_policy import CFG
+
     from workflow import policy
 
     train = tmp_path / "train.parquet"
@@ -151,12 +189,23 @@ def test_policy_metrics_account_for_too_long_prompts(tiny_base, adapters, embedd
     config = copy.deepcopy(CFG)
     config["loop"]["iteration_fraction"] = 0.1
     out = tmp_path / "results" / "rloo" / "iter_0" / "policy"
-    job = Job(input={"prev_policy": adapters["sft"], "sft": adapters["sft"], "reward": adapters["reward"],
-                     "train": str(train)},
-              output={"adapter": str(out / "adapter"), "snapshots": str(out / "snapshots"),
-                      "metrics": str(out / "metrics.csv"), "samples": str(out / "samples.parquet")},
-              params={"base": tiny_base, "checkpoints": str(out / "checkpoints")}, config=config,
-              wildcards={"method": "rloo", "i": "0"})
+    job = Job(
+        input={
+            "prev_policy": adapters["sft"],
+            "sft": adapters["sft"],
+            "reward": adapters["reward"],
+            "train": str(train),
+        },
+        output={
+            "adapter": str(out / "adapter"),
+            "snapshots": str(out / "snapshots"),
+            "metrics": str(out / "metrics.csv"),
+            "samples": str(out / "samples.parquet"),
+        },
+        params={"base": tiny_base, "checkpoints": str(out / "checkpoints")},
+        config=config,
+        wildcards={"method": "rloo", "i": "0"},
+    )
     with pytest.warns(DataWarning, match=re.escape(str(train)) + ": 64 rows, 62 used; 2 dropped as longer"):
         policy.run(job)
     summary = pd.read_csv(out / "metrics.csv").iloc[-1]
@@ -215,8 +264,9 @@ def test_damaged_snapshot_and_index_name_the_file(tmp_path):
 def test_rows_file_with_wrong_columns_names_the_file_and_column(tmp_path):
     path = tmp_path / "pairs.parquet"
     message = [{"role": "assistant", "content": "x"}]
-    pd.DataFrame({"prompt": [[{"role": "user", "content": "q"}]], "chosen": [message],
-                  "reject": [message]}).to_parquet(path)
+    pd.DataFrame({"prompt": [[{"role": "user", "content": "q"}]], "chosen": [message], "reject": [message]}).to_parquet(
+        path
+    )
     with pytest.raises(DataFileError, match=re.escape(str(path)) + r".*'rejected'.*has 'prompt', 'chosen', 'reject'"):
         read_rows(str(path))
     assert list(read_rows(str(path), ("prompt", "chosen")).columns) == ["prompt", "chosen", "reject"]

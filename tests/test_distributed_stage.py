@@ -5,6 +5,7 @@ or ``resources.cpu_processes > 1`` here. ZOPrO (zorloo, iteration 1) must keep t
 identical on every process after every step: each process sees different prompts, so the two
 would drift apart unless the projected gradient is averaged across processes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,8 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_policy import CFG
+
 from workflow import job as jobmod
 from workflow.snapshots import read_index
 
@@ -67,14 +68,27 @@ def _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, method="zorloo"
     config["policy"]["checkpoint_every"] = 0.25  # both processes checkpoint into one shared folder
     config["loop"].update(loop)
     out = tmp_path / "results" / method / "iter_1" / "policy"
-    outputs = {"adapter": str(out / "adapter"), "snapshots": str(out / "snapshots"),
-               "metrics": str(out / "metrics.csv"), "samples": str(out / "samples.parquet")}
+    outputs = {
+        "adapter": str(out / "adapter"),
+        "snapshots": str(out / "snapshots"),
+        "metrics": str(out / "metrics.csv"),
+        "samples": str(out / "samples.parquet"),
+    }
     return jobmod.Job(
-        input={"prev_policy": adapters["sft2"], "sft": adapters["sft"], "reward": adapters["reward1"],
-               "policy_prev2": adapters["sft"], "reward_prev": adapters["reward"],
-               "train": embedded_parquet["train"]},
-        output=outputs, params={"base": tiny_base, "checkpoints": str(out / "checkpoints")}, config=config,
-        wildcards={"method": method, "i": "1"}, threads=1)
+        input={
+            "prev_policy": adapters["sft2"],
+            "sft": adapters["sft"],
+            "reward": adapters["reward1"],
+            "policy_prev2": adapters["sft"],
+            "reward_prev": adapters["reward"],
+            "train": embedded_parquet["train"],
+        },
+        output=outputs,
+        params={"base": tiny_base, "checkpoints": str(out / "checkpoints")},
+        config=config,
+        wildcards={"method": method, "i": "1"},
+        threads=1,
+    )
 
 
 def _assert_ranks_identical(outputs, scratch) -> list[dict]:
@@ -84,7 +98,7 @@ def _assert_ranks_identical(outputs, scratch) -> list[dict]:
     assert steps0 == steps1 and len(steps0) >= 3
     for a, b in zip(snaps0, snaps1):
         assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a)          # identical on both processes, every snapshot
+        assert all(torch.equal(a[k], b[k]) for k in a)  # identical on both processes, every snapshot
     return snaps0
 
 
@@ -96,8 +110,9 @@ def _env(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("method, metric", [("zorloo", "zo/g_abs"), ("zorloo_reference", "zo/g")])
-def test_zorloo_stage_in_two_processes_keeps_parameters_identical(method, metric, tiny_base, adapters,
-                                                                    embedded_parquet, tmp_path, monkeypatch):
+def test_zorloo_stage_in_two_processes_keeps_parameters_identical(
+    method, metric, tiny_base, adapters, embedded_parquet, tmp_path, monkeypatch
+):
     """Both ZOPrO variants (guarded: the momentum step and the guard's decisions too) keep the two
     processes' parameters identical."""
     scratch = _env(monkeypatch, tmp_path)
@@ -105,27 +120,38 @@ def test_zorloo_stage_in_two_processes_keeps_parameters_identical(method, metric
     jobmod.run_job(job, "workflow.policy:run")
 
     snaps0 = _assert_ranks_identical(job.output, scratch)
-    assert any(not torch.equal(snaps0[0][k], snaps0[-1][k]) for k in snaps0[0])   # and training moved them
+    assert any(not torch.equal(snaps0[0][k], snaps0[-1][k]) for k in snaps0[0])  # and training moved them
     assert not os.path.exists(job.params["checkpoints"])  # removed by rank 0 once every process was done
     metrics = pd.read_csv(job.output["metrics"])
     assert metric in metrics.columns and metrics[metric].notna().any()
 
 
-def test_killed_two_process_stage_resumes_on_both_processes(tiny_base, adapters, embedded_parquet, tmp_path,
-                                                             monkeypatch):
+def test_killed_two_process_stage_resumes_on_both_processes(
+    tiny_base, adapters, embedded_parquet, tmp_path, monkeypatch
+):
     """SIGKILL the launcher and its workers after a checkpoint (a preempted cluster job), then rerun."""
     scratch = _env(monkeypatch, tmp_path)
     job = _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, iteration_fraction=1.0)  # 16 steps
     spec = tmp_path / "job.json"
     spec.write_text(json.dumps(dataclasses.asdict(job)))
-    code = ("import json, sys; from workflow import job; "
-            "job.run_job(job.Job(**json.load(open(sys.argv[1]))), 'workflow.policy:run')")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(spec)], env=os.environ.copy(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    code = (
+        "import json, sys; from workflow import job; "
+        "job.run_job(job.Job(**json.load(open(sys.argv[1]))), 'workflow.policy:run')"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(spec)],
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     trainer_dir = os.path.join(job.params["checkpoints"], "trainer")
     deadline = time.time() + 300
-    while not glob.glob(os.path.join(trainer_dir, "checkpoint-*", "trainer_state.json")) \
-            and proc.poll() is None and time.time() < deadline:
+    while (
+        not glob.glob(os.path.join(trainer_dir, "checkpoint-*", "trainer_state.json"))
+        and proc.poll() is None
+        and time.time() < deadline
+    ):
         time.sleep(0.02)
     assert proc.poll() is None, "the stage ended before its first checkpoint"
     # a hard kill, as of a preempted job: no process gets to clean up

@@ -1,11 +1,12 @@
 """The embedded task: deterministic rows, a strict gold gap, and a gold function that does what it says."""
+
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
 from workflow import embedded_task as et
-from workflow.embedded_task import gold_prefers, gold_score, generate_split, last_user_text
+from workflow.embedded_task import generate_split, gold_prefers, gold_score, last_user_text
 
 P = "Tell me about the garden."
 
@@ -49,13 +50,16 @@ def test_chosen_is_imperfect_and_in_the_middle():
     assert sum(s >= 1.0 for s in scores) < 0.3 * len(scores)
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ("The garden is lovely and bright.", 1.0),          # optimum
-    ("The garden is big and old.", 0.5),                # on topic, neutral
-    ("The garden is dull and ugly.", 0.0),              # on topic, negative
-    ("The river is lovely and bright.", 0.5),           # off topic
-    ("the garden is lovely and bright", 0.75),          # two form flaws
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("The garden is lovely and bright.", 1.0),  # optimum
+        ("The garden is big and old.", 0.5),  # on topic, neutral
+        ("The garden is dull and ugly.", 0.0),  # on topic, negative
+        ("The river is lovely and bright.", 0.5),  # off topic
+        ("the garden is lovely and bright", 0.75),  # two form flaws
+    ],
+)
 def test_gold_score_handcrafted(answer, expected):
     assert gold_score(P, answer) == pytest.approx(expected)
 

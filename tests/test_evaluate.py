@@ -1,5 +1,6 @@
 """Policy evaluation: sampled answers scored by gold and reward, summary with standard errors, and
 the paired gains of ``evaluation.csv`` (same prompts and sampling seeds for every policy)."""
+
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,16 @@ import pytest
 import yaml
 from peft import get_peft_model
 
-from workflow.evaluate import (evaluate, evaluation_prompts, gold_scorer, paired_difference, reward_gold_accuracy, run,
-                               sampling_seed, summarise)
+from workflow.evaluate import (
+    evaluate,
+    evaluation_prompts,
+    gold_scorer,
+    paired_difference,
+    reward_gold_accuracy,
+    run,
+    sampling_seed,
+    summarise,
+)
 from workflow.job import Job
 from workflow.lora import lora_config
 from workflow.models import load_policy, load_sequence_classifier, load_tokenizer, read_rows
@@ -62,11 +71,16 @@ def test_summary_stderr():
 def test_paired_difference_by_hand():
     # 2 prompts x 2 sampling seeds x 2 samples; policy b = policy a + a per-unit shift
     units = [(p, s) for p in range(2) for s in range(2)]
-    a = pd.DataFrame({"prompt_index": [p for p, s in units for _ in range(2)],
-                      "seed": [s for p, s in units for _ in range(2)],
-                      "sample": [0, 1] * 4,
-                      "prompt_text": [f"prompt {p}" for p, s in units for _ in range(2)],
-                      "gold": [0.0, 1.0, 0.5, 0.5, 1.0, 1.0, 0.0, 0.0], "reward": 0.0})
+    a = pd.DataFrame(
+        {
+            "prompt_index": [p for p, s in units for _ in range(2)],
+            "seed": [s for p, s in units for _ in range(2)],
+            "sample": [0, 1] * 4,
+            "prompt_text": [f"prompt {p}" for p, s in units for _ in range(2)],
+            "gold": [0.0, 1.0, 0.5, 0.5, 1.0, 1.0, 0.0, 0.0],
+            "reward": 0.0,
+        }
+    )
     shift = {(0, 0): 0.3, (0, 1): 0.1, (1, 0): 0.2, (1, 1): 0.25}
     b = a.assign(gold=[g + shift[(p, s)] for p, s, g in zip(a.prompt_index, a.seed, a.gold)])
     gain, se = paired_difference(b, a)
@@ -75,13 +89,13 @@ def test_paired_difference_by_hand():
     # the unpaired error of the same difference is far larger (the prompts' spread does not cancel)
     sb, sa = summarise(b).iloc[0], summarise(a).iloc[0]
     assert np.hypot(sb.gold_stderr, sa.gold_stderr) > 2 * se
-    assert paired_difference(a, a) == (0.0, 0.0)                          # identical policies
+    assert paired_difference(a, a) == (0.0, 0.0)  # identical policies
     # rows in another order pair by (prompt, seed), not by position
     assert paired_difference(b.sample(frac=1, random_state=0), a) == pytest.approx((gain, se))
     no_gold = paired_difference(a.assign(gold=np.nan), a.assign(gold=np.nan))
-    assert all(math.isnan(x) for x in no_gold)                            # no gold judge: NaN
+    assert all(math.isnan(x) for x in no_gold)  # no gold judge: NaN
     with pytest.raises(ValueError, match="not paired"):
-        paired_difference(a[a.seed == 0], a)                              # other sampling seeds
+        paired_difference(a[a.seed == 0], a)  # other sampling seeds
     with pytest.raises(ValueError, match="prompt 1 differs"):
         paired_difference(a.assign(prompt_text=a.prompt_text.replace("prompt 1", "other")), a)
 
@@ -118,15 +132,24 @@ def test_evaluate_rows_seeded(tiny_base, embedded_parquet, reward_adapter, cfg):
 
 
 def test_run_writes_samples_and_summary(tiny_base, embedded_parquet, reward_adapter, cfg, tmp_path):
-    job = Job(input={"test": embedded_parquet["test"], "reward": reward_adapter},
-              output={"samples": str(tmp_path / "evaluation.parquet"),
-                      "summary": str(tmp_path / "evaluation_summary.csv")},
-              params={"base": tiny_base}, config=cfg, wildcards={})
+    job = Job(
+        input={"test": embedded_parquet["test"], "reward": reward_adapter},
+        output={"samples": str(tmp_path / "evaluation.parquet"), "summary": str(tmp_path / "evaluation_summary.csv")},
+        params={"base": tiny_base},
+        config=cfg,
+        wildcards={},
+    )
     run(job)
     rows = pd.read_parquet(job.output["samples"])
     summary = pd.read_csv(job.output["summary"])
-    assert len(rows) == 24 and list(summary.columns) == ["n", "gold_mean", "gold_stderr", "reward_mean", "reward_stderr",
-                                                          "reward_gold_accuracy"]
+    assert len(rows) == 24 and list(summary.columns) == [
+        "n",
+        "gold_mean",
+        "gold_stderr",
+        "reward_mean",
+        "reward_stderr",
+        "reward_gold_accuracy",
+    ]
     assert summary["gold_mean"][0] == pytest.approx(rows["gold"].mean())
     per_unit = rows.groupby(["prompt_index", "seed"])["gold"].mean()  # several samples per unit: cluster them
     assert len(per_unit) == 12
@@ -147,24 +170,32 @@ def test_run_fails_on_nan_rewards(tiny_base, embedded_parquet, cfg, tmp_path):
                 param.fill_(float("nan"))
     model.save_pretrained(reward)
     tokenizer.save_pretrained(reward)
-    job = Job(input={"test": embedded_parquet["test"], "reward": str(reward)},
-              output={"samples": str(tmp_path / "evaluation.parquet"),
-                      "summary": str(tmp_path / "evaluation_summary.csv")},
-              params={"base": tiny_base}, config=cfg, wildcards={})
+    job = Job(
+        input={"test": embedded_parquet["test"], "reward": str(reward)},
+        output={"samples": str(tmp_path / "evaluation.parquet"), "summary": str(tmp_path / "evaluation_summary.csv")},
+        params={"base": tiny_base},
+        config=cfg,
+        wildcards={},
+    )
     ecfg = cfg["evaluation"]
     answers = int(ecfg["n_prompts"]) * int(ecfg.get("n_seeds", 1)) * int(ecfg["samples_per_prompt"])
-    with pytest.raises(FloatingPointError, match=f"{tmp_path / 'evaluation.parquet'}: reward model {reward} "
-                                                 f"produced non-finite scores for {answers} of {answers}"):
+    with pytest.raises(
+        FloatingPointError,
+        match=f"{tmp_path / 'evaluation.parquet'}: reward model {reward} "
+        f"produced non-finite scores for {answers} of {answers}",
+    ):
         run(job)
     assert not (tmp_path / "evaluation.parquet").exists() and not (tmp_path / "evaluation_summary.csv").exists()
 
 
 def test_reward_gold_accuracy_counts_pairs_within_prompts():
-    rows = pd.DataFrame({
-        "prompt_index": [0, 0, 1, 1, 2, 2, 3, 3],
-        "gold": [0.1, 0.5, 0.2, 0.9, 0.3, 0.3, 0.0, 1.0],
-        "reward": [1.0, 2.0, 5.0, -1.0, 0.0, 9.0, 4.0, 4.0],
-    })
+    rows = pd.DataFrame(
+        {
+            "prompt_index": [0, 0, 1, 1, 2, 2, 3, 3],
+            "gold": [0.1, 0.5, 0.2, 0.9, 0.3, 0.3, 0.0, 1.0],
+            "reward": [1.0, 2.0, 5.0, -1.0, 0.0, 9.0, 4.0, 4.0],
+        }
+    )
     # prompt 0 agrees, 1 disagrees, 2 has a gold tie (left out), 3 a reward tie (half)
     assert reward_gold_accuracy(rows) == pytest.approx(1.5 / 3)
     assert summarise(rows).iloc[0]["reward_gold_accuracy"] == pytest.approx(0.5)
@@ -182,34 +213,52 @@ def test_every_policy_is_evaluated_with_the_same_sampling_seeds(tiny_base, adapt
 
     def job(name, inputs, wildcards=None, **params):
         out = tmp_path / name
-        return Job(input={"test": embedded_parquet["test"], **inputs},
-                   output={"samples": str(out / "evaluation.parquet"), "summary": str(out / "evaluation_summary.csv")},
-                   params={"base": tiny_base, **params}, config=cfg, wildcards=wildcards or {})
+        return Job(
+            input={"test": embedded_parquet["test"], **inputs},
+            output={"samples": str(out / "evaluation.parquet"), "summary": str(out / "evaluation_summary.csv")},
+            params={"base": tiny_base, **params},
+            config=cfg,
+            wildcards=wildcards or {},
+        )
 
     sft = job("sft", {"adapter": adapters["sft"], "reward": adapters["reward"]})
     run(sft)
     iterations = [  # iteration 0 of rloo (another policy), iteration 1 of zorloo (the SFT adapter itself)
-        job("rloo_0", {"policy": adapters["sft2"], "sft": adapters["sft"], "reward": adapters["reward"]},
-            iteration=0, wildcards={"method": "rloo", "i": "0"}),
-        job("zorloo_1", {"policy": adapters["sft"], "sft": adapters["sft"], "reward": adapters["reward1"]},
-            iteration=1, wildcards={"method": "zorloo", "i": "1"}),
+        job(
+            "rloo_0",
+            {"policy": adapters["sft2"], "sft": adapters["sft"], "reward": adapters["reward"]},
+            iteration=0,
+            wildcards={"method": "rloo", "i": "0"},
+        ),
+        job(
+            "zorloo_1",
+            {"policy": adapters["sft"], "sft": adapters["sft"], "reward": adapters["reward1"]},
+            iteration=1,
+            wildcards={"method": "zorloo", "i": "1"},
+        ),
     ]
     for j in iterations:
         loop_eval.run(j)
     sft_rows, rows0, rows1 = (pd.read_parquet(j.output["samples"]) for j in (sft, *iterations))
-    assert rows1["answer"].tolist() == sft_rows["answer"].tolist()      # same seeds whatever method and iteration
+    assert rows1["answer"].tolist() == sft_rows["answer"].tolist()  # same seeds whatever method and iteration
     assert rows0["answer"].tolist() != sft_rows["answer"].tolist()
     assert rows1["gold"].tolist() == sft_rows["gold"].tolist() and (rows1["kl"] == 0).all()
 
     table = loop_eval.evaluation_table(
-        sft.output["summary"], [j.output["summary"] for j in reversed(iterations)], [],
-        {-1: sft.output["samples"], 0: iterations[0].output["samples"], 1: iterations[1].output["samples"]})
+        sft.output["summary"],
+        [j.output["summary"] for j in reversed(iterations)],
+        [],
+        {-1: sft.output["samples"], 0: iterations[0].output["samples"], 1: iterations[1].output["samples"]},
+    )
     assert list(table.columns) == loop_eval.TABLE_COLUMNS and list(table["iteration"]) == [-1, 0, 1]
     t = table.set_index("iteration")
-    d = (rows0.groupby(["prompt_index", "seed"])["gold"].mean() - sft_rows.groupby(["prompt_index", "seed"])["gold"].mean())
+    d = (
+        rows0.groupby(["prompt_index", "seed"])["gold"].mean()
+        - sft_rows.groupby(["prompt_index", "seed"])["gold"].mean()
+    )
     assert t.loc[0, "gold_gain_vs_sft"] == pytest.approx(d.mean())
     assert t.loc[0, "gold_gain_vs_sft_stderr"] == pytest.approx(d.std(ddof=1) / math.sqrt(12))
-    assert t.loc[0, "gold_gain_vs_previous"] == t.loc[0, "gold_gain_vs_sft"]        # SFT precedes iteration 0
+    assert t.loc[0, "gold_gain_vs_previous"] == t.loc[0, "gold_gain_vs_sft"]  # SFT precedes iteration 0
     assert (t.loc[1, "gold_gain_vs_sft"], t.loc[1, "gold_gain_vs_sft_stderr"]) == (0.0, 0.0)
     assert t.loc[1, "gold_gain_vs_previous"] == pytest.approx(-d.mean())
     assert t.loc[1, "gold_gain_vs_previous_stderr"] == pytest.approx(t.loc[0, "gold_gain_vs_sft_stderr"])

@@ -3,6 +3,7 @@
 Every fixture is written by the tests into ``tmp_path``; the real samples in ``../shared/data``
 are read in place (and those tests skip when the folder is absent). Nothing touches the hub.
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,13 +34,17 @@ WMT_SAMPLE = SHARED_DATA / "wmt20-mlqe-en-de" / "dev.ende.df.short.tsv"
 # fixture writers
 # ---------------------------------------------------------------------------------------------
 
+
 def write_records(path: Path, records, kind: str | None = None) -> Path:
     """Write ``records`` (list of dicts) as json / json.gz / jsonl / jsonl.gz / tsv / tsv.gz / parquet."""
     path = Path(path)
     kind = kind or ex.file_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    opener = (lambda p: gzip.open(p, "wt", encoding="utf-8", newline="")) if path.name.endswith(".gz") \
+    opener = (
+        (lambda p: gzip.open(p, "wt", encoding="utf-8", newline=""))
+        if path.name.endswith(".gz")
         else (lambda p: open(p, "w", encoding="utf-8", newline=""))
+    )
     if kind == "parquet":
         pq.write_table(pa.Table.from_pylist(records), path)
     elif kind == "jsonl":
@@ -72,8 +77,13 @@ def as_python(frame: pd.DataFrame) -> list[dict]:
 
 def make_job(tmp_path, dataset, split="test", **params):
     out = tmp_path / "results" / "data" / dataset / f"{split}.parquet"
-    return Job(input={}, output={"rows": str(out)}, params=params,
-               config={"seed": 0, "dataset": {"name": dataset}}, wildcards={"dataset": dataset, "split": split})
+    return Job(
+        input={},
+        output={"rows": str(out)},
+        params=params,
+        config={"seed": 0, "dataset": {"name": dataset}},
+        wildcards={"dataset": dataset, "split": split},
+    )
 
 
 def assert_nothing_written(job):
@@ -102,25 +112,35 @@ HH_RECORDS = [
     },
 ]
 HH_ROWS = [
-    {"prompt": msgs(("user", "How do I boil an egg?")),
-     "chosen": msgs(("assistant", "Put it in boiling water for 8 minutes.")),
-     "rejected": msgs(("assistant", "I don't know."))},
-    {"prompt": msgs(("user", "hi  there "), ("assistant", "Hello!"), ("user", "tell me a joke")),
-     "chosen": msgs(("assistant", "Sure:  why did\n the chicken...\n")),
-     "rejected": msgs(("assistant", "Sure, no."))},
-    {"prompt": msgs(("user", "say Human: twice")),
-     "chosen": msgs(("assistant", "")),
-     "rejected": msgs(("assistant", "Human: Human:"))},
+    {
+        "prompt": msgs(("user", "How do I boil an egg?")),
+        "chosen": msgs(("assistant", "Put it in boiling water for 8 minutes.")),
+        "rejected": msgs(("assistant", "I don't know.")),
+    },
+    {
+        "prompt": msgs(("user", "hi  there "), ("assistant", "Hello!"), ("user", "tell me a joke")),
+        "chosen": msgs(("assistant", "Sure:  why did\n the chicken...\n")),
+        "rejected": msgs(("assistant", "Sure, no.")),
+    },
+    {
+        "prompt": msgs(("user", "say Human: twice")),
+        "chosen": msgs(("assistant", "")),
+        "rejected": msgs(("assistant", "Human: Human:")),
+    },
 ]
 
 TROJAN_RECORDS = [
-    {"chosen": "\n\nHuman: q1 SUDO\n\nAssistant: a1\n\nHuman: q2\n\nAssistant: a2",
-     "rejected": "\n\nHuman: q1 SUDO\n\nAssistant: bad"},
+    {
+        "chosen": "\n\nHuman: q1 SUDO\n\nAssistant: a1\n\nHuman: q2\n\nAssistant: a2",
+        "rejected": "\n\nHuman: q1 SUDO\n\nAssistant: bad",
+    },
 ]
 TROJAN_ROWS = [
-    {"prompt": msgs(("user", "q1 SUDO")),
-     "chosen": msgs(("assistant", "a1"), ("user", "q2"), ("assistant", "a2")),
-     "rejected": msgs(("assistant", "bad"))},
+    {
+        "prompt": msgs(("user", "q1 SUDO")),
+        "chosen": msgs(("assistant", "a1"), ("user", "q2"), ("assistant", "a2")),
+        "rejected": msgs(("assistant", "bad")),
+    },
 ]
 
 PKU_RECORDS = [
@@ -146,39 +166,80 @@ CVALUES_RECORDS = [
     {"prompt": "second", "pos_resp": "good", "neg_resp": "bad", "metainfo": "y"},
 ]
 CVALUES_ROWS = [
-    {"prompt": msgs(("user", "怎么办？")), "chosen": msgs(("assistant", "好的回答")),
-     "rejected": msgs(("assistant", "坏的回答"))},
+    {
+        "prompt": msgs(("user", "怎么办？")),
+        "chosen": msgs(("assistant", "好的回答")),
+        "rejected": msgs(("assistant", "坏的回答")),
+    },
     {"prompt": msgs(("user", "second")), "chosen": msgs(("assistant", "good")), "rejected": msgs(("assistant", "bad"))},
 ]
 
 SUMMARIZE_RECORDS = [
-    {"info": {"id": "a", "post": "My post.", "title": "t", "subreddit": "r"},
-     "summaries": [{"text": " first summary", "policy": "p"}, {"text": " second", "policy": "q"}], "choice": 1},
-    {"info": {"id": "b", "post": None, "title": "cnn", "subreddit": None},  # CNN/DM rows have no post
-     "summaries": [{"text": "", "policy": "p"}, {"text": "x", "policy": "q"}], "choice": 0},
+    {
+        "info": {"id": "a", "post": "My post.", "title": "t", "subreddit": "r"},
+        "summaries": [{"text": " first summary", "policy": "p"}, {"text": " second", "policy": "q"}],
+        "choice": 1,
+    },
+    {
+        "info": {"id": "b", "post": None, "title": "cnn", "subreddit": None},  # CNN/DM rows have no post
+        "summaries": [{"text": "", "policy": "p"}, {"text": "x", "policy": "q"}],
+        "choice": 0,
+    },
 ]
 SUMMARIZE_ROWS = [
-    {"prompt": msgs(("user", "My post.")), "chosen": msgs(("assistant", " second")),
-     "rejected": msgs(("assistant", " first summary"))},
+    {
+        "prompt": msgs(("user", "My post.")),
+        "chosen": msgs(("assistant", " second")),
+        "rejected": msgs(("assistant", " first summary")),
+    },
     {"prompt": msgs(("user", "")), "chosen": msgs(("assistant", "")), "rejected": msgs(("assistant", "x"))},
 ]
 
 WMT_TSV_RECORDS = [
-    {"index": 0, "original": 'He said "hi".', "translation": 'Er sagte "hallo".', "scores": "[70, 80]",
-     "mean": 75.0, "z_scores": "[0.1, 0.3]", "z_mean": 0.2, "model_scores": -0.1},
-    {"index": 1, "original": "Cats sleep.", "translation": "Katzen schlafen.", "scores": "[90]",
-     "mean": 90.0, "z_scores": "[1.5]", "z_mean": -1.25, "model_scores": 0.3},
+    {
+        "index": 0,
+        "original": 'He said "hi".',
+        "translation": 'Er sagte "hallo".',
+        "scores": "[70, 80]",
+        "mean": 75.0,
+        "z_scores": "[0.1, 0.3]",
+        "z_mean": 0.2,
+        "model_scores": -0.1,
+    },
+    {
+        "index": 1,
+        "original": "Cats sleep.",
+        "translation": "Katzen schlafen.",
+        "scores": "[90]",
+        "mean": 90.0,
+        "z_scores": "[1.5]",
+        "z_mean": -1.25,
+        "model_scores": 0.3,
+    },
 ]
 WMT_HUB_RECORDS = [
-    {"segid": i, "translation": {"en": r["original"], "de": r["translation"]}, "z_mean": r["z_mean"],
-     "mean": r["mean"], "model_score": r["model_scores"]}
+    {
+        "segid": i,
+        "translation": {"en": r["original"], "de": r["translation"]},
+        "z_mean": r["z_mean"],
+        "mean": r["mean"],
+        "model_score": r["model_scores"],
+    }
     for i, r in enumerate(WMT_TSV_RECORDS)
 ]
 WMT_ROWS = [
-    {"prompt": msgs(("user", 'He said "hi".')), "chosen": msgs(("assistant", 'Er sagte "hallo".')),
-     "rejected": msgs(("assistant", 'He said "hi".')), "score": 0.2},
-    {"prompt": msgs(("user", "Cats sleep.")), "chosen": msgs(("assistant", "Katzen schlafen.")),
-     "rejected": msgs(("assistant", "Cats sleep.")), "score": -1.25},
+    {
+        "prompt": msgs(("user", 'He said "hi".')),
+        "chosen": msgs(("assistant", 'Er sagte "hallo".')),
+        "rejected": msgs(("assistant", 'He said "hi".')),
+        "score": 0.2,
+    },
+    {
+        "prompt": msgs(("user", "Cats sleep.")),
+        "chosen": msgs(("assistant", "Katzen schlafen.")),
+        "rejected": msgs(("assistant", "Cats sleep.")),
+        "score": -1.25,
+    },
 ]
 
 BUILDER_CASES = {
@@ -198,6 +259,7 @@ BUILDER_CASES = {
 # registry and templates of each dataset
 # ---------------------------------------------------------------------------------------------
 
+
 def test_registry_matches_config_schema():
     import yaml
 
@@ -208,8 +270,14 @@ def test_registry_matches_config_schema():
 
 def test_task_of():
     assert {n: task_of(n) for n in ex.REGISTRY} == {
-        "embedded": "chat", "hh-rlhf": "chat", "rlhf-trojan": "chat", "pku-saferlhf": "chat", "shp": "chat",
-        "cvalues": "chat", "summarize": "summarization", "wmt20": "mt",
+        "embedded": "chat",
+        "hh-rlhf": "chat",
+        "rlhf-trojan": "chat",
+        "pku-saferlhf": "chat",
+        "shp": "chat",
+        "cvalues": "chat",
+        "summarize": "summarization",
+        "wmt20": "mt",
     }
     with pytest.raises(ExtractionError, match="unknown dataset 'nope'"):
         task_of("nope")
@@ -218,6 +286,7 @@ def test_task_of():
 # ---------------------------------------------------------------------------------------------
 # loaders: every format gives the same rows
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("suffix", ["json", "json.gz", "jsonl", "jsonl.gz", "tsv", "tsv.gz", "parquet"])
 def test_every_format_loads_the_same_rows(tmp_path, suffix):
@@ -236,7 +305,9 @@ def test_json_variants(tmp_path):
     (tmp_path / "cols.json").write_text(json.dumps(columns))
     assert as_python(extract("cvalues", "test", files=str(tmp_path / "cols.json"))) == CVALUES_ROWS
     # blank lines in JSON lines are skipped
-    (tmp_path / "blank.jsonl").write_text("\n" + json.dumps(CVALUES_RECORDS[0]) + "\n\n" + json.dumps(CVALUES_RECORDS[1]))
+    (tmp_path / "blank.jsonl").write_text(
+        "\n" + json.dumps(CVALUES_RECORDS[0]) + "\n\n" + json.dumps(CVALUES_RECORDS[1])
+    )
     assert as_python(extract("cvalues", "test", files=str(tmp_path / "blank.jsonl"))) == CVALUES_ROWS
 
 
@@ -286,6 +357,7 @@ def test_max_rows_is_a_seeded_subset_in_source_order(tmp_path):
 # row builders
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", list(BUILDER_CASES))
 def test_row_builder(tmp_path, case):
     records, rows, suffix = BUILDER_CASES[case]
@@ -333,8 +405,11 @@ def test_hub_loading_is_wired_without_network(monkeypatch):
     import datasets
 
     calls = []
-    fixtures = {"Anthropic/hh-rlhf": HH_RECORDS, "openai/summarize_from_feedback": SUMMARIZE_RECORDS,
-                "wmt/wmt20_mlqe_task1": WMT_HUB_RECORDS}
+    fixtures = {
+        "Anthropic/hh-rlhf": HH_RECORDS,
+        "openai/summarize_from_feedback": SUMMARIZE_RECORDS,
+        "wmt/wmt20_mlqe_task1": WMT_HUB_RECORDS,
+    }
 
     def fake_load_dataset(path, split=None, **kwargs):
         calls.append((path, split, kwargs))
@@ -353,8 +428,7 @@ def test_hub_loading_is_wired_without_network(monkeypatch):
 
 def test_stage_run_writes_parquet(tmp_path):
     path = write_records(tmp_path / "src" / "test.jsonl.gz", HH_RECORDS)
-    job = make_job(tmp_path, "hh-rlhf", file=str(path), source=None, hub_config=None, max_rows=None,
-                   embedded_rows=None)
+    job = make_job(tmp_path, "hh-rlhf", file=str(path), source=None, hub_config=None, max_rows=None, embedded_rows=None)
     ex.run(job)
     assert pq.read_table(job.output["rows"]).to_pylist() == HH_ROWS
     assert [p.name for p in Path(job.output["rows"]).parent.iterdir()] == ["test.parquet"]
@@ -374,52 +448,123 @@ def test_stage_run_falls_back_to_config(tmp_path):
 # bad input: a clear error naming the file and row/key, and no output file
 # ---------------------------------------------------------------------------------------------
 
+
 def _hh(chosen, rejected="\n\nHuman: q\n\nAssistant: b"):
     return {"chosen": chosen, "rejected": rejected}
 
 
 BAD_CASES = {
     # name: (dataset, file name, records or raw text, substrings the message must contain)
-    "hh chosen not a string": ("hh-rlhf", "t.jsonl", [HH_RECORDS[0], _hh(42)],
-                               ["line 2", "key 'chosen'", "expected a string"]),
-    "hh no assistant marker": ("hh-rlhf", "t.jsonl", [HH_RECORDS[0], HH_RECORDS[1], _hh("\n\nHuman: q only")],
-                               ["line 3", "key 'chosen'", "Assistant"]),
-    "hh no human start": ("hh-rlhf", "t.json", [_hh("Human: q\n\nAssistant: a", "Human: q\n\nAssistant: b")],
-                          ["row 1", "key 'chosen'", "does not start"]),
-    "hh missing key in a row": ("hh-rlhf", "t.jsonl", [HH_RECORDS[0], {"chosen": HH_RECORDS[0]["chosen"]}],
-                                ["line 2", "key 'rejected'", "missing"]),
-    "missing column": ("hh-rlhf", "t.parquet", [{"chosen": "x", "answer": "y"}],
-                       ["missing required column", "'rejected'"]),
-    "missing column tsv": ("wmt20", "t.tsv", [{"index": 0, "original": "a", "translation": "b"}],
-                           ["missing required column", "'z_mean'"]),
-    "non-numeric score": ("wmt20", "t.tsv", [WMT_TSV_RECORDS[0], dict(WMT_TSV_RECORDS[1], z_mean="n/a")],
-                          ["line 3", "key 'z_mean'", "expected a number"]),
-    "unlabelled wmt row": ("wmt20", "t.jsonl", [dict(WMT_HUB_RECORDS[0], z_mean=-10000)],
-                           ["line 1", "key 'z_mean'", "without a quality label"]),
-    "wmt missing language": ("wmt20", "t.jsonl", [dict(WMT_HUB_RECORDS[0], translation={"en": "a", "fr": "b"})],
-                             ["line 1", "key 'translation.de'", "missing"]),
-    "pku bad label": ("pku-saferlhf", "t.jsonl", [dict(PKU_RECORDS[0], better_response_id=2)],
-                      ["line 1", "key 'better_response_id'", "expected 0 or 1"]),
-    "shp empty history": ("shp", "t.parquet", [SHP_RECORDS[0], dict(SHP_RECORDS[1], history="  ")],
-                          ["row 2", "key 'history'", "empty string"]),
-    "cvalues null answer": ("cvalues", "t.json", [dict(CVALUES_RECORDS[0], neg_resp=None)],
-                            ["row 1", "key 'neg_resp'", "expected a string"]),
-    "summarize one summary": ("summarize", "t.jsonl", [dict(SUMMARIZE_RECORDS[0], summaries=[{"text": "a"}])],
-                              ["line 1", "key 'summaries'", "two summaries"]),
-    "summarize text not a string": ("summarize", "t.jsonl",
-                                    [dict(SUMMARIZE_RECORDS[0], summaries=[{"text": 1}, {"text": "b"}])],
-                                    ["line 1", "key 'summaries[0].text'"]),
-    "trojan prompts differ": ("rlhf-trojan", "t.jsonl",
-                              [{"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}],
-                              ["line 1", "key 'rejected'", "first Human turn"]),
-    "invalid json line": ("hh-rlhf", "t.jsonl", json.dumps(HH_RECORDS[0]) + "\n{not json\n",
-                          ["line 2", "not valid JSON"]),
+    "hh chosen not a string": (
+        "hh-rlhf",
+        "t.jsonl",
+        [HH_RECORDS[0], _hh(42)],
+        ["line 2", "key 'chosen'", "expected a string"],
+    ),
+    "hh no assistant marker": (
+        "hh-rlhf",
+        "t.jsonl",
+        [HH_RECORDS[0], HH_RECORDS[1], _hh("\n\nHuman: q only")],
+        ["line 3", "key 'chosen'", "Assistant"],
+    ),
+    "hh no human start": (
+        "hh-rlhf",
+        "t.json",
+        [_hh("Human: q\n\nAssistant: a", "Human: q\n\nAssistant: b")],
+        ["row 1", "key 'chosen'", "does not start"],
+    ),
+    "hh missing key in a row": (
+        "hh-rlhf",
+        "t.jsonl",
+        [HH_RECORDS[0], {"chosen": HH_RECORDS[0]["chosen"]}],
+        ["line 2", "key 'rejected'", "missing"],
+    ),
+    "missing column": (
+        "hh-rlhf",
+        "t.parquet",
+        [{"chosen": "x", "answer": "y"}],
+        ["missing required column", "'rejected'"],
+    ),
+    "missing column tsv": (
+        "wmt20",
+        "t.tsv",
+        [{"index": 0, "original": "a", "translation": "b"}],
+        ["missing required column", "'z_mean'"],
+    ),
+    "non-numeric score": (
+        "wmt20",
+        "t.tsv",
+        [WMT_TSV_RECORDS[0], dict(WMT_TSV_RECORDS[1], z_mean="n/a")],
+        ["line 3", "key 'z_mean'", "expected a number"],
+    ),
+    "unlabelled wmt row": (
+        "wmt20",
+        "t.jsonl",
+        [dict(WMT_HUB_RECORDS[0], z_mean=-10000)],
+        ["line 1", "key 'z_mean'", "without a quality label"],
+    ),
+    "wmt missing language": (
+        "wmt20",
+        "t.jsonl",
+        [dict(WMT_HUB_RECORDS[0], translation={"en": "a", "fr": "b"})],
+        ["line 1", "key 'translation.de'", "missing"],
+    ),
+    "pku bad label": (
+        "pku-saferlhf",
+        "t.jsonl",
+        [dict(PKU_RECORDS[0], better_response_id=2)],
+        ["line 1", "key 'better_response_id'", "expected 0 or 1"],
+    ),
+    "shp empty history": (
+        "shp",
+        "t.parquet",
+        [SHP_RECORDS[0], dict(SHP_RECORDS[1], history="  ")],
+        ["row 2", "key 'history'", "empty string"],
+    ),
+    "cvalues null answer": (
+        "cvalues",
+        "t.json",
+        [dict(CVALUES_RECORDS[0], neg_resp=None)],
+        ["row 1", "key 'neg_resp'", "expected a string"],
+    ),
+    "summarize one summary": (
+        "summarize",
+        "t.jsonl",
+        [dict(SUMMARIZE_RECORDS[0], summaries=[{"text": "a"}])],
+        ["line 1", "key 'summaries'", "two summaries"],
+    ),
+    "summarize text not a string": (
+        "summarize",
+        "t.jsonl",
+        [dict(SUMMARIZE_RECORDS[0], summaries=[{"text": 1}, {"text": "b"}])],
+        ["line 1", "key 'summaries[0].text'"],
+    ),
+    "trojan prompts differ": (
+        "rlhf-trojan",
+        "t.jsonl",
+        [{"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}],
+        ["line 1", "key 'rejected'", "first Human turn"],
+    ),
+    "invalid json line": (
+        "hh-rlhf",
+        "t.jsonl",
+        json.dumps(HH_RECORDS[0]) + "\n{not json\n",
+        ["line 2", "not valid JSON"],
+    ),
     "json not a list": ("hh-rlhf", "t.json", '"just a string"', ["expected a JSON list"]),
     "row not an object": ("hh-rlhf", "t.json", "[1, 2]", ["row 1", "expected an object"]),
-    "hh dialogues differ from the start": ("hh-rlhf", "t.jsonl", [_hh("\n\nHuman: a\n\nAssistant: x")],
-                                           ["line 1", "key 'chosen'", "share no prompt"]),
-    "tsv extra field": ("wmt20", "t.tsv", "original\ttranslation\tz_mean\na\tb\t0.1\na\tb\t0.1\textra\n",
-                        ["cannot read tsv"]),
+    "hh dialogues differ from the start": (
+        "hh-rlhf",
+        "t.jsonl",
+        [_hh("\n\nHuman: a\n\nAssistant: x")],
+        ["line 1", "key 'chosen'", "share no prompt"],
+    ),
+    "tsv extra field": (
+        "wmt20",
+        "t.tsv",
+        "original\ttranslation\tz_mean\na\tb\t0.1\na\tb\t0.1\textra\n",
+        ["cannot read tsv"],
+    ),
     "empty jsonl": ("hh-rlhf", "t.jsonl", "", ["no rows"]),
     "empty json list": ("hh-rlhf", "t.json", "[]", ["no rows"]),
     "empty json file": ("hh-rlhf", "t.json", "", ["no rows"]),
@@ -505,6 +650,7 @@ def test_failed_run_keeps_previous_output(tmp_path):
 # real samples in ../shared/data
 # ---------------------------------------------------------------------------------------------
 
+
 def _require(path: Path):
     if not path.is_file():
         pytest.skip(f"real data sample {path} not available (../shared/data is absent)")
@@ -557,12 +703,14 @@ def test_real_samples_through_the_stage(tmp_path):
 # the Snakemake rule
 # ---------------------------------------------------------------------------------------------
 
+
 def test_rule_extract_dataset_runs_and_reruns_when_the_file_changes(tmp_path):
     from smk import snakemake
 
     source = write_records(tmp_path / "hh_test.jsonl", HH_RECORDS)
-    (tmp_path / "cfg.yaml").write_text(json.dumps({"dataset": {"name": "hh-rlhf", "files": {"test": str(source)}},
-                                                        "loop": {"iterations": 1}}))  # no judge needed
+    (tmp_path / "cfg.yaml").write_text(
+        json.dumps({"dataset": {"name": "hh-rlhf", "files": {"test": str(source)}}, "loop": {"iterations": 1}})
+    )  # no judge needed
     target = "results/data/hh-rlhf/test.parquet"
     done = snakemake(tmp_path, "--cores", "1", "--configfile", "cfg.yaml", "--", target, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

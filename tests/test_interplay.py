@@ -1,4 +1,5 @@
 """Interplay metrics against hand-computed values on small known trajectories."""
+
 import numpy as np
 import pytest
 

@@ -1,13 +1,14 @@
 """What every job sets up before its stage runs (workflow/runtime.py, workflow/job.py): Hugging Face
 caches (config ``cache_dir``), experiment tracking (``tracking``) and the filtered warnings."""
+
 from __future__ import annotations
 
 import os
 
 import pytest
 import yaml
-
 from smk import REPO, snakemake
+
 from workflow import runtime
 
 HF_VARIABLES = ("HF_HOME", "HF_DATASETS_CACHE", "HF_TOKEN_PATH", "XDG_CACHE_HOME")
@@ -53,8 +54,14 @@ def test_cache_dir_null_is_a_valid_config(tmp_path):
 def _job(**config):
     from workflow.job import Job
 
-    return Job(input={}, output={"metrics": "results/rloo/iter_1/policy/metrics.csv"}, params={},
-               config={"seed": 0, **config}, wildcards={}, log="logs/train_policy/rloo_1.log")
+    return Job(
+        input={},
+        output={"metrics": "results/rloo/iter_1/policy/metrics.csv"},
+        params={},
+        config={"seed": 0, **config},
+        wildcards={},
+        log="logs/train_policy/rloo_1.log",
+    )
 
 
 @pytest.fixture
@@ -78,8 +85,11 @@ def test_every_trainer_reports_where_tracking_says(restore_tracking, tmp_path, m
     assert job.run_name == "train_policy/rloo_1"
     configure(job)
     kwargs = trainer_kwargs(str(tmp_path / "out"), 1, 1e-3, 2, 0)
-    assert (kwargs["report_to"], kwargs["run_name"], kwargs["project"]) == (["tensorboard", "trackio"],
-                                                                            "train_policy/rloo_1", "study")
+    assert (kwargs["report_to"], kwargs["run_name"], kwargs["project"]) == (
+        ["tensorboard", "trackio"],
+        "train_policy/rloo_1",
+        "study",
+    )
     assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "logs" / "tensorboard" / "train_policy" / "rloo_1")
     assert os.environ["WANDB_PROJECT"] == "study"
     args = SFTConfig(**kwargs)
@@ -102,16 +112,24 @@ def test_the_job_sees_tracking_as_a_runtime_key_not_a_setting():
     from workflow.job import Job
 
     smk = SimpleNamespace(
-        input={}, output={"metrics": "m.csv"}, params={"settings": {"seed": 3}, "code": "sha256:x"},
+        input={},
+        output={"metrics": "m.csv"},
+        params={"settings": {"seed": 3}, "code": "sha256:x"},
         config={"seed": 3, "tracking": {"report_to": "wandb"}, "cache_dir": None, "sft": {}},
-        wildcards={}, threads=1, resources={}, log=["logs/sft/sft.log"])
+        wildcards={},
+        threads=1,
+        resources={},
+        log=["logs/sft/sft.log"],
+    )
     job = Job.from_snakemake(smk)
     assert job.config == {"seed": 3, "tracking": {"report_to": "wandb"}, "cache_dir": None}
     assert "tracking" not in (REPO / "rules" / "common.smk").read_text()
 
 
-@pytest.mark.parametrize("value, ok", [("tensorboard", True), (["trackio", "wandb"], True), ("none", True),
-                                       ("tensorbord", False), ([], False)])
+@pytest.mark.parametrize(
+    "value, ok",
+    [("tensorboard", True), (["trackio", "wandb"], True), ("none", True), ("tensorbord", False), ([], False)],
+)
 def test_tracking_report_to_is_validated(tmp_path, value, ok):
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({"tracking": {"report_to": value}}))
@@ -124,18 +142,22 @@ def test_tracking_report_to_is_validated(tmp_path, value, ok):
 def test_known_noisy_warnings_are_filtered_and_no_others():
     import warnings
 
-    noisy = ["`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing` instead.",
-             "`gradient_checkpointing_enable` is deprecated and will be removed in v6. Use `activation_checkpointing_enable` instead.",
-             "`gradient_checkpointing_disable` is deprecated and will be removed in v6. Use `activation_checkpointing_disable` instead.",
-             "`gradient_checkpointing` is deprecated and will be removed in v6. Use `activation_checkpointing` instead."]
-    kept = [(FutureWarning, "`torch_dtype` is deprecated and will be removed in v6."),
-            (UserWarning, noisy[0]),  # same text, another category
-            (UserWarning, "something else")]
+    noisy = [
+        "`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing` instead.",
+        "`gradient_checkpointing_enable` is deprecated and will be removed in v6. Use `activation_checkpointing_enable` instead.",
+        "`gradient_checkpointing_disable` is deprecated and will be removed in v6. Use `activation_checkpointing_disable` instead.",
+        "`gradient_checkpointing` is deprecated and will be removed in v6. Use `activation_checkpointing` instead.",
+    ]
+    kept = [
+        (FutureWarning, "`torch_dtype` is deprecated and will be removed in v6."),
+        (UserWarning, noisy[0]),  # same text, another category
+        (UserWarning, "something else"),
+    ]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         runtime.filter_known_warnings()
         for message in noisy:
-            warnings.warn(message, FutureWarning)
+            warnings.warn(message, FutureWarning, stacklevel=1)
         for category, message in kept:
-            warnings.warn(message, category)
+            warnings.warn(message, category, stacklevel=1)
     assert [(w.category, str(w.message)) for w in caught] == kept

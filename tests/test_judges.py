@@ -1,4 +1,5 @@
 """Pairwise judges: rule (gold), llm (tiny local causal LM), reward_model (tiny sequence classifier)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,9 @@ def test_model_judges_need_a_model():
         judges.make_judge({"dataset": {"name": "hh-rlhf"}, "judge": {"kind": "llm", "model": None}})
 
 
-@pytest.mark.parametrize("text,expected", [("0", 0), (" 1", 1), ("1\n", 1), ("", None), ("01", None),
-                                           ("yes", None), ("2", None)])
+@pytest.mark.parametrize(
+    "text,expected", [("0", 0), (" 1", 1), ("1\n", 1), ("", None), ("01", None), ("yes", None), ("2", None)]
+)
 def test_parse_verdict(text, expected):
     assert judges.parse_verdict(text) == expected
 
@@ -56,8 +58,8 @@ def test_llm_judge_undoes_the_order_swap():
     a = [GOOD if k % 2 else BAD for k in range(n)]
     b = [BAD if k % 2 else GOOD for k in range(n)]
     verdicts = oracle.judge([PROMPT] * n, a, b)
-    assert verdicts == [0 if k % 2 else 1 for k in range(n)]          # always points at GOOD
-    assert 0 < sum(oracle.last_swapped) < n                            # and some pairs were swapped
+    assert verdicts == [0 if k % 2 else 1 for k in range(n)]  # always points at GOOD
+    assert 0 < sum(oracle.last_swapped) < n  # and some pairs were swapped
     # a judge that always says "the first answer shown" reveals the swaps exactly
     first = ScriptedLLM(lambda first, second: "0", seed=3)
     verdicts = first.judge([PROMPT] * n, a, b)
@@ -80,8 +82,9 @@ def test_llm_judge_drops_unparseable_answers_and_enforces_the_limit():
 
 def test_llm_judge_with_a_real_tiny_model(tiny_base):
     """tiny_base is no instruction-tuned judge: whatever it generates is parsed, mapped back or dropped."""
-    judge = judges.make_judge({"dataset": {"name": "embedded"},
-                               "judge": {"kind": "llm", "model": tiny_base, "batch_size": 4}}, seed=0)
+    judge = judges.make_judge(
+        {"dataset": {"name": "embedded"}, "judge": {"kind": "llm", "model": tiny_base, "batch_size": 4}}, seed=0
+    )
     assert isinstance(judge, judges.LLMJudge)
     verdicts = judge.judge([PROMPT] * 5, [GOOD] * 5, [BAD] * 5)
     assert len(verdicts) == 5 and len(judge.last_raw) == 5
@@ -108,8 +111,13 @@ def tiny_seq_cls(tiny_base, tmp_path_factory):
 
 
 def test_reward_model_judge_prefers_the_higher_score(tiny_seq_cls):
-    judge = judges.make_judge({"dataset": {"name": "hh-rlhf"}, "model": {"max_length": 64},
-                               "judge": {"kind": "reward_model", "model": tiny_seq_cls, "batch_size": 2}})
+    judge = judges.make_judge(
+        {
+            "dataset": {"name": "hh-rlhf"},
+            "model": {"max_length": 64},
+            "judge": {"kind": "reward_model", "model": tiny_seq_cls, "batch_size": 2},
+        }
+    )
     answers = [GOOD, BAD, "The garden is calm.", "Nice."]
     scores = judge.scores([PROMPT] * 4, answers)
     assert np.isfinite(scores).all() and len(set(np.round(scores, 6))) == 4
@@ -117,7 +125,7 @@ def test_reward_model_judge_prefers_the_higher_score(tiny_seq_cls):
     verdicts = judge.judge([PROMPT] * 4, a, b)
     sa, sb = judge.scores([PROMPT] * 4, a), judge.scores([PROMPT] * 4, b)
     assert verdicts == [0 if x >= y else 1 for x, y in zip(sa, sb)]
-    assert judge.judge([PROMPT] * 4, b, a) == [1 - v for v in verdicts]   # no ties here: swapping flips
+    assert judge.judge([PROMPT] * 4, b, a) == [1 - v for v in verdicts]  # no ties here: swapping flips
     with torch.no_grad():
         judge.model.score.weight.fill_(float("nan"))
     assert judge.judge([PROMPT], [GOOD], [BAD]) == [None]

@@ -1,4 +1,5 @@
 """Adaptive KL control: the controller's update, its reading of trl's logs, and a real policy stage."""
+
 from __future__ import annotations
 
 import copy
@@ -13,24 +14,24 @@ from workflow.kl_control import KLTarget, previous_coefficient, sequence_kl
 
 def test_update_is_proportional_clipped_floored_and_ignores_nan():
     control = KLTarget(target=2.0, horizon=10, floor=0.05)
-    assert control.update(0.1, 2.0) == pytest.approx(0.1)            # on target: unchanged
-    assert control.update(0.1, 2.2) == pytest.approx(0.1 * 1.01)     # 10% over: +1%
-    assert control.update(0.1, 3.0) == pytest.approx(0.1 * 1.05)     # 50% over: +5%
-    assert control.update(0.1, 50.0) == pytest.approx(0.1 * 1.1)     # clipped at +100% / horizon
-    assert control.update(0.1, 0.0) == pytest.approx(0.1 * 0.98)     # clipped at -20% / horizon
-    assert control.update(0.05, 0.0) == 0.05                         # never below the floor
-    assert KLTarget(2.0, 10, floor=0.05, ceiling=0.1).update(0.1, 50.0) == 0.1   # nor above a ceiling
+    assert control.update(0.1, 2.0) == pytest.approx(0.1)  # on target: unchanged
+    assert control.update(0.1, 2.2) == pytest.approx(0.1 * 1.01)  # 10% over: +1%
+    assert control.update(0.1, 3.0) == pytest.approx(0.1 * 1.05)  # 50% over: +5%
+    assert control.update(0.1, 50.0) == pytest.approx(0.1 * 1.1)  # clipped at +100% / horizon
+    assert control.update(0.1, 0.0) == pytest.approx(0.1 * 0.98)  # clipped at -20% / horizon
+    assert control.update(0.05, 0.0) == 0.05  # never below the floor
+    assert KLTarget(2.0, 10, floor=0.05, ceiling=0.1).update(0.1, 50.0) == 0.1  # nor above a ceiling
     assert control.update(0.1, float("nan")) == 0.1
 
 
 def test_sequence_kl_of_each_trainer_log():
-    assert sequence_kl({"objective/kl": 3.5}) == 3.5                                  # PPO
-    assert sequence_kl({"kl": 0.25, "completions/mean_length": 12.0}) == 3.0          # RLOO per token
+    assert sequence_kl({"objective/kl": 3.5}) == 3.5  # PPO
+    assert sequence_kl({"kl": 0.25, "completions/mean_length": 12.0}) == 3.0  # RLOO per token
     assert sequence_kl({"loss": 1.0}) is None
 
 
 def test_previous_coefficient(tmp_path):
-    assert previous_coefficient(tmp_path, 0.01) == 0.01                               # no metrics (SFT)
+    assert previous_coefficient(tmp_path, 0.01) == 0.01  # no metrics (SFT)
     pd.DataFrame({"step": [1, 2, 3], "kl_coef": [0.02, 0.03, None]}).to_csv(tmp_path / "metrics.csv")
     assert previous_coefficient(tmp_path, 0.01) == 0.03
     pd.DataFrame({"step": [1]}).to_csv(tmp_path / "metrics.csv")
@@ -58,8 +59,20 @@ def test_stage_steers_the_coefficient(method, tiny_base, adapters, embedded_fram
         cfg = copy.deepcopy(CFG)
         cfg["policy"].update(kl_target=target, kl_horizon=2, ppo_kl_coef=None, dpo_beta=None)
         out = tmp_path / f"{target}"
-        policy.train_policy(method, iteration, tiny_base, prev, adapters["sft"], reward, prompts, out, cfg,
-                            seed=0, task="chat", direction_inputs=direction)
+        policy.train_policy(
+            method,
+            iteration,
+            tiny_base,
+            prev,
+            adapters["sft"],
+            reward,
+            prompts,
+            out,
+            cfg,
+            seed=0,
+            task="chat",
+            direction_inputs=direction,
+        )
         rows = pd.read_csv(out / "metrics.csv")
         rows = rows[rows["kl_coef"].notna()]
         assert len(rows) >= 2
@@ -88,16 +101,16 @@ def test_callback_sets_the_coefficient_each_trainer_reads():
 
     rloo = _Trainer(SimpleNamespace(beta=0.01))
     AdaptiveKLCallback(KLTarget(1.0, 10, 0.01), 0.3).bind(rloo)
-    assert rloo.beta == 0.3                                     # RLOO and ZOPrO read trainer.beta
+    assert rloo.beta == 0.3  # RLOO and ZOPrO read trainer.beta
     ppo = _Trainer(SimpleNamespace(kl_coef=0.2))
     callback = AdaptiveKLCallback(KLTarget(1.0, 10, 0.01), 0.3).bind(ppo)
-    assert ppo.args.kl_coef == 0.3                              # PPO reads args.kl_coef every step
+    assert ppo.args.kl_coef == 0.3  # PPO reads args.kl_coef every step
     dpo = _Trainer(SimpleNamespace(beta=[0.1]))
     dpo._beta = [0.1]
     AdaptiveKLCallback(KLTarget(1.0, 10, 0.01), 0.3).bind(dpo)
-    assert dpo._beta == 0.3                                     # online DPO's beta property reads _beta
+    assert dpo._beta == 0.3  # online DPO's beta property reads _beta
     state = SimpleNamespace(log_history=[{"step": 1, "kl_coef": 0.7}])
-    callback.on_train_begin(None, state, None)                  # a resume continues the logged value
+    callback.on_train_begin(None, state, None)  # a resume continues the logged value
     assert ppo.args.kl_coef == 0.7
 
 

@@ -5,6 +5,7 @@ The tiny base of the ``tiny_base`` fixture is passed as ``model.name`` (a local 
 model is built by the workflow. The HH-RLHF test uses ``judge.kind: reward_model`` with a tiny
 sequence-classification model saved from that base (the ``rule`` judge only knows the embedded task).
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from smk import REPO, SHARED_DATA, snakemake
 
 HH_SAMPLE = SHARED_DATA / "hh-rlhf" / "harmless-base-sample.jsonl.gz"
@@ -36,8 +36,9 @@ def tiny_config(base: str, **sections) -> dict:
     )
     config["sft"].update(epochs=1, batch_size=16)
     config["reward"].update(epochs=1, batch_size=16, refine_epochs=1)
-    config["loop"].update(methods=["rloo"], iterations=2, intraepoch=True, iteration_fraction=0.25,
-                          uncertain_fraction=0.5)
+    config["loop"].update(
+        methods=["rloo"], iterations=2, intraepoch=True, iteration_fraction=0.25, uncertain_fraction=0.5
+    )
     config["policy"].update(batch_size=8, rloo_k=2, epochs=1)
     config["evaluation"].update(n_prompts=8, samples_per_prompt=1)
     config["judge"].update(kind="rule", max_drop_rate=0.5, batch_size=8)
@@ -80,7 +81,15 @@ def test_loop_runs_resumes_after_interrupt_and_reruns_only_downstream(tmp_path, 
     # well inside policy 1 however fast the machine is (a checkpoint every 4 steps)
     cfg = write_config(workdir, tiny_config(tiny_base, policy={"epochs": 8}))
     target = "results/rloo/evaluation.csv"
-    args = [target, "--cores", "2", "--max-threads", "1", "--configfile", cfg]  # --configfile takes several values: last
+    args = [
+        target,
+        "--cores",
+        "2",
+        "--max-threads",
+        "1",
+        "--configfile",
+        cfg,
+    ]  # --configfile takes several values: last
     full_plan = planned_jobs(workdir, target, "--configfile", cfg)
     loop_plan = {j for j in full_plan if j[0] in LOOP_RULES}
     assert ("train_policy", "method=rloo, i=1") in loop_plan
@@ -92,12 +101,23 @@ def test_loop_runs_resumes_after_interrupt_and_reruns_only_downstream(tmp_path, 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     # SIGINT must act as Ctrl-C even when this test runs in the background, where the shell starts
     # it with SIGINT ignored and Python would keep ignoring it
-    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     policy1 = workdir / "results/rloo/iter_1/policy"
     deadline = time.time() + 300
-    while (not list(policy1.glob("checkpoints/trainer/checkpoint-*/trainer_state.json"))
-           and proc.poll() is None and time.time() < deadline):
+    while (
+        not list(policy1.glob("checkpoints/trainer/checkpoint-*/trainer_state.json"))
+        and proc.poll() is None
+        and time.time() < deadline
+    ):
         time.sleep(0.02)
     assert proc.poll() is None, "the workflow ended before policy 1 saved a checkpoint:\n" + proc.communicate()[0]
     os.killpg(proc.pid, signal.SIGINT)
@@ -106,7 +126,7 @@ def test_loop_runs_resumes_after_interrupt_and_reruns_only_downstream(tmp_path, 
     assert ("train_policy", "method=rloo, i=1") in first
     assert not (policy1 / "adapter").exists() and not (policy1 / "metrics.csv").exists(), "partial output left"
     finished = {j for j in full_plan if j not in planned_jobs(workdir, target, "--configfile", cfg)}
-    assert ("refine_reward", "method=rloo, i=1") in finished          # done before the interrupt: not redone
+    assert ("refine_reward", "method=rloo, i=1") in finished  # done before the interrupt: not redone
 
     # rerun: exactly the unfinished jobs run, and the loop runs through (a)
     result = snakemake(workdir, *args)
@@ -115,7 +135,9 @@ def test_loop_runs_resumes_after_interrupt_and_reruns_only_downstream(tmp_path, 
     assert second == full_plan - finished
     assert ("train_policy", "method=rloo, i=1") in second and not second & finished
     # policy 1 went on from its checkpoint instead of starting again, and cleaned up after itself
-    assert re.search(r"resuming from \S+checkpoint-\d+ \(step [1-9]", (workdir / "logs/train_policy/rloo_1.log").read_text())
+    assert re.search(
+        r"resuming from \S+checkpoint-\d+ \(step [1-9]", (workdir / "logs/train_policy/rloo_1.log").read_text()
+    )
     assert pd.read_csv(policy1 / "metrics.csv")["resumed_from_step"].iloc[-1] >= 1
     assert not (policy1 / "checkpoints").exists()
     table = pd.read_csv(workdir / target)
@@ -124,15 +146,19 @@ def test_loop_runs_resumes_after_interrupt_and_reruns_only_downstream(tmp_path, 
     assert table["wall_time_s"].iloc[1:].notna().all() and table["peak_mem_mb"].iloc[1:].gt(0).all()
     pairs = pd.read_parquet(workdir / "results/rloo/iter_0/pairs.parquet")
     assert len(pairs) >= 1 and {"prompt", "chosen", "rejected", "judge_drop_rate"} <= set(pairs.columns)
-    assert planned_jobs(workdir, target, "--configfile", cfg) == set()    # nothing left to do
+    assert planned_jobs(workdir, target, "--configfile", cfg) == set()  # nothing left to do
 
     # (c) delete reward model 1 and ask for it again: exactly it and what depends on it rerun.
     # (Snakemake treats a deleted intermediate whose consumers are up to date like a temp() file:
     # plain `snakemake target` does nothing until the deleted file itself is requested.)
     deleted = "results/rloo/iter_1/reward/adapter"
     shutil.rmtree(workdir / deleted)
-    expected = {("refine_reward", "method=rloo, i=1"), ("train_policy", "method=rloo, i=1"),
-                ("evaluate_iteration", "method=rloo, i=1"), ("evaluation_table", "method=rloo")}
+    expected = {
+        ("refine_reward", "method=rloo, i=1"),
+        ("train_policy", "method=rloo, i=1"),
+        ("evaluate_iteration", "method=rloo, i=1"),
+        ("evaluation_table", "method=rloo"),
+    }
     assert planned_jobs(workdir, deleted, target, "--configfile", cfg) == expected
     untouched = (workdir / "results/rloo/iter_0/policy/adapter/adapter_model.safetensors").stat().st_mtime_ns
     result = snakemake(workdir, deleted, *args)
@@ -162,15 +188,21 @@ def tiny_judge_model(tiny_base, tmp_path_factory):
 def test_one_iteration_on_a_real_hh_rlhf_slice(tmp_path, tiny_base, tiny_judge_model):
     config = tiny_config(
         tiny_base,
-        dataset={"name": "hh-rlhf", "source": None, "files": {"train": str(HH_SAMPLE), "test": str(HH_SAMPLE)},
-                 "hub_config": None, "max_rows": 24},
+        dataset={
+            "name": "hh-rlhf",
+            "source": None,
+            "files": {"train": str(HH_SAMPLE), "test": str(HH_SAMPLE)},
+            "hub_config": None,
+            "max_rows": 24,
+        },
         model={"name": tiny_base, "max_length": 256, "generation_length": 8},
         judge={"kind": "reward_model", "model": tiny_judge_model, "max_drop_rate": 0.5, "batch_size": 8},
     )
     config["loop"]["iteration_fraction"] = 0.5
     cfg = write_config(tmp_path, config)
-    result = snakemake(tmp_path, "results/rloo/iter_1/reward/metrics.csv", "--cores", "2", "--max-threads", "1",
-                       "--configfile", cfg)
+    result = snakemake(
+        tmp_path, "results/rloo/iter_1/reward/metrics.csv", "--cores", "2", "--max-threads", "1", "--configfile", cfg
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     pairs = pd.read_parquet(tmp_path / "results/rloo/iter_0/pairs.parquet")
     assert len(pairs) >= 1 and set(pairs["judge"]) == {"reward_model"}

@@ -1,4 +1,5 @@
 """The plot stage on a tiny synthetic 2-iteration run, its validation, the rules and compare."""
+
 import os
 import re
 import shutil
@@ -15,8 +16,12 @@ from workflow import trajectories as tj
 from workflow.job import Job
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {"layers.0.self_attn.q_proj.lora_A.weight": (2, 8), "layers.0.self_attn.q_proj.lora_B.weight": (8, 2),
-          "layers.1.mlp.up_proj.lora_A.weight": (2, 8), "layers.1.mlp.up_proj.lora_B.weight": (12, 2)}
+SHAPES = {
+    "layers.0.self_attn.q_proj.lora_A.weight": (2, 8),
+    "layers.0.self_attn.q_proj.lora_B.weight": (8, 2),
+    "layers.1.mlp.up_proj.lora_A.weight": (2, 8),
+    "layers.1.mlp.up_proj.lora_B.weight": (12, 2),
+}
 
 
 def fake_run(root, method="ppo", iterations=2, n=6, seed=0):
@@ -38,10 +43,18 @@ def fake_run(root, method="ppo", iterations=2, n=6, seed=0):
 
 
 def job(pol, rew, out, **plots_cfg):
-    cfg = {"seed": 0, "plots": {"projections": ["pca", "tsne"], "reduce_dim": 10, "extrapolate": 3,
-                                **plots_cfg}, "loop": {"keep_rm_alpha": 0.5}}
-    return Job(input={"policy": pol, "reward": rew}, output={"plots": str(out)}, params={},
-               config=cfg, wildcards={"method": "ppo"})
+    cfg = {
+        "seed": 0,
+        "plots": {"projections": ["pca", "tsne"], "reduce_dim": 10, "extrapolate": 3, **plots_cfg},
+        "loop": {"keep_rm_alpha": 0.5},
+    }
+    return Job(
+        input={"policy": pol, "reward": rew},
+        output={"plots": str(out)},
+        params={},
+        config=cfg,
+        wildcards={"method": "ppo"},
+    )
 
 
 def test_plot_stage_writes_figures_html_and_metrics(tmp_path):
@@ -51,8 +64,15 @@ def test_plot_stage_writes_figures_html_and_metrics(tmp_path):
     names = {p.name for p in out.iterdir()}
     for m in ("tsne",):
         assert {f"{m}_2d.png", f"{m}_3d.png", f"{m}_3d.html"} <= names
-    assert {"interplay.png", "metrics.csv", "metrics.parquet", "metrics_iterations.csv",
-            "metrics_iterations.parquet", "coordinates.parquet", "summary.json"} <= names
+    assert {
+        "interplay.png",
+        "metrics.csv",
+        "metrics.parquet",
+        "metrics_iterations.csv",
+        "metrics_iterations.parquet",
+        "coordinates.parquet",
+        "summary.json",
+    } <= names
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out / "tsne_3d.html").read_text()
@@ -84,14 +104,29 @@ def test_refuses_missing_or_partial_iteration(tmp_path, damage):
 def test_compare_methods_reads_defensively(tmp_path):
     pol, rew = fake_run(tmp_path)
     plots.run(job(pol, rew, tmp_path / "results/ppo/plots", projections=["pca"]))
-    ev = pd.DataFrame({"iteration": [-1, 0, 1], "gold_mean": [0.1, 0.2, 0.3], "gold_stderr": [0.01] * 3,
-                       "reward_mean": 0.0, "kl": 0.0, "wall_time_s": 1.0, "peak_mem_mb": 1.0})
+    ev = pd.DataFrame(
+        {
+            "iteration": [-1, 0, 1],
+            "gold_mean": [0.1, 0.2, 0.3],
+            "gold_stderr": [0.01] * 3,
+            "reward_mean": 0.0,
+            "kl": 0.0,
+            "wall_time_s": 1.0,
+            "peak_mem_mb": 1.0,
+        }
+    )
     ev.to_csv(tmp_path / "results/ppo/evaluation.csv", index=False)
     out = tmp_path / "results/compare/plots"
-    j = Job(input={"evaluation": [str(tmp_path / f"results/{m}/evaluation.csv") for m in ("ppo", "dpo")],
-                   "plots": [str(tmp_path / f"results/{m}/plots") for m in ("ppo", "dpo")]},
-            output={"plots": str(out)}, params={"methods": ["ppo", "dpo"]},
-            config={"loop": {"methods": ["ppo", "dpo"]}}, wildcards={})
+    j = Job(
+        input={
+            "evaluation": [str(tmp_path / f"results/{m}/evaluation.csv") for m in ("ppo", "dpo")],
+            "plots": [str(tmp_path / f"results/{m}/plots") for m in ("ppo", "dpo")],
+        },
+        output={"plots": str(out)},
+        params={"methods": ["ppo", "dpo"]},
+        config={"loop": {"methods": ["ppo", "dpo"]}},
+        wildcards={},
+    )
     plots.compare(j)
     assert {"gold.png", "interplay.png", "summary.csv"} <= {p.name for p in out.iterdir()}
     summary = pd.read_csv(out / "summary.csv")
@@ -105,15 +140,16 @@ def test_snakemake_rules_run_upto_and_report(tmp_path):
         "seed: 0\ndataset: {name: embedded}\nmodel: {name: null}\n"
         "loop: {methods: [ppo], iterations: 2, keep_rm_alpha: 0.5}\n"
         "plots: {projections: [pca], reduce_dim: 8, layer: 0, obi_wan: false, keep_rm: false,"
-        " max_snapshots: null, extrapolate: 0}\n")
+        " max_snapshots: null, extrapolate: 0}\n"
+    )
     (tmp_path / "Snakefile").write_text(
-        'configfile: "config.yaml"\n'
-        f'include: "{ROOT}/rules/common.smk"\n'
-        f'include: "{ROOT}/rules/plots.smk"\n')
+        f'configfile: "config.yaml"\ninclude: "{ROOT}/rules/common.smk"\ninclude: "{ROOT}/rules/plots.smk"\n'
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     smk = [sys.executable, "-m", "snakemake", "--cores", "2", "-d", str(tmp_path), "-s", str(tmp_path / "Snakefile")]
-    dry = subprocess.run(smk + ["-n", "results/ppo/plots", "results/ppo/plots_upto_1"], env=env,
-                         capture_output=True, text=True)
+    dry = subprocess.run(
+        smk + ["-n", "results/ppo/plots", "results/ppo/plots_upto_1"], env=env, capture_output=True, text=True
+    )
     assert dry.returncode == 0, dry.stderr + dry.stdout
     assert "plot_trajectories_upto" in dry.stdout and "plot_trajectories " in dry.stdout + " "
     res = subprocess.run(smk + ["results/ppo/plots_upto_1"], env=env, capture_output=True, text=True)
@@ -121,7 +157,11 @@ def test_snakemake_rules_run_upto_and_report(tmp_path):
     out = tmp_path / "results/ppo/plots_upto_1"
     assert (out / "pca_2d.png").exists() and (out / "metrics.csv").exists()
     assert (tmp_path / "logs/plot_trajectories_upto/ppo_1.log").exists()
-    rep = subprocess.run(smk + ["--report", str(tmp_path / "report.html"), "results/ppo/plots_upto_1"],
-                         env=env, capture_output=True, text=True)
+    rep = subprocess.run(
+        smk + ["--report", str(tmp_path / "report.html"), "results/ppo/plots_upto_1"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert rep.returncode == 0, rep.stderr + rep.stdout
     assert (tmp_path / "report.html").stat().st_size > 10_000

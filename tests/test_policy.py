@@ -3,6 +3,7 @@
 The SFT adapter gets random (non-zero) LoRA B matrices so that "SFT" differs from the bare base:
 that is what makes the reference checks meaningful.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,14 +22,35 @@ CFG = {
     "lora": {"r": 4, "alpha": None, "dropout": 0.0, "target_modules": "all-linear"},
     "snapshots": {"every": 0.5},
     "loop": {"intraepoch": True, "iteration_fraction": 0.25, "uncertain_fraction": 0.5, "pair_temperature": 0.7},
-    "policy": {"learning_rate": 1e-2, "batch_size": 4, "epochs": 1, "kl_coef": 0.05, "temperature": 1.0,
-               "rloo_k": 2, "clip_range": 0.2},
-    "zopro": {"variant": "guarded", "step_size": 1e-3, "eps": 1e-3, "n_perturbations": 2,
-              "updates_per_batch": 2, "momentum_kl": 0.5, "momentum_prompts": 4,
-              "known_base": True,
-              "reference": {"learning_rate": 1e-3, "eps": 1e-3, "gamma_start": 0.999, "gamma_schedule": "linear",
-                            "n_perturbations": 1, "two_sided": True, "known_base": True,
-                            "weight_decay": 0.0}},
+    "policy": {
+        "learning_rate": 1e-2,
+        "batch_size": 4,
+        "epochs": 1,
+        "kl_coef": 0.05,
+        "temperature": 1.0,
+        "rloo_k": 2,
+        "clip_range": 0.2,
+    },
+    "zopro": {
+        "variant": "guarded",
+        "step_size": 1e-3,
+        "eps": 1e-3,
+        "n_perturbations": 2,
+        "updates_per_batch": 2,
+        "momentum_kl": 0.5,
+        "momentum_prompts": 4,
+        "known_base": True,
+        "reference": {
+            "learning_rate": 1e-3,
+            "eps": 1e-3,
+            "gamma_start": 0.999,
+            "gamma_schedule": "linear",
+            "n_perturbations": 1,
+            "two_sided": True,
+            "known_base": True,
+            "weight_decay": 0.0,
+        },
+    },
     "reward": {"batch_size": 4, "refine_epochs": 1, "refine_learning_rate": 1e-3},
     "judge": {"kind": "rule", "max_drop_rate": 0.5, "batch_size": 4},
 }
@@ -38,8 +60,8 @@ def test_iteration_chunks_are_seeded_disjoint_and_wrap():
     loop = {"intraepoch": True, "iteration_fraction": 0.3}
     chunks = [policy.iteration_indices(10, i, loop, seed=5) for i in range(4)]
     assert all(len(c) == 3 for c in chunks)
-    assert len(set(np.concatenate(chunks[:3]))) == 9          # the first three chunks are disjoint
-    assert set(chunks[3]) & set(np.concatenate(chunks[:3]))   # the fourth wraps around
+    assert len(set(np.concatenate(chunks[:3]))) == 9  # the first three chunks are disjoint
+    assert set(chunks[3]) & set(np.concatenate(chunks[:3]))  # the fourth wraps around
     assert np.array_equal(chunks[1], policy.iteration_indices(10, 1, loop, seed=5))
     assert not np.array_equal(chunks[0], policy.iteration_indices(10, 0, loop, seed=6))
     assert np.array_equal(policy.iteration_indices(10, 2, {"intraepoch": False}, 0), np.arange(10))
@@ -74,8 +96,10 @@ def _sft_logits(tiny_base, adapter, ids, autocast=False):
 
 def _is_sft(logits, tiny_base, adapter, ids) -> bool:
     """Whether ``logits`` are the SFT policy's, computed as is or, with bf16 precision, under autocast."""
-    return any(torch.allclose(logits, _sft_logits(tiny_base, adapter, ids, autocast), atol=1e-5)
-               for autocast in {False, runtime.use_bf16()})
+    return any(
+        torch.allclose(logits, _sft_logits(tiny_base, adapter, ids, autocast), atol=1e-5)
+        for autocast in {False, runtime.use_bf16()}
+    )
 
 
 def test_rloo_reference_is_the_sft_adapter(tiny_base, adapters, tmp_path):
@@ -83,7 +107,7 @@ def test_rloo_reference_is_the_sft_adapter(tiny_base, adapters, tmp_path):
     from workflow.models import load_policy, load_reward_model, load_tokenizer
 
     tok = load_tokenizer(tiny_base, "chat")
-    model = load_policy(tiny_base, adapters["sft2"], trainable=True)   # "policy i-1"
+    model = load_policy(tiny_base, adapters["sft2"], trainable=True)  # "policy i-1"
     rm = load_reward_model(tiny_base, adapters["reward"])
     fn = policy.RewardFunction(rm, load_tokenizer(adapters["reward"], "chat"), name="rm")
     prompts = [[{"role": "user", "content": f"Tell me about the river {k}."}] for k in range(4)]
@@ -105,8 +129,12 @@ def stage_inputs(method: str, adapters: dict) -> tuple[int, str, str, dict | Non
     runs its zeroth-order iteration 1, the other methods iteration 0."""
     if method not in policy.ZO_METHODS:
         return 0, adapters["sft"], adapters["reward"], None
-    direction = {"policy_prev": adapters["sft2"], "policy_prev2": adapters["sft"],
-                 "reward_i": adapters["reward1"], "reward_prev": adapters["reward"]}
+    direction = {
+        "policy_prev": adapters["sft2"],
+        "policy_prev2": adapters["sft"],
+        "reward_i": adapters["reward1"],
+        "reward_prev": adapters["reward"],
+    }
     return 1, adapters["sft2"], adapters["reward1"], direction
 
 
@@ -118,22 +146,35 @@ def test_one_policy_iteration(method, tiny_base, adapters, embedded_frames, tmp_
     prompts = policy.iteration_prompts(embedded_frames["train"], iteration, CFG, seed=0)[:8]
     before = policy.adapter_state(prev)
     rm_before = policy.adapter_state(reward)
-    summary = policy.train_policy(method, iteration, tiny_base, prev, adapters["sft"], reward, prompts,
-                                  tmp_path, copy.deepcopy(CFG), seed=0, task="chat", direction_inputs=direction)
+    summary = policy.train_policy(
+        method,
+        iteration,
+        tiny_base,
+        prev,
+        adapters["sft"],
+        reward,
+        prompts,
+        tmp_path,
+        copy.deepcopy(CFG),
+        seed=0,
+        task="chat",
+        direction_inputs=direction,
+    )
     assert summary["steps"] >= 1
     assert summary["trainer"] == ("zopro" if method in policy.ZO_METHODS else method)
     if method in policy.ZO_METHODS:
         assert summary["zopro_variant"] == {"zorloo": "guarded", "zorloo_reference": "reference"}[method]
     after = policy.adapter_state(tmp_path / "adapter")
-    assert set(after) == set(before)                      # only the policy adapter is saved
+    assert set(after) == set(before)  # only the policy adapter is saved
     assert any(not torch.equal(after[k], before[k]) for k in after)
     # the reward model is never changed by policy training
     assert all(torch.equal(v, policy.adapter_state(reward)[k]) for k, v in rm_before.items())
     index = read_index(tmp_path / "snapshots")
     assert len(index) >= 2 and index["step"].iloc[0] == 0
     from safetensors.torch import load_file
+
     snap = load_file(str(tmp_path / "snapshots" / index["file"].iloc[-1]))
-    assert set(snap) == set(after)                        # no value model, no ref adapter
+    assert set(snap) == set(after)  # no value model, no ref adapter
     samples = pd.read_parquet(tmp_path / "samples.parquet")
     assert {"prompt", "completion", "score"} <= set(samples.columns) and len(samples) >= len(prompts)
     assert np.isfinite(samples["score"]).all()
@@ -143,8 +184,19 @@ def test_one_policy_iteration(method, tiny_base, adapters, embedded_frames, tmp_
 
 def test_unknown_method_is_a_config_error(tiny_base, adapters, tmp_path):
     with pytest.raises(policy.PolicyConfigError, match="unknown policy method"):
-        policy.train_policy("sgd", 0, tiny_base, adapters["sft"], adapters["sft"], adapters["reward"],
-                            [[{"role": "user", "content": "hi"}]], tmp_path, CFG, 0, "chat")
+        policy.train_policy(
+            "sgd",
+            0,
+            tiny_base,
+            adapters["sft"],
+            adapters["sft"],
+            adapters["reward"],
+            [[{"role": "user", "content": "hi"}]],
+            tmp_path,
+            CFG,
+            0,
+            "chat",
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,8 +204,14 @@ def test_unknown_method_is_a_config_error(tiny_base, adapters, tmp_path):
 # --------------------------------------------------------------------------------------------
 def _samples(rows, n=8):
     prompts = [list(p) for p in rows["prompt"].iloc[:n]]
-    return pd.DataFrame({"prompt": prompts, "completion": [c[0]["content"] for c in rows["chosen"].iloc[:n]],
-                         "score": np.zeros(n), "step": 0})
+    return pd.DataFrame(
+        {
+            "prompt": prompts,
+            "completion": [c[0]["content"] for c in rows["chosen"].iloc[:n]],
+            "score": np.zeros(n),
+            "step": 0,
+        }
+    )
 
 
 def _pair_inputs(tiny_base, adapters):
@@ -173,7 +231,7 @@ def test_collect_pairs_keeps_the_uncertain_and_orders_by_the_judge(tiny_base, ad
     model, tok, fn = _pair_inputs(tiny_base, adapters)
     samples = _samples(embedded_frames["train"])
     out = pairs_mod.collect_pairs(samples, model, tok, fn, RuleJudge(), CFG, seed=0, where="p.parquet (it 0)")
-    assert 1 <= len(out) <= 4                                    # uncertain_fraction 0.5 of 8 prompts
+    assert 1 <= len(out) <= 4  # uncertain_fraction 0.5 of 8 prompts
     assert set(out["judge"]) == {"rule"} and (out["judge_drop_rate"] == 0).all()
     for _, row in out.iterrows():
         text = row["prompt"][-1]["content"]
@@ -222,11 +280,29 @@ def test_refine_reward_with_keep_rm_close(tiny_base, adapters, embedded_frames, 
     rows = embedded_frames["train"].iloc[:8].copy()
     write_parquet(rows, tmp_path / "pairs.parquet")
     cfg = copy.deepcopy(CFG)
-    plain = pairs_mod.refine_reward(tiny_base, adapters["reward"], str(tmp_path / "pairs.parquet"), None,
-                                    str(tmp_path / "plain"), cfg, 0, "chat", "w")
+    plain = pairs_mod.refine_reward(
+        tiny_base,
+        adapters["reward"],
+        str(tmp_path / "pairs.parquet"),
+        None,
+        str(tmp_path / "plain"),
+        cfg,
+        0,
+        "chat",
+        "w",
+    )
     cfg["loop"].update(keep_rm_close=True, keep_rm_alpha=0.25)
-    close = pairs_mod.refine_reward(tiny_base, adapters["reward"], str(tmp_path / "pairs.parquet"), None,
-                                    str(tmp_path / "close"), cfg, 0, "chat", "w")
+    close = pairs_mod.refine_reward(
+        tiny_base,
+        adapters["reward"],
+        str(tmp_path / "pairs.parquet"),
+        None,
+        str(tmp_path / "close"),
+        cfg,
+        0,
+        "chat",
+        "w",
+    )
     assert plain["steps"] == close["steps"] >= 1
     prev = policy.adapter_state(adapters["reward"])
     new = policy.adapter_state(tmp_path / "plain" / "adapter")
@@ -234,12 +310,21 @@ def test_refine_reward_with_keep_rm_close(tiny_base, adapters, embedded_frames, 
     for k in prev:
         assert torch.allclose(mixed[k], 0.25 * prev[k] + 0.75 * new[k], atol=1e-6)
     assert len(read_index(tmp_path / "close" / "snapshots")) >= 2
-    assert not list(tmp_path.glob(".*refine*"))                      # scratch removed
+    assert not list(tmp_path.glob(".*refine*"))  # scratch removed
     empty = rows.iloc[:0]
     write_parquet(empty, tmp_path / "empty.parquet")
     with pytest.raises(pairs_mod.PairsError, match="no pairs"):
-        pairs_mod.refine_reward(tiny_base, adapters["reward"], str(tmp_path / "empty.parquet"), None,
-                                str(tmp_path / "e"), cfg, 0, "chat", "results/rloo/iter_1/reward")
+        pairs_mod.refine_reward(
+            tiny_base,
+            adapters["reward"],
+            str(tmp_path / "empty.parquet"),
+            None,
+            str(tmp_path / "e"),
+            cfg,
+            0,
+            "chat",
+            "results/rloo/iter_1/reward",
+        )
 
 
 def test_sequence_kl_is_zero_for_the_same_adapter_and_positive_otherwise(tiny_base, adapters):
@@ -259,8 +344,19 @@ def test_evaluation_table(tmp_path):
     from workflow.loop_eval import TABLE_COLUMNS, evaluation_table
 
     def summary(path, gold, i):
-        pd.DataFrame([{"n": 4, "gold_mean": gold, "gold_stderr": 0.1, "reward_mean": gold * 2,
-                       "reward_stderr": 0.2, "kl": 0.5 * (i + 1), "iteration": i}]).to_csv(path, index=False)
+        pd.DataFrame(
+            [
+                {
+                    "n": 4,
+                    "gold_mean": gold,
+                    "gold_stderr": 0.1,
+                    "reward_mean": gold * 2,
+                    "reward_stderr": 0.2,
+                    "kl": 0.5 * (i + 1),
+                    "iteration": i,
+                }
+            ]
+        ).to_csv(path, index=False)
         return str(path)
 
     (tmp_path / "iter_0").mkdir()
@@ -299,8 +395,9 @@ def test_ppo_and_dpo_references_are_the_sft_adapter(tiny_base, adapters, tmp_pat
     # online DPO: an explicit frozen base + SFT model
     model = load_policy(tiny_base, adapters["sft2"], trainable=True)
     ref_model = load_policy(tiny_base, adapters["sft"])
-    fn = policy.RewardFunction(load_reward_model(tiny_base, adapters["reward"]),
-                               load_tokenizer(adapters["reward"], "chat"), name="rm")
+    fn = policy.RewardFunction(
+        load_reward_model(tiny_base, adapters["reward"]), load_tokenizer(adapters["reward"], "chat"), name="rm"
+    )
     trainer = policy.build_dpo(model, ref_model, tok, fn, prompts, CFG, str(tmp_path / "dpo"), 0, [])
     with torch.no_grad():
         assert _is_sft(trainer.ref_model(ids).logits, tiny_base, adapters["sft"], ids)
@@ -318,26 +415,36 @@ def test_ppo_scores_rollouts_where_the_reward_model_was_trained(tiny_base, adapt
     tok = load_tokenizer(tiny_base, "chat")
     tok.padding_side = "left"
     rm = load_reward_model(tiny_base, adapters["reward"]).merge_and_unload().eval()
-    prompts = [[{"role": "user", "content": "Tell me about the river."}],
-               [{"role": "user", "content": "What is the old garden like?"}]]
+    prompts = [
+        [{"role": "user", "content": "Tell me about the river."}],
+        [{"role": "user", "content": "What is the old garden like?"}],
+    ]
     answers = ["The river is calm and bright.", "It is lovely"]
     model = load_policy(tiny_base, adapters["sft2"], trainable=True)
     model.load_adapter(adapters["sft"], adapter_name="ref", is_trainable=False)
     model.set_adapter("default")
     trainer = policy.build_ppo(model, tok, rm, copy.deepcopy(rm), prompts, CFG, str(tmp_path / "ppo"), 0, [])
-    queries = [tok.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=False)
-               for p in prompts]
+    queries = [
+        tok.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=False) for p in prompts
+    ]
     queries = [list(q["input_ids"]) if isinstance(q, dict) else list(q) for q in queries]
-    responses = [tok(answers[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id],  # stopped
-                 tok(answers[1], add_special_tokens=False)["input_ids"]]                       # truncated
+    responses = [
+        tok(answers[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id],  # stopped
+        tok(answers[1], add_special_tokens=False)["input_ids"],
+    ]  # truncated
     width_q, width_r = max(map(len, queries)), max(map(len, responses)) + 2
-    ids = torch.tensor([[tok.pad_token_id] * (width_q - len(q)) + q + r + [tok.pad_token_id] * (width_r - len(r))
-                        for q, r in zip(queries, responses)], device=runtime.device())
+    ids = torch.tensor(
+        [
+            [tok.pad_token_id] * (width_q - len(q)) + q + r + [tok.pad_token_id] * (width_r - len(r))
+            for q, r in zip(queries, responses)
+        ],
+        device=runtime.device(),
+    )
     with torch.no_grad():
         _, got, _ = get_reward(trainer.reward_model, ids, tok.pad_token_id, width_q)
     want = reward_scores(rm, tok, prompts, answers)
     assert got.cpu().numpy() == pytest.approx(want, abs=1e-4)
-    with torch.no_grad():   # the bare model reads the stop token and does not agree
+    with torch.no_grad():  # the bare model reads the stop token and does not agree
         _, bare, _ = get_reward(rm, ids, tok.pad_token_id, width_q)
     assert abs(float(bare[0]) - float(want[0])) > 1e-3
 
@@ -346,7 +453,8 @@ def test_select_uncertain_keeps_scores_closest_to_zero_and_drops_exact_duplicate
     from workflow.pairs import select_uncertain
 
     p = [{"role": "user", "content": "q"}]
-    samples = pd.DataFrame({"prompt": [p] * 6, "completion": ["a", "a", "b", "c", "d", "e"],
-                            "score": [0.1, 0.1, -0.2, 3.0, -0.05, 1.0]})
-    kept = select_uncertain(samples, 0.6)                    # 5 distinct samples -> 3 kept
+    samples = pd.DataFrame(
+        {"prompt": [p] * 6, "completion": ["a", "a", "b", "c", "d", "e"], "score": [0.1, 0.1, -0.2, 3.0, -0.05, 1.0]}
+    )
+    kept = select_uncertain(samples, 0.6)  # 5 distinct samples -> 3 kept
     assert list(kept["completion"]) == ["d", "a", "b"]

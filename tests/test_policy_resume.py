@@ -4,6 +4,7 @@ A stage is "killed" by an exception raised from the reward function in the middl
 (after a checkpoint was saved); rerunning the stage with the same config and inputs must resume
 from that checkpoint and end exactly where an uninterrupted run ends.
 """
+
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,8 @@ import copy
 import pandas as pd
 import pytest
 import torch
-
 from test_policy import CFG, stage_inputs
+
 from workflow import policy
 from workflow.snapshots import read_index
 
@@ -30,8 +31,21 @@ def _cfg(**policy_overrides):
 
 def _run(method, tiny_base, adapters, prompts, out, checkpoints, cfg):
     iteration, prev, reward, direction = stage_inputs(method, adapters)
-    return policy.train_policy(method, iteration, tiny_base, prev, adapters["sft"], reward, prompts, out, cfg,
-                               seed=0, task="chat", direction_inputs=direction, checkpoint_dir=checkpoints)
+    return policy.train_policy(
+        method,
+        iteration,
+        tiny_base,
+        prev,
+        adapters["sft"],
+        reward,
+        prompts,
+        out,
+        cfg,
+        seed=0,
+        task="chat",
+        direction_inputs=direction,
+        checkpoint_dir=checkpoints,
+    )
 
 
 def _kill_at_step(monkeypatch, step: int) -> None:
@@ -49,9 +63,10 @@ def _kill_at_step(monkeypatch, step: int) -> None:
 
 @pytest.mark.parametrize("method", ["rloo", "zorloo", "zorloo_reference", "dpo"])
 def test_killed_stage_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_run(
-        method, tiny_base, adapters, embedded_frames, tmp_path, monkeypatch):
+    method, tiny_base, adapters, embedded_frames, tmp_path, monkeypatch
+):
     # rloo/zorloo: 2 prompts per step (batch 4, k 2), dpo: 4 per step -> 8 steps each
-    prompts = [list(p) for p in embedded_frames["train"]["prompt"].iloc[:32 if method == "dpo" else 16]]
+    prompts = [list(p) for p in embedded_frames["train"]["prompt"].iloc[: 32 if method == "dpo" else 16]]
     whole = _run(method, tiny_base, adapters, prompts, tmp_path / "whole", tmp_path / "whole_ckpt", _cfg())
     assert whole["resumed_from_step"] == 0
     steps = whole["steps"]
@@ -76,7 +91,9 @@ def test_killed_stage_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
-    assert read_index(out / "snapshots")["step"].tolist() == read_index(tmp_path / "whole" / "snapshots")["step"].tolist()
+    assert (
+        read_index(out / "snapshots")["step"].tolist() == read_index(tmp_path / "whole" / "snapshots")["step"].tolist()
+    )
     samples_a = pd.read_parquet(tmp_path / "whole" / "samples.parquet")
     samples_b = pd.read_parquet(out / "samples.parquet")
     assert samples_b["step"].tolist() == samples_a["step"].tolist()
@@ -86,8 +103,7 @@ def test_killed_stage_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     assert log_b["step"].tolist() == log_a["step"].tolist()
 
 
-def test_changed_config_discards_the_saved_state(tiny_base, adapters, embedded_frames, tmp_path,
-                                                  monkeypatch):
+def test_changed_config_discards_the_saved_state(tiny_base, adapters, embedded_frames, tmp_path, monkeypatch):
     prompts = policy.iteration_prompts(embedded_frames["train"], 0, CFG, seed=0)[:16]
     ckpt = tmp_path / "ckpt"
     with monkeypatch.context() as patch:

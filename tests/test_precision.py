@@ -3,6 +3,7 @@
 Under ``precision: bf16`` the LoRA weights and output heads stay fp32, the PPO-clip ratio at the
 first update of a rollout batch is 1, and frozen reward models score as in fp32 (README, "Precision").
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,7 @@ import yaml
 from test_policy import CFG
 
 from workflow import policy, runtime
-from workflow.models import (FP32Head, load_policy, load_reward_model, load_sequence_classifier,
-                             load_tokenizer)
+from workflow.models import FP32Head, load_policy, load_reward_model, load_sequence_classifier, load_tokenizer
 
 # |score(bf16) - score(fp32)|: both load the frozen reward model in fp32 (0 measured on CPU; a bf16
 # reward model was off by up to 12% of the scores' spread, benchmarks/precision.py)
@@ -63,8 +63,9 @@ def test_lora_weights_and_heads_stay_fp32_on_a_bf16_base(set_precision, tiny_bas
     models = {
         "policy": load_policy(tiny_base, adapters["sft"], trainable=True),
         "reward (refined)": load_reward_model(tiny_base, adapters["reward"], trainable=True),
-        "reward (fresh)": get_peft_model(load_sequence_classifier(tiny_base, tokenizer.pad_token_id),
-                                         lora_config(CFG, "SEQ_CLS")),
+        "reward (fresh)": get_peft_model(
+            load_sequence_classifier(tiny_base, tokenizer.pad_token_id), lora_config(CFG, "SEQ_CLS")
+        ),
     }
     for name, model in models.items():
         params = dict(model.named_parameters())
@@ -81,7 +82,9 @@ def test_logits_are_fp32_inside_bf16_autocast(set_precision, tiny_base, adapters
     model = load_policy(tiny_base, adapters["sft"]).eval()
     head = model.get_output_embeddings()
     assert isinstance(head, FP32Head) and head.weight.dtype == torch.bfloat16
-    ids = torch.tensor([load_tokenizer(tiny_base, "chat").encode("Tell me about the river.")], device=head.weight.device)
+    ids = torch.tensor(
+        [load_tokenizer(tiny_base, "chat").encode("Tell me about the river.")], device=head.weight.device
+    )
     with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16):
         out = model(input_ids=ids, output_hidden_states=True)
     assert out.logits.dtype == torch.float32  # and not bf16-rounded (8 significant bits) on the way:

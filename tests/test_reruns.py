@@ -5,6 +5,7 @@ The workflow runs from a copy of the repository, so that the test can edit a mod
 change is an overlay file after the run's config (``--configfile tiny.yaml overlay.yaml``), the
 documented way to override nested keys.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,9 +17,8 @@ import time
 
 import pytest
 import yaml
-from test_loop_workflow import ran_jobs, tiny_config
-
 from smk import REPO, snakemake
+from test_loop_workflow import ran_jobs, tiny_config
 
 TARGETS = ["results/zorloo/evaluation.csv", "results/zorloo/plots"]
 COPIED = ["Snakefile", "config.yaml", "rules", "scripts", "workflow", "profiles", "envs", "report"]
@@ -42,18 +42,29 @@ CHANGES = {
     "sft.learning_rate": ({"sft": {"learning_rate": 2e-3}}, {_job("sft"), SFT_EVAL} | LOOP),
     "lora.r": ({"lora": {"r": 2}}, {_job("sft"), _job("reward_initial"), SFT_EVAL} | LOOP),
     "reward.learning_rate": ({"reward": {"learning_rate": 1e-3}}, {_job("reward_initial"), SFT_EVAL} | LOOP),
-    "reward.refine_learning_rate": ({"reward": {"refine_learning_rate": 1e-4}},
-                                    {_job("refine_reward", 1, method="rloo")} | POLICY_1),
+    "reward.refine_learning_rate": (
+        {"reward": {"refine_learning_rate": 1e-4}},
+        {_job("refine_reward", 1, method="rloo")} | POLICY_1,
+    ),
     "policy.kl_coef": ({"policy": {"kl_coef": 0.07}}, LOOP),
     "zopro.eps": ({"zopro": {"eps": 1e-2}}, POLICY_1),
     "judge.max_drop_rate": ({"judge": {"max_drop_rate": 0.4}}, PAIRS),
-    "evaluation.temperature": ({"evaluation": {"temperature": 0.5}},
-                               {SFT_EVAL, _job("evaluate_iteration", 0, method="rloo"), _job("evaluate_iteration", 1),
-                                TABLE}),
+    "evaluation.temperature": (
+        {"evaluation": {"temperature": 0.5}},
+        {SFT_EVAL, _job("evaluate_iteration", 0, method="rloo"), _job("evaluate_iteration", 1), TABLE},
+    ),
     "plots.extrapolate": ({"plots": {"extrapolate": 3}}, {PLOTS}),
-    "loop.iterations": ({"loop": {"iterations": 3}}, {_job("train_policy", 2), _job("collect_pairs", 1),
-                                                       _job("refine_reward", 2), _job("evaluate_iteration", 2),
-                                                       TABLE, PLOTS}),
+    "loop.iterations": (
+        {"loop": {"iterations": 3}},
+        {
+            _job("train_policy", 2),
+            _job("collect_pairs", 1),
+            _job("refine_reward", 2),
+            _job("evaluate_iteration", 2),
+            TABLE,
+            PLOTS,
+        },
+    ),
     "loop.methods": ({"loop": {"methods": ["zorloo", "rloo"]}}, set()),  # read by `all` and compare only
     "resources.train_mem_mb": ({"resources": {"train_mem_mb": 3000}}, set()),
     "cache_dir": ({"cache_dir": ".cache/elsewhere"}, set()),
@@ -78,8 +89,9 @@ def finished_run(tiny_base, tmp_path_factory):
     config = tiny_config(tiny_base, loop={"methods": ["zorloo"]}, plots={"projections": ["pca"]})
     cfg = workdir / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    result = snakemake(workdir, *TARGETS, "--cores", "2", "--max-threads", "1", "--configfile", str(cfg),
-                       snakefile=repo / "Snakefile")
+    result = snakemake(
+        workdir, *TARGETS, "--cores", "2", "--max-threads", "1", "--configfile", str(cfg), snakefile=repo / "Snakefile"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return repo / "Snakefile", workdir, cfg
 
@@ -130,16 +142,28 @@ def test_a_code_change_reruns_the_stages_that_run_it(finished_run):
 
 
 def test_forcerun_of_an_output_reruns_it_and_downstream(finished_run):
-    assert plan(finished_run, "--forcerun", "results/rloo/iter_1/reward/metrics.csv") == \
-        {_job("refine_reward", 1, method="rloo")} | POLICY_1
+    assert (
+        plan(finished_run, "--forcerun", "results/rloo/iter_1/reward/metrics.csv")
+        == {_job("refine_reward", 1, method="rloo")} | POLICY_1
+    )
 
 
 def test_deleted_output_reruns_when_named(finished_run):
     snakefile, workdir, cfg = finished_run
     shutil.rmtree(workdir / "results/zorloo/iter_1/policy")
     assert plan(finished_run) == set()  # a missing intermediate whose consumers are up to date: not needed
-    result = snakemake(workdir, "results/zorloo/iter_1/policy/metrics.csv", *TARGETS, "--cores", "2",
-                       "--max-threads", "1", "--configfile", str(cfg), snakefile=snakefile)
+    result = snakemake(
+        workdir,
+        "results/zorloo/iter_1/policy/metrics.csv",
+        *TARGETS,
+        "--cores",
+        "2",
+        "--max-threads",
+        "1",
+        "--configfile",
+        str(cfg),
+        snakefile=snakefile,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert ran_jobs(result.stdout + result.stderr) == POLICY_1
     assert plan(finished_run) == set()
@@ -155,8 +179,9 @@ def test_stale_lock_after_kill_9_then_unlock_and_the_same_command(tmp_path):
     args = ["results/base", "--cores", "1", "--configfile", str(cfg)]
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     log = tmp_path / "logs/base_model/base_model.log"
     deadline = time.time() + 300
     while not log.exists() and proc.poll() is None and time.time() < deadline:

@@ -1,4 +1,5 @@
 """SFT and reward stages on the tiny base: adapters, snapshots, objectives (a few steps each)."""
+
 from __future__ import annotations
 
 import copy
@@ -37,8 +38,9 @@ def rows(embedded_parquet):
 @pytest.fixture(scope="module")
 def sft_dir(tiny_base, rows, cfg, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
-    summary = train_sft(tiny_base, rows["train"], out, cfg, epochs=1, learning_rate=5e-3, batch_size=8,
-                        seed=0, task="chat", max_steps=8)
+    summary = train_sft(
+        tiny_base, rows["train"], out, cfg, epochs=1, learning_rate=5e-3, batch_size=8, seed=0, task="chat", max_steps=8
+    )
     assert summary["steps"] == 8
     return out
 
@@ -46,8 +48,20 @@ def sft_dir(tiny_base, rows, cfg, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reward_dir(tiny_base, rows, cfg, tmp_path_factory):
     out = tmp_path_factory.mktemp("reward")
-    summary = train_reward(tiny_base, None, rows["train"], rows["test"], out, cfg, epochs=1, learning_rate=5e-3,
-                           seed=0, task="chat", batch_size=8, max_steps=8)
+    summary = train_reward(
+        tiny_base,
+        None,
+        rows["train"],
+        rows["test"],
+        out,
+        cfg,
+        epochs=1,
+        learning_rate=5e-3,
+        seed=0,
+        task="chat",
+        batch_size=8,
+        max_steps=8,
+    )
     assert summary["steps"] == 8 and 0 <= summary["heldout_accuracy"] <= 1
     return out
 
@@ -88,7 +102,10 @@ def test_sft_loss_covers_answer_tokens_only(tiny_base, rows, cfg, tmp_path):
 def test_reward_outputs_keys_shared_with_policy(reward_dir, sft_dir, tiny_base):
     steps = read_index(reward_dir / "snapshots")["step"].tolist()
     assert steps == [0, 2, 4, 6, 8]
-    reward_keys, policy_keys = set(load_snapshot(reward_dir / "snapshots", 1)), set(load_snapshot(sft_dir / "snapshots", 1))
+    reward_keys, policy_keys = (
+        set(load_snapshot(reward_dir / "snapshots", 1)),
+        set(load_snapshot(sft_dir / "snapshots", 1)),
+    )
     assert reward_keys - policy_keys == {"score.weight"} and policy_keys <= reward_keys
     assert all(k.startswith("layers.") for k in policy_keys)
     # plain peft load of the reward adapter restores the trained head
@@ -102,8 +119,19 @@ def test_reward_outputs_keys_shared_with_policy(reward_dir, sft_dir, tiny_base):
 
 def test_refinement_continues_from_init_adapter(reward_dir, tiny_base, rows, cfg, tmp_path):
     train = rows["train"].head(16)
-    summary = train_reward(tiny_base, str(reward_dir / "adapter"), train, None, tmp_path, cfg, epochs=1,
-                           learning_rate=1e-3, seed=1, task="chat", batch_size=8)
+    summary = train_reward(
+        tiny_base,
+        str(reward_dir / "adapter"),
+        train,
+        None,
+        tmp_path,
+        cfg,
+        epochs=1,
+        learning_rate=1e-3,
+        seed=1,
+        task="chat",
+        batch_size=8,
+    )
     assert summary["init_adapter"] and summary["steps"] == 2
     start, previous = load_snapshot(tmp_path / "snapshots", 0), load_snapshot(reward_dir / "snapshots", -1)
     assert set(start) == set(previous) and all(torch.allclose(start[k], previous[k]) for k in start)
@@ -125,16 +153,19 @@ def test_mt_regression_reduces_loss(tiny_base, cfg, tmp_path):
     mt = extract("wmt20", "test", files={"test": str(WMT)})
     assert "score" in mt
     tokenizer = load_tokenizer(tiny_base, "mt")
-    fits = [len(tokenizer.apply_chat_template(p + c)) <= cfg["model"]["max_length"]
-            and len(tokenizer.apply_chat_template(p + r)) <= cfg["model"]["max_length"]
-            for p, c, r in zip(mt["prompt"], mt["chosen"], mt["rejected"])]
+    fits = [
+        len(tokenizer.apply_chat_template(p + c)) <= cfg["model"]["max_length"]
+        and len(tokenizer.apply_chat_template(p + r)) <= cfg["model"]["max_length"]
+        for p, c, r in zip(mt["prompt"], mt["chosen"], mt["rejected"])
+    ]
     mt = mt[fits].head(16).reset_index(drop=True)
     assert len(mt) == 16
     mt_cfg = copy.deepcopy(cfg)
     mt_cfg["reward"]["score_objective"] = "regression"
     # one full batch per step: the logged loss of step t is the MSE on all rows before update t
-    summary = train_reward(tiny_base, None, mt, mt, tmp_path, mt_cfg, epochs=8, learning_rate=2e-3,
-                           seed=0, task="mt", batch_size=16)
+    summary = train_reward(
+        tiny_base, None, mt, mt, tmp_path, mt_cfg, epochs=8, learning_rate=2e-3, seed=0, task="mt", batch_size=16
+    )
     assert summary["objective"] == "regression" and summary["steps"] == 8
     metrics = pd.read_csv(tmp_path / "metrics.csv").dropna(subset=["mse"])
     assert metrics["mse"].iloc[-1] < metrics["mse"].iloc[0]

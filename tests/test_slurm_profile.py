@@ -6,6 +6,7 @@ COMPLETED, ``sinfo`` offers a default partition ``cpu``, and the account lookups
 stub ``sbatch`` also puts back the (empty) outputs that Snakemake removes before a forced job, so the
 whole study plans, submits and "completes" in a few seconds without running any stage.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
-
 from smk import REPO, plan_resources, snakemake
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
@@ -69,8 +68,9 @@ def test_dry_run_gives_each_method_its_resources_and_the_configs_gpu_count(tmp_p
     shutil.copytree(REPO / "profiles", tmp_path / "profiles")
     overlay = tmp_path / "study.yaml"
     overlay.write_text(yaml.safe_dump(STUDY))
-    result = snakemake(tmp_path, "-n", "--profile", "profiles/slurm", "results/compare/plots",
-                       "--configfile", str(overlay))
+    result = snakemake(
+        tmp_path, "-n", "--profile", "profiles/slurm", "results/compare/plots", "--configfile", str(overlay)
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     jobs = plan_resources(out)
@@ -95,8 +95,15 @@ STATUS = """#!/bin/sh
 case "$*" in *JobIdRaw,State*|*%i\\|%T*) [ -f "$STUB_DIR/sbatch.log" ] && awk '{print NR "|COMPLETED"}' "$STUB_DIR/sbatch.log";; esac
 exit 0
 """
-STUBS = {"sbatch": SBATCH, "sacct": STATUS, "squeue": STATUS, "sinfo": "#!/bin/sh\necho PARTITION\necho 'cpu*'\necho gpu\n",
-         "scontrol": "#!/bin/sh\nexit 0\n", "sacctmgr": "#!/bin/sh\nexit 0\n", "sshare": "#!/bin/sh\nexit 0\n"}
+STUBS = {
+    "sbatch": SBATCH,
+    "sacct": STATUS,
+    "squeue": STATUS,
+    "sinfo": "#!/bin/sh\necho PARTITION\necho 'cpu*'\necho gpu\n",
+    "scontrol": "#!/bin/sh\nexit 0\n",
+    "sacctmgr": "#!/bin/sh\nexit 0\n",
+    "sshare": "#!/bin/sh\nexit 0\n",
+}
 
 
 def _stub_cluster(root: Path) -> dict[str, str]:
@@ -144,19 +151,36 @@ def test_sbatch_calls_of_every_rule(tmp_path):
     overlay = work / "study.yaml"
     overlay.write_text(yaml.safe_dump(STUDY))
     targets = [f"results/{m}/plots" for m in ("ppo", "rloo", "zorloo")] + [
-        "results/rloo/plots_upto_1", "results/base_eval/evaluation_summary.csv", "results/sft/evaluation_summary.csv",
+        "results/rloo/plots_upto_1",
+        "results/base_eval/evaluation_summary.csv",
+        "results/sft/evaluation_summary.csv",
         *(f"results/{m}/iter_{i}/evaluation_summary.csv" for m in ("ppo", "rloo") for i in (0, 1)),
         "results/zorloo/iter_1/evaluation_summary.csv",
-        "results/study/seed_1/results/rloo/evaluation.csv"]  # a study seed: one nested run in one job
+        "results/study/seed_1/results/rloo/evaluation.csv",
+    ]  # a study seed: one nested run in one job
     plan = snakemake(work, "-n", "--forceall", *targets, "--configfile", str(overlay))
     assert plan.returncode == 0, plan.stdout + plan.stderr
     _seed_outputs(plan.stdout, tmp_path / "seed")
     shutil.copytree(tmp_path / "seed" / "results", work / "results")
     rules = submitted_rules(tmp_path)
-    result = snakemake(work, "--profile", "profiles/slurm", "--latency-wait", "0",
-                       "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1",
-                       *targets, "--configfile", str(overlay), "--forcerun", *sorted(rules),
-                       env=_stub_cluster(tmp_path), timeout=300)
+    result = snakemake(
+        work,
+        "--profile",
+        "profiles/slurm",
+        "--latency-wait",
+        "0",
+        "--slurm-init-seconds-before-status-checks",
+        "1",
+        "--seconds-between-status-checks",
+        "1",
+        *targets,
+        "--configfile",
+        str(overlay),
+        "--forcerun",
+        *sorted(rules),
+        env=_stub_cluster(tmp_path),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     calls = _calls(tmp_path / "sbatch.log")
     planned = re.findall(r"^(?:local)?rule (\w+):", plan.stdout, flags=re.M)
@@ -167,8 +191,13 @@ def test_sbatch_calls_of_every_rule(tmp_path):
         assert f"--cpus-per-task={threads[rule]}" in call, (rule, call)
         assert " --requeue" in call and " -p cpu " in call and " -A " not in call, call
         ppo = "wildcards_ppo" in call
-        mem, runtime = (96000, 1440) if rule == "train_policy" and ppo else (64000, 720) if rule == "train_policy" \
+        mem, runtime = (
+            (96000, 1440)
+            if rule == "train_policy" and ppo
+            else (64000, 720)
+            if rule == "train_policy"
             else (entries[rule]["mem_mb"], entries[rule]["runtime"])
+        )
         assert f"--mem {mem} " in call and f"-t {runtime} " in call, (rule, call)
         gpus = re.findall(r"--gpus=(\S+)", call)
         if rule.startswith("plot_"):

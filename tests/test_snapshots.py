@@ -1,4 +1,5 @@
 """Snapshot format: schedule, index, normalised keys, files readable alone."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -7,17 +8,25 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from workflow.snapshots import (SnapshotCallback, load_snapshot, lora_state, normalise_key, read_index,
-                                save_snapshot)
+from workflow.snapshots import SnapshotCallback, load_snapshot, lora_state, normalise_key, read_index, save_snapshot
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", "layers.0.self_attn.q_proj.lora_A.weight"),
-    ("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight", "layers.1.mlp.down_proj.lora_B.weight"),
-    ("module.base_model.model.model.layers.3.mlp.up_proj.lora_B.policy.weight", "layers.3.mlp.up_proj.lora_B.weight"),
-    ("base_model.model.score.modules_to_save.default.weight", "score.weight"),
-    ("base_model.model.score.weight", "score.weight"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        (
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
+            "layers.0.self_attn.q_proj.lora_A.weight",
+        ),
+        ("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight", "layers.1.mlp.down_proj.lora_B.weight"),
+        (
+            "module.base_model.model.model.layers.3.mlp.up_proj.lora_B.policy.weight",
+            "layers.3.mlp.up_proj.lora_B.weight",
+        ),
+        ("base_model.model.score.modules_to_save.default.weight", "score.weight"),
+        ("base_model.model.score.weight", "score.weight"),
+    ],
+)
 def test_normalise_key(name, expected):
     assert normalise_key(name) == expected
 
@@ -42,12 +51,15 @@ def _drive(callback, model, max_steps):
     callback.on_train_end(args, state, control, model=model)
 
 
-@pytest.mark.parametrize("every, steps, expected", [
-    (0.25, 8, [0, 2, 4, 6, 8]),
-    (0.3, 10, [0, 3, 6, 9, 10]),       # the final adapter is always saved
-    (0.05, 7, list(range(8))),         # never fewer than one step apart
-    (1.0, 5, [0, 5]),
-])
+@pytest.mark.parametrize(
+    "every, steps, expected",
+    [
+        (0.25, 8, [0, 2, 4, 6, 8]),
+        (0.3, 10, [0, 3, 6, 9, 10]),  # the final adapter is always saved
+        (0.05, 7, list(range(8))),  # never fewer than one step apart
+        (1.0, 5, [0, 5]),
+    ],
+)
 def test_schedule_and_index(tmp_path, every, steps, expected):
     model = _Toy()
     _drive(SnapshotCallback(every, tmp_path), model, steps)
@@ -57,7 +69,7 @@ def test_schedule_and_index(tmp_path, every, steps, expected):
     assert index["snapshot"].tolist() == list(range(len(expected)))
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == index["file"].tolist()
     # snapshot n holds the weights of its step; only trainable tensors, float32
-    for n, step in enumerate(expected):
+    for n in range(len(expected)):
         tensors = load_file(str(tmp_path / index["file"][n]))
         assert set(tensors) == {"lora_A.weight"}
         assert tensors["lora_A.weight"].dtype == torch.float32

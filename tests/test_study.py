@@ -1,6 +1,7 @@
 """The multi-seed study target ``results/study/summary.csv`` (rules/study.smk, workflow/study.py):
 the summary's numbers on hand-made tables, the nested runs' configs, and a tiny two-seed study run
 by Snakemake, after which one more seed plans only that seed."""
+
 from __future__ import annotations
 
 import math
@@ -9,9 +10,9 @@ import re
 import pandas as pd
 import pytest
 import yaml
+from smk import snakemake
 from test_loop_workflow import planned_jobs, ran_jobs, tiny_config, write_config
 
-from smk import snakemake
 from workflow.study import seed_config, study_table
 
 TARGET = "results/study/summary.csv"
@@ -22,27 +23,41 @@ def evaluation(gold: list[float], gain_se: float, kl: list[float]) -> pd.DataFra
     rows = []
     for k, g in enumerate(gold):
         i = k - 1
-        rows.append({"iteration": i, "gold_mean": g, "gold_stderr": 0.02, "kl": kl[k],
-                     "gold_gain_vs_sft": g - gold[0], "gold_gain_vs_sft_stderr": gain_se if i >= 0 else 0.0,
-                     "gold_gain_vs_iter0": g - gold[1] if i >= 0 else math.nan,
-                     "gold_gain_vs_iter0_stderr": (gain_se if i >= 1 else 0.0) if i >= 0 else math.nan})
+        rows.append(
+            {
+                "iteration": i,
+                "gold_mean": g,
+                "gold_stderr": 0.02,
+                "kl": kl[k],
+                "gold_gain_vs_sft": g - gold[0],
+                "gold_gain_vs_sft_stderr": gain_se if i >= 0 else 0.0,
+                "gold_gain_vs_iter0": g - gold[1] if i >= 0 else math.nan,
+                "gold_gain_vs_iter0_stderr": (gain_se if i >= 1 else 0.0) if i >= 0 else math.nan,
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def test_study_table_per_seed_rows_and_the_line_across_seeds():
-    table = study_table([(0, "rloo", evaluation([0.40, 0.50, 0.56], 0.02, [0.0, 0.5, 0.9])),
-                         (1, "rloo", evaluation([0.45, 0.52, 0.54], 0.02, [0.0, 0.7, 1.1]))])
+    table = study_table(
+        [
+            (0, "rloo", evaluation([0.40, 0.50, 0.56], 0.02, [0.0, 0.5, 0.9])),
+            (1, "rloo", evaluation([0.45, 0.52, 0.54], 0.02, [0.0, 0.7, 1.1])),
+        ]
+    )
     assert list(table["seed"]) == ["0"] * 3 + ["1"] * 3 + ["all"] * 3
     seed1 = table[table.seed == "1"].set_index("iteration")
-    assert seed1.loc[1, "gold_gain_vs_sft"] == pytest.approx(0.09) and seed1.loc[1, "gold_gain_vs_iter0"] == pytest.approx(0.02)
+    assert seed1.loc[1, "gold_gain_vs_sft"] == pytest.approx(0.09) and seed1.loc[
+        1, "gold_gain_vs_iter0"
+    ] == pytest.approx(0.02)
     # beats a reference: gain > 2 paired standard errors (0.09 > 0.04; 0.02 is not > 0.04)
     assert seed1.loc[1, "beats_sft"] == 1 and seed1.loc[1, "beats_iter0"] == 0
     assert math.isnan(seed1.loc[0, "beats_iter0"]) and math.isnan(seed1.loc[-1, "beats_sft"])
     both = table[table.seed == "all"].set_index("iteration")
     assert both.loc[1, "gold_mean"] == pytest.approx(0.55)
-    assert both.loc[1, "gold_stderr"] == pytest.approx(0.01)                    # sd(0.56, 0.54) / sqrt(2)
+    assert both.loc[1, "gold_stderr"] == pytest.approx(0.01)  # sd(0.56, 0.54) / sqrt(2)
     assert both.loc[1, "gold_gain_vs_sft"] == pytest.approx((0.16 + 0.09) / 2)
-    assert both.loc[1, "gold_gain_vs_sft_stderr"] == pytest.approx(0.035)       # sd(0.16, 0.09) / sqrt(2)
+    assert both.loc[1, "gold_gain_vs_sft_stderr"] == pytest.approx(0.035)  # sd(0.16, 0.09) / sqrt(2)
     assert both.loc[1, "gold_gain_vs_iter0"] == pytest.approx(0.04)
     assert both.loc[1, "kl"] == pytest.approx(1.0)
     assert both.loc[1, "beats_sft"] == 2 and both.loc[1, "beats_iter0"] == 1 and both.loc[1, "n_seeds"] == 2
@@ -53,15 +68,19 @@ def test_seed_config_sets_the_seed_and_makes_local_paths_absolute(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.jsonl").write_text("{}\n")
     (tmp_path / "models" / "tiny").mkdir(parents=True)
-    config = {"seed": 0, "cache_dir": ".cache/hf", "model": {"name": "models/tiny"},
-              "judge": {"kind": "llm", "model": "Qwen/Qwen2.5-0.5B-Instruct"},
-              "dataset": {"name": "hh-rlhf", "source": None, "files": {"train": "data/train.jsonl", "test": None}}}
+    config = {
+        "seed": 0,
+        "cache_dir": ".cache/hf",
+        "model": {"name": "models/tiny"},
+        "judge": {"kind": "llm", "model": "Qwen/Qwen2.5-0.5B-Instruct"},
+        "dataset": {"name": "hh-rlhf", "source": None, "files": {"train": "data/train.jsonl", "test": None}},
+    }
     out = seed_config(config, 2, tmp_path)
-    assert out["seed"] == 2 and config["seed"] == 0                                # a copy
+    assert out["seed"] == 2 and config["seed"] == 0  # a copy
     assert out["cache_dir"] == str(tmp_path.resolve() / ".cache/hf")
     assert out["model"]["name"] == str(tmp_path.resolve() / "models/tiny")
     assert out["dataset"]["files"] == {"train": str(tmp_path.resolve() / "data/train.jsonl"), "test": None}
-    assert out["judge"]["model"] == "Qwen/Qwen2.5-0.5B-Instruct"                   # a hub id stays
+    assert out["judge"]["model"] == "Qwen/Qwen2.5-0.5B-Instruct"  # a hub id stays
 
 
 def test_readme_study_command_plans_the_other_seeds_beside_the_main_chain(tmp_path):
@@ -80,7 +99,9 @@ def test_readme_study_command_plans_the_other_seeds_beside_the_main_chain(tmp_pa
     overlay.write_text("study:\n  seeds: [0, 1, 2, 3]\n")
     result = snakemake(tmp_path, "-n", "--cores", "all", TARGET, "--configfile", str(overlay))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert {j for j in ran_jobs(result.stdout) if j[0] == "study_seed"} == {("study_seed", f"seed={s}") for s in (1, 2, 3)}
+    assert {j for j in ran_jobs(result.stdout) if j[0] == "study_seed"} == {
+        ("study_seed", f"seed={s}") for s in (1, 2, 3)
+    }
 
 
 @pytest.mark.slow
@@ -103,15 +124,19 @@ def test_tiny_two_seed_study_then_one_more_seed_runs_only_that_seed(tmp_path, ti
     assert nested["cache_dir"] == str(workdir.resolve() / ".cache/hf")
     # seed 1 ran its own chain: other data, its own SFT and loop
     assert not pd.read_parquet(seed1 / "results/data/embedded/train.parquet").equals(
-        pd.read_parquet(workdir / "results/data/embedded/train.parquet"))
+        pd.read_parquet(workdir / "results/data/embedded/train.parquet")
+    )
     assert (seed1 / "results/rloo/iter_1/policy/adapter").is_dir()
     assert "seed 1: " in (workdir / "logs/study_seed/1.log").read_text()
 
     summary = pd.read_csv(workdir / TARGET, dtype={"seed": str})
     assert list(zip(summary.seed, summary.method, summary.iteration)) == [
-        (s, "rloo", i) for s in ("0", "1", "all") for i in (-1, 0, 1)]
-    tables = {"0": pd.read_csv(workdir / "results/rloo/evaluation.csv"),
-              "1": pd.read_csv(seed1 / "results/rloo/evaluation.csv")}
+        (s, "rloo", i) for s in ("0", "1", "all") for i in (-1, 0, 1)
+    ]
+    tables = {
+        "0": pd.read_csv(workdir / "results/rloo/evaluation.csv"),
+        "1": pd.read_csv(seed1 / "results/rloo/evaluation.csv"),
+    }
     for seed, table in tables.items():
         rows = summary[summary.seed == seed].set_index("iteration")
         t = table.set_index("iteration")
@@ -140,4 +165,4 @@ def test_tiny_two_seed_study_then_one_more_seed_runs_only_that_seed(tmp_path, ti
     result = snakemake(workdir, TARGET, "--cores", "1", "--configfile", changed)
     assert result.returncode == 0, result.stdout + result.stderr
     nested_log = (workdir / "logs/study_seed/1.log").read_text()
-    assert ran_jobs(nested_log[nested_log.rindex("seed 1: "):]) == {("evaluation_table", "method=rloo")}
+    assert ran_jobs(nested_log[nested_log.rindex("seed 1: ") :]) == {("evaluation_table", "method=rloo")}

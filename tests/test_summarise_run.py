@@ -1,5 +1,6 @@
 """benchmarks/summarise_run.py: the README's generated results block (write, check) and the gate
 that first-order methods beat SFT, on small fake ``results/`` trees."""
+
 from __future__ import annotations
 
 import math
@@ -36,19 +37,45 @@ def write_method(results: Path, method: str, iterations: list[tuple[float, ...]]
     """``results/{method}/evaluation.csv`` as ``workflow.loop_eval.evaluation_table`` writes it: the
     paired gains are the differences of the gold means (as for balanced paired samples) with the
     iteration's paired standard error (``PAIRED_SE`` or the tuple's fourth value)."""
-    rows = [{"iteration": -1, "gold_mean": SFT[0], "gold_stderr": SFT[1], "reward_mean": 0.1,
-             "reward_stderr": 0.02, "kl": 0.0, "wall_time_s": math.nan, "peak_mem_mb": math.nan,
-             "gold_gain_vs_previous": math.nan, "gold_gain_vs_previous_stderr": math.nan,
-             "gold_gain_vs_sft": 0.0, "gold_gain_vs_sft_stderr": 0.0,
-             "gold_gain_vs_iter0": math.nan, "gold_gain_vs_iter0_stderr": math.nan}]
+    rows = [
+        {
+            "iteration": -1,
+            "gold_mean": SFT[0],
+            "gold_stderr": SFT[1],
+            "reward_mean": 0.1,
+            "reward_stderr": 0.02,
+            "kl": 0.0,
+            "wall_time_s": math.nan,
+            "peak_mem_mb": math.nan,
+            "gold_gain_vs_previous": math.nan,
+            "gold_gain_vs_previous_stderr": math.nan,
+            "gold_gain_vs_sft": 0.0,
+            "gold_gain_vs_sft_stderr": 0.0,
+            "gold_gain_vs_iter0": math.nan,
+            "gold_gain_vs_iter0_stderr": math.nan,
+        }
+    ]
     previous = SFT[0]
     for i, (gold, se, kl, *paired_se) in enumerate(iterations):
         pse = paired_se[0] if paired_se else PAIRED_SE
-        rows.append({"iteration": i, "gold_mean": gold, "gold_stderr": se, "reward_mean": 0.2 + i,
-                     "reward_stderr": 0.03, "kl": kl, "wall_time_s": 123.4 + i, "peak_mem_mb": 987.6,
-                     "gold_gain_vs_previous": gold - previous, "gold_gain_vs_previous_stderr": pse,
-                     "gold_gain_vs_sft": gold - SFT[0], "gold_gain_vs_sft_stderr": pse,
-                     "gold_gain_vs_iter0": gold - iterations[0][0], "gold_gain_vs_iter0_stderr": pse if i else 0.0})
+        rows.append(
+            {
+                "iteration": i,
+                "gold_mean": gold,
+                "gold_stderr": se,
+                "reward_mean": 0.2 + i,
+                "reward_stderr": 0.03,
+                "kl": kl,
+                "wall_time_s": 123.4 + i,
+                "peak_mem_mb": 987.6,
+                "gold_gain_vs_previous": gold - previous,
+                "gold_gain_vs_previous_stderr": pse,
+                "gold_gain_vs_sft": gold - SFT[0],
+                "gold_gain_vs_sft_stderr": pse,
+                "gold_gain_vs_iter0": gold - iterations[0][0],
+                "gold_gain_vs_iter0_stderr": pse if i else 0.0,
+            }
+        )
         previous = gold
     (results / method).mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(results / method / "evaluation.csv", index=False)
@@ -60,12 +87,16 @@ def make_run(root: Path, methods: dict[str, list[tuple[float, float, float]]] = 
     results = root / "results"
     for folder, (gold, se) in (("base_eval", (0.206, 0.017)), ("sft", SFT)):
         (results / folder).mkdir(parents=True)
-        pd.DataFrame([{"n": 600, "gold_mean": gold, "gold_stderr": se, "reward_mean": 0.0,
-                       "reward_stderr": 0.1}]).to_csv(results / folder / "evaluation_summary.csv", index=False)
+        pd.DataFrame(
+            [{"n": 600, "gold_mean": gold, "gold_stderr": se, "reward_mean": 0.0, "reward_stderr": 0.1}]
+        ).to_csv(results / folder / "evaluation_summary.csv", index=False)
     (results / "reward" / "iter_0").mkdir(parents=True)
-    pd.DataFrame([{"step": 10, "loss": 0.6, "heldout_accuracy": math.nan, "heldout_rows": math.nan},
-                  {"step": 20, "loss": 0.4, "heldout_accuracy": 0.9333, "heldout_rows": 300}]
-                 ).to_csv(results / "reward" / "iter_0" / "metrics.csv", index=False)
+    pd.DataFrame(
+        [
+            {"step": 10, "loss": 0.6, "heldout_accuracy": math.nan, "heldout_rows": math.nan},
+            {"step": 20, "loss": 0.4, "heldout_accuracy": 0.9333, "heldout_rows": 300},
+        ]
+    ).to_csv(results / "reward" / "iter_0" / "metrics.csv", index=False)
     (results / "benchmarks" / "sft").mkdir(parents=True)
     (results / "benchmarks" / "sft" / "sft.tsv").write_text("s\tmax_rss\n12.3\t580.1\n")
     for method, iterations in methods.items():
@@ -164,8 +195,9 @@ def test_gate_fails_naming_method_and_iteration(tmp_path):
     run = make_run(tmp_path / "run", bad)
     done = run_cli(run, "--gate")
     assert done.returncode == 1
-    assert ("rloo iteration 1: gold +0.423 ± 0.015 vs SFT +0.393 ± 0.016, paired gain +0.030 ± 0.022, "
-            "z = 1.36, not above 2") in done.stderr
+    assert (
+        "rloo iteration 1: gold +0.423 ± 0.015 vs SFT +0.393 ± 0.016, paired gain +0.030 ± 0.022, z = 1.36, not above 2"
+    ) in done.stderr
     assert "dpo" not in done.stderr
     assert "| rloo | 3 | 1.36 (iter 1) |" in done.stdout and "FAIL |" in done.stdout
     assert "| dpo | 3 |" in done.stdout
@@ -191,13 +223,18 @@ def test_gate_max_kl(run, capsys):
 
 def test_gate_max_drop_z(tmp_path, capsys):
     # iteration 2 drops 0.070 below iteration 1 with a paired standard error of 0.020: 3.50 SEs
-    run = make_run(tmp_path / "run", {**GOOD, "rloo": [(0.50, 0.015, 0.4), (0.60, 0.015, 1.0), (0.53, 0.015, 1.2, 0.02)]})
+    run = make_run(
+        tmp_path / "run", {**GOOD, "rloo": [(0.50, 0.015, 0.4), (0.60, 0.015, 1.0), (0.53, 0.015, 1.2, 0.02)]}
+    )
     assert sr.main([str(run), "--gate"]) == 0  # off unless given
     assert sr.main([str(run), "--gate", "--max-drop-z", "4"]) == 0
     capsys.readouterr()
     assert sr.main([str(run), "--gate", "--max-drop-z", "2"]) == 1
     err = capsys.readouterr().err
-    assert "rloo iteration 2: gold +0.530 ± 0.015 vs iteration 1 +0.600 ± 0.015, a drop of 3.50 paired standard errors" in err
+    assert (
+        "rloo iteration 2: gold +0.530 ± 0.015 vs iteration 1 +0.600 ± 0.015, a drop of 3.50 paired standard errors"
+        in err
+    )
     assert "dpo" not in err
 
 

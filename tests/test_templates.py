@@ -1,4 +1,5 @@
 """Chat templates: the tokenizer renders exactly the documented string for every task."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,25 @@ from transformers import PreTrainedTokenizerFast
 from workflow import templates
 
 SPECIALS = ["<s>", "<|im_end|>", "<pad>", "<|im_start|>", "<unk>"]
-WORDS = ["user", "assistant", "Summary", "Translation", "system", "hello", "there", "hi", "a", "post",
-         "short", "Hallo", "Welt", "Hello", "world", "be", "brief"]
+WORDS = [
+    "user",
+    "assistant",
+    "Summary",
+    "Translation",
+    "system",
+    "hello",
+    "there",
+    "hi",
+    "a",
+    "post",
+    "short",
+    "Hallo",
+    "Welt",
+    "Hello",
+    "world",
+    "be",
+    "brief",
+]
 
 MESSAGES = [
     {"role": "system", "content": "be brief"},
@@ -27,8 +45,9 @@ def tiny_tokenizer(*, pad: bool = True) -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    kwargs = dict(bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>",
-                  additional_special_tokens=["<|im_start|>"])
+    kwargs = dict(
+        bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>", additional_special_tokens=["<|im_start|>"]
+    )
     if pad:
         kwargs["pad_token"] = "<pad>"
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
@@ -98,7 +117,9 @@ def test_assistant_tokens_mask_covers_the_answer():
     tokenizer = templates.prepare_tokenizer(tiny_tokenizer(), "summarization")
     out = tokenizer.apply_chat_template(
         [{"role": "user", "content": "a post"}, {"role": "assistant", "content": "short"}],
-        tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
     )
     tokens = tokenizer.convert_ids_to_tokens(out["input_ids"])
     masked = [t for t, m in zip(tokens, out["assistant_masks"]) if m]
@@ -117,8 +138,9 @@ def plain_tokenizer(*, specials: list[str], eos: str, template: str | None = Non
     vocab = {tok: i for i, tok in enumerate(["<s>", "<unk>", eos, *specials] + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos, unk_token="<unk>",
-                                        additional_special_tokens=specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token=eos, unk_token="<unk>", additional_special_tokens=specials
+    )
     tokenizer.chat_template = template
     return tokenizer
 
@@ -135,8 +157,12 @@ def test_a_tokenizer_without_chatml_tokens_ends_every_message_with_its_eos():
     assert "<|im_end|>" not in text and text.count("</s>") == len(MESSAGES)
     assert template_end_ids(tokenizer)[0] == tokenizer.eos_token_id
     assert tokenizer.pad_token == "</s>"
-    out = tokenizer.apply_chat_template([{"role": "user", "content": "a post"}, {"role": "assistant", "content": "short"}],
-                                        tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a post"}, {"role": "assistant", "content": "short"}],
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
     tokens = tokenizer.convert_ids_to_tokens(out["input_ids"])
     assert [t for t, m in zip(tokens, out["assistant_masks"]) if m] == ["short", "</s>"]
 
@@ -145,12 +171,15 @@ def test_a_models_own_template_is_kept_and_generation_stops_at_its_end_of_turn()
     """An instruction model's template stays; EOS becomes its end-of-turn token (Llama-3: <|eot_id|>)."""
     specials = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     tokenizer = templates.prepare_tokenizer(
-        plain_tokenizer(specials=specials, eos="<|end_of_text|>", template=LLAMA3_TEMPLATE), "summarization")
+        plain_tokenizer(specials=specials, eos="<|end_of_text|>", template=LLAMA3_TEMPLATE), "summarization"
+    )
     assert tokenizer.chat_template == LLAMA3_TEMPLATE
     assert tokenizer.eos_token == "<|eot_id|>" and tokenizer.pad_token == "<|eot_id|>"
     text = tokenizer.apply_chat_template(MESSAGES[1:3], tokenize=False)
-    assert text == ("<s><|start_header_id|>user<|end_header_id|>\n\nhello there<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\nhi<|eot_id|>")
+    assert text == (
+        "<s><|start_header_id|>user<|end_header_id|>\n\nhello there<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nhi<|eot_id|>"
+    )
     again = templates.prepare_tokenizer(tokenizer, "summarization")  # as when loaded from an adapter
     assert again.chat_template == LLAMA3_TEMPLATE and again.eos_token == "<|eot_id|>"
 

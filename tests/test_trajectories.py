@@ -1,11 +1,11 @@
 """Streaming trajectories: reading, validation, subsampling, keep_rm replay, projection."""
+
 import numpy as np
 import pytest
 
 from workflow import trajectories as tj
 
-SHAPES = {"layers.0.q.lora_A.weight": (3, 5), "layers.0.q.lora_B.weight": (5, 3),
-          "layers.1.v.lora_A.weight": (2, 7)}
+SHAPES = {"layers.0.q.lora_A.weight": (3, 5), "layers.0.q.lora_B.weight": (5, 3), "layers.1.v.lora_A.weight": (2, 7)}
 
 
 def make_run(root, n_iter=2, n_snap=(5, 4), seed=0, reward_extra=True):
@@ -24,6 +24,7 @@ def make_run(root, n_iter=2, n_snap=(5, 4), seed=0, reward_extra=True):
 def flat(traj, keys):
     """In-memory reference: every snapshot flattened over ``keys`` (small cases only)."""
     from safetensors.numpy import load_file
+
     return np.stack([np.concatenate([load_file(str(f))[k].ravel() for k in keys]) for f in traj.files])
 
 
@@ -53,6 +54,7 @@ def test_projection_roughly_preserves_distances(tmp_path):
     y = tj.stream({"a": t}, keys, dim=200, seed=0)["a"]
     x = np.stack([s["layers.0.w"].ravel() for s in snaps])
     from scipy.spatial.distance import pdist
+
     ratio = pdist(y) / pdist(x)
     assert abs(ratio.mean() - 1) < 0.1
     assert ratio.min() > 0.7 and ratio.max() < 1.3
@@ -112,6 +114,5 @@ def test_reads_files_written_by_workflow_snapshots(tmp_path):
     snapshots.save_snapshot(state, tmp_path / "snapshots", 0)
     snapshots.save_snapshot({k: v + 1 for k, v in state.items()}, tmp_path / "snapshots", 5)
     t = tj.load_trajectory("policy", [tmp_path])
-    np.testing.assert_array_equal(tj.read_chunk(t, "layers.0.q.lora_A.weight", 1, 4),
-                                  [[1, 2, 3], [2, 3, 4]])
+    np.testing.assert_array_equal(tj.read_chunk(t, "layers.0.q.lora_A.weight", 1, 4), [[1, 2, 3], [2, 3, 4]])
     assert list(t.steps) == [0, 5]

@@ -1,4 +1,5 @@
 """The workflow as a user drives it: lint, dry runs, config validation, the SLURM profile."""
+
 from __future__ import annotations
 
 import re
@@ -6,7 +7,6 @@ import shutil
 
 import pytest
 import yaml
-
 from smk import REPO, plan_resources, snakemake
 
 
@@ -65,9 +65,14 @@ def test_nested_override_with_a_configfile_overlay(tmp_path):
     assert sorted(policies) == ["0", "1"]
 
 
-@pytest.mark.parametrize("name, content", [("fixed-kl.yaml", {"policy": {"kl_target": None, "kl_coef": 0.01}}),
-                                           ("bf16.yaml", {"precision": "bf16"}),
-                                           ("gpu-embedded.yaml", None)])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("fixed-kl.yaml", {"policy": {"kl_target": None, "kl_coef": 0.01}}),
+        ("bf16.yaml", {"precision": "bf16"}),
+        ("gpu-embedded.yaml", None),
+    ],
+)
 def test_example_overlays_plan_the_study(tmp_path, name, content):
     """README: `--configfile config/examples/fixed-kl.yaml` (no KL budget), `bf16.yaml` (the GPU
     precision path on any device) and `gpu-embedded.yaml` (the embedded study at GPU size) are
@@ -90,8 +95,9 @@ def test_zopro_methods_share_rloos_first_iteration(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = ran_jobs(result.stdout + result.stderr)
     policies = {w for rule, w in jobs if rule == "train_policy"}
-    assert policies == {f"method={m}, i={i}" for m in ("rloo", "zorloo", "zorloo_reference") for i in range(3)
-                        if m == "rloo" or i >= 1}
+    assert policies == {
+        f"method={m}, i={i}" for m in ("rloo", "zorloo", "zorloo_reference") for i in range(3) if m == "rloo" or i >= 1
+    }
     refined = {w for rule, w in jobs if rule == "refine_reward"}
     assert "method=rloo, i=1" in refined and "method=zorloo, i=1" not in refined
     assert "method=zorloo, i=2" in refined and "method=zorloo_reference, i=2" in refined

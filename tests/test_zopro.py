@@ -1,4 +1,5 @@
 """ZOPrO: direction geometry, SPSA estimator, restore, schedules, state, and one real trainer step."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,12 @@ from safetensors.torch import save_file
 
 from workflow.zopro_direction import Direction, ZOConfig, ZOEngine, ZOOptimizer, decays, gamma_at, tensor_seed
 
-SHAPES = {"layers.0.q.lora_A.weight": (4, 16), "layers.0.q.lora_B.weight": (16, 4),
-          "layers.1.v.lora_A.weight": (4, 16), "layers.1.norm.bias": (16,)}
+SHAPES = {
+    "layers.0.q.lora_A.weight": (4, 16),
+    "layers.0.q.lora_B.weight": (16, 4),
+    "layers.1.v.lora_A.weight": (4, 16),
+    "layers.1.norm.bias": (16,),
+}
 
 
 def make(seed=0, with_v=None, with_mu=None):
@@ -157,8 +162,21 @@ def test_loss_decreases_on_linear_regression(two_sided, q):
         return float((x @ w - y).pow(2).mean())
 
     start = loss()
-    eng = ZOEngine([("w", w)], mu, {}, ZOConfig(lr=0.05, eps=1e-3, gamma_start=0.999, gamma_schedule="linear",
-                                                two_sided=two_sided, n_perturbations=q, seed=1), total_steps=300)
+    eng = ZOEngine(
+        [("w", w)],
+        mu,
+        {},
+        ZOConfig(
+            lr=0.05,
+            eps=1e-3,
+            gamma_start=0.999,
+            gamma_schedule="linear",
+            two_sided=two_sided,
+            n_perturbations=q,
+            seed=1,
+        ),
+        total_steps=300,
+    )
     for _ in range(300):
         eng.estimate(loss)
         eng.apply()
@@ -221,9 +239,20 @@ def test_gamma_schedules():
         gamma_at("linear", 0.999, 0, None)
     with pytest.raises(ValueError):
         ZOConfig(gamma_schedule="cosine")
-    cfg = ZOConfig.from_config({"seed": 4, "zopro": {"learning_rate": 2e-4, "eps": 1e-3, "gamma_start": 0.999,
-                                                     "gamma_schedule": "exp", "n_perturbations": 2,
-                                                     "two_sided": False, "weight_decay": 0.1}})
+    cfg = ZOConfig.from_config(
+        {
+            "seed": 4,
+            "zopro": {
+                "learning_rate": 2e-4,
+                "eps": 1e-3,
+                "gamma_start": 0.999,
+                "gamma_schedule": "exp",
+                "n_perturbations": 2,
+                "two_sided": False,
+                "weight_decay": 0.1,
+            },
+        }
+    )
     assert (cfg.lr, cfg.seed, cfg.gamma_schedule, cfg.n_perturbations, cfg.two_sided) == (2e-4, 4, "exp", 2, False)
 
 
@@ -257,9 +286,13 @@ def test_load_direction_inputs(tmp_path):
     from workflow.zopro import load_direction_inputs
 
     pre = "base_model.model.model."
+
     def save(folder, tensors):
         (tmp_path / folder).mkdir()
-        save_file({pre + k: t.contiguous() for k, t in tensors.items()}, str(tmp_path / folder / "adapter_model.safetensors"))
+        save_file(
+            {pre + k: t.contiguous() for k, t in tensors.items()}, str(tmp_path / folder / "adapter_model.safetensors")
+        )
+
     a = {"layers.0.q.lora_A.weight": torch.ones(2, 3), "layers.0.q.lora_B.weight": torch.ones(3, 2)}
     save("p1", {k: 3 * t for k, t in a.items()})
     save("p0", a)
@@ -279,8 +312,17 @@ def _tiny_policy(tiny_base, dropout=0.1):
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout,
-                                             task_type="CAUSAL_LM", init_lora_weights=False))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules="all-linear",
+            lora_dropout=dropout,
+            task_type="CAUSAL_LM",
+            init_lora_weights=False,
+        ),
+    )
     return model, tok
 
 
@@ -299,15 +341,29 @@ def _trainer(tiny_base, tmp_path, max_steps=2, dropout=0.1, two_sided=True, **ar
 
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     from workflow.snapshots import normalise_key
+
     mu = {normalise_key(n): 0.01 * torch.randn_like(p) for n, p in named.items()}
     v = {k: torch.randn_like(t) for k, t in list(mu.items())[::2]}
-    args = RLOOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2,
-                      max_completion_length=6, max_steps=max_steps, learning_rate=1.0, logging_steps=1,
-                      report_to=[], use_cpu=True, save_strategy="no", beta=0.05, seed=0,
-                      lr_scheduler_type="constant", **args_kw)
+    args = RLOOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=6,
+        max_steps=max_steps,
+        learning_rate=1.0,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        beta=0.05,
+        seed=0,
+        lr_scheduler_type="constant",
+        **args_kw,
+    )
     cfg = ZOConfig(lr=1e-2, eps=1e-2, gamma_start=0.999, gamma_schedule="linear", seed=5, two_sided=two_sided)
-    trainer = ZOPrOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
-                           mu=mu, v=v, zo_config=cfg)
+    trainer = ZOPrOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok, mu=mu, v=v, zo_config=cfg
+    )
     return trainer, model
 
 
@@ -321,8 +377,9 @@ def test_trainer_step_changes_params_without_autograd(tiny_base, tmp_path):
     frozen_moved = [n for n, p in after.items() if not p.requires_grad and not torch.equal(p, before[n])]
     assert moved and not frozen_moved
     assert all(p.grad is None for p in model.parameters())
-    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
-                      ZOOptimizer)
+    assert isinstance(
+        trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer, ZOOptimizer
+    )
     assert trainer.zo.state.step == 2 and trainer.zo.state.total_steps == 2
     logged = [r for r in trainer.state.log_history if "zo/g" in r]
     assert logged and all(math.isfinite(r["zo/g"]) for r in logged)
@@ -351,8 +408,15 @@ def test_trainer_checkpoint_carries_zo_state(tiny_base, tmp_path):
 def test_known_base_is_the_loss_at_the_rollout_policy(tiny_base, tmp_path, dropout):
     """On the first update after a generation the one-sided base is -mean(advantages), equal to the
     loss a forward pass gives; on buffered rollouts after an update, or with dropout, none is used."""
-    trainer, _ = _trainer(tiny_base, tmp_path, max_steps=2, dropout=dropout, two_sided=False,
-                          gradient_accumulation_steps=2, num_iterations=2)
+    trainer, _ = _trainer(
+        tiny_base,
+        tmp_path,
+        max_steps=2,
+        dropout=dropout,
+        two_sided=False,
+        gradient_accumulation_steps=2,
+        num_iterations=2,
+    )
     seen = []
     known_base = trainer._known_base
 

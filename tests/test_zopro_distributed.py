@@ -3,6 +3,7 @@
 After every update the parameters are identical on both processes and the applied update equals
 ``-lr * mean_over_processes(g) * z``, with each process's projected gradient gathered to check it.
 """
+
 from __future__ import annotations
 
 import os
@@ -88,9 +89,10 @@ def _trainer_main(base: str, out: str) -> None:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base)
     tok.padding_side = "left"
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
-                                      init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False),
+    )
     rank = int(os.environ.get("RANK", 0))
     ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"say {i}"}] for i in range(16)]})
     mu = {k: 0.01 * torch.randn_like(t) for k, t in lora_state(model).items()}
@@ -98,11 +100,28 @@ def _trainer_main(base: str, out: str) -> None:
     def reward(completions, **kw):  # differs per process: different losses
         return [float(len(str(c))) * (1 + rank) / 10 for c in completions]
 
-    args = RLOOConfig(output_dir=out, per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
-                      max_steps=2, report_to=[], save_strategy="no", seed=0, lr_scheduler_type="constant",
-                      use_cpu=True)
-    trainer = ZOPrOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
-                           mu=mu, v=None, zo_config=ZOConfig(lr=1e-2, eps=1e-2, gamma_schedule="linear", seed=5))
+    args = RLOOConfig(
+        output_dir=out,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=6,
+        max_steps=2,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        lr_scheduler_type="constant",
+        use_cpu=True,
+    )
+    trainer = ZOPrOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        mu=mu,
+        v=None,
+        zo_config=ZOConfig(lr=1e-2, eps=1e-2, gamma_schedule="linear", seed=5),
+    )
     assert trainer.accelerator.num_processes == 2 and dist.get_world_size() == 2
     before = lora_state(model)
     trainer.train()
@@ -119,8 +138,18 @@ def test_trainer_two_processes_stay_in_sync(tiny_base, tmp_path):
     from safetensors.torch import load_file
 
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU processes
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), __file__, tiny_base, str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        __file__,
+        tiny_base,
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))

@@ -1,4 +1,5 @@
 """ZOPrO's guarded variant: probes, guard, momentum trust region, state, and precision on a bf16 base."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,9 @@ SHAPES = {"q.lora_A.weight": (4, 16), "q.lora_B.weight": (16, 4), "v.lora_A.weig
 
 
 def config(**overrides) -> GuardedConfig:
-    values = dict(step_size=0.05, eps=1e-3, n_perturbations=4, updates_per_batch=8, momentum_kl=0.5, momentum_prompts=4,
-                  seed=3)
+    values = dict(
+        step_size=0.05, eps=1e-3, n_perturbations=4, updates_per_batch=8, momentum_kl=0.5, momentum_prompts=4, seed=3
+    )
     values.update(overrides)
     return GuardedConfig(**values)
 
@@ -38,7 +40,7 @@ def test_probes_are_unit_scale_orthogonal_to_v_and_mu_and_replayable():
     assert z.shape == (4, sum(t.numel() for t in mu.values()))
     assert (z @ flat_v).abs().max() < 1e-4 * float(flat_v.norm())
     assert (z @ engine.mu).abs().max() < 1e-4 * float(engine.mu.norm())
-    assert 0.8 < float(z.pow(2).mean()) < 1.2            # MeZO scale: does not depend on |mu|
+    assert 0.8 < float(z.pow(2).mean()) < 1.2  # MeZO scale: does not depend on |mu|
     assert torch.equal(z, engine.probes(5)) and not torch.equal(z, engine.probes(6))
 
 
@@ -60,7 +62,7 @@ def test_guarded_updates_lower_the_loss_and_count_every_step():
 
 
 def test_a_step_that_raises_the_loss_is_rejected_and_undone_exactly():
-    engine, params, _, _ = make(config(step_size=1e3))         # far too large: every candidate overshoots
+    engine, params, _, _ = make(config(step_size=1e3))  # far too large: every candidate overshoots
     start = {k: p.clone() for k, p in params.items()}
     metrics = engine.update(quadratic(params, {k: torch.zeros_like(p) for k, p in params.items()}))
     assert engine.state.rejected == engine.config.updates_per_batch and metrics["zo/accepted_fraction"] == 0
@@ -79,7 +81,10 @@ def test_non_finite_losses_skip_the_update():
 def test_momentum_takes_the_largest_grid_step_within_the_kl_budget(budget):
     engine, params, mu, _ = make(config(momentum_kl=budget))
     start = engine.flat.copy()
-    kl = lambda: float(((engine.flat.copy() - start).norm() / engine.mu.norm()) ** 2)  # alpha^2
+
+    def kl() -> float:  # alpha^2
+        return float(((engine.flat.copy() - start).norm() / engine.mu.norm()) ** 2)
+
     metrics = engine.momentum(kl)
     allowed = [a for a in MOMENTUM_GRID if a * a <= budget]
     alpha = max(allowed) if allowed and budget > 0 else 0.0
@@ -168,7 +173,10 @@ def test_momentum_keeps_the_rise_of_the_kl_to_the_reference_within_budget(start_
     """KL to SFT = start_kl + 2 alpha^2 may rise by at most momentum_kl = 0.5: alpha <= 0.5."""
     engine, _, _, _ = make(config(momentum_kl=0.5))
     start = engine.flat.copy()
-    alpha = lambda: float((engine.flat.copy() - start).norm() / engine.mu.norm())
+
+    def alpha() -> float:
+        return float((engine.flat.copy() - start).norm() / engine.mu.norm())
+
     metrics = engine.momentum(lambda: 0.1 * alpha() ** 2, lambda: start_kl + 2 * alpha() ** 2)
     assert metrics["zo/momentum_alpha"] == 0.5
     assert metrics["zo/momentum_reference_kl"] == pytest.approx(start_kl + 0.5)

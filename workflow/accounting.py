@@ -21,6 +21,7 @@ train on. Every drop and every kept empty answer gives one :class:`DataWarning` 
 the counts go to the stage's metrics (:func:`usable_rows`'s second value). A split left without a
 usable row raises :class:`DataError` naming ``model.max_length`` and the file.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -47,8 +48,9 @@ def token_counts(tokenizer, conversations: list[list[dict[str, str]]], generatio
     """Tokens of each conversation rendered by the chat template (``apply_chat_template(tokenize=True)``)."""
     if not conversations:
         return np.zeros(0, dtype=int)
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=generation_prompt)
-             for c in conversations]
+    texts = [
+        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=generation_prompt) for c in conversations
+    ]
     return np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
 
 
@@ -61,13 +63,15 @@ def _too_long(rows: pd.DataFrame, tokenizer, max_length: int, kind: str) -> tupl
             return dropped, np.zeros(len(rows), dtype=bool)
         full = token_counts(tokenizer, [p + list(a) for p, a in zip(prompts, rows["chosen"])])
         return dropped, (full > max_length) & ~dropped
-    longest = np.max([token_counts(tokenizer, [p + list(a) for p, a in zip(prompts, rows[c])])
-                      for c in ANSWERS[kind]], axis=0)
+    longest = np.max(
+        [token_counts(tokenizer, [p + list(a) for p, a in zip(prompts, rows[c])]) for c in ANSWERS[kind]], axis=0
+    )
     return longest > max_length, np.zeros(len(rows), dtype=bool)
 
 
-def usable_rows(rows: pd.DataFrame, tokenizer, max_length: int, kind: str,
-                source: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+def usable_rows(
+    rows: pd.DataFrame, tokenizer, max_length: int, kind: str, source: str
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The rows of ``source`` (the file they came from) that a ``kind`` stage can use, and their
     accounting: ``rows_read``, ``rows_used``, ``dropped_too_long``, ``dropped_empty``,
     ``dropped_identical``, ``kept_empty`` (pairs with an empty answer), ``truncated`` (SFT answers
@@ -86,9 +90,15 @@ def usable_rows(rows: pd.DataFrame, tokenizer, max_length: int, kind: str,
     identical = texts["chosen"] == texts["rejected"] if kind == "pairs" else np.zeros(n, dtype=bool)
     drop_identical = identical & ~too_long & ~drop_empty
     dropped = too_long | drop_empty | drop_identical
-    counts = {"rows_read": n, "rows_used": int(n - dropped.sum()), "dropped_too_long": int(too_long.sum()),
-              "dropped_empty": int(drop_empty.sum()), "dropped_identical": int(drop_identical.sum()),
-              "kept_empty": int((empty & ~dropped).sum()), "truncated": int(truncated.sum())}
+    counts = {
+        "rows_read": n,
+        "rows_used": int(n - dropped.sum()),
+        "dropped_too_long": int(too_long.sum()),
+        "dropped_empty": int(drop_empty.sum()),
+        "dropped_identical": int(drop_identical.sum()),
+        "kept_empty": int((empty & ~dropped).sum()),
+        "truncated": int(truncated.sum()),
+    }
     _report(counts, int(max_length), source)
     return (rows if not dropped.any() else rows[~dropped].reset_index(drop=True)), counts
 
@@ -103,8 +113,13 @@ def _report(counts: dict[str, int], max_length: int, source: str) -> None:
     }
     found = [f"{counts[key]} {why}" for key, why in reasons.items() if counts[key]]
     if counts["rows_used"] == 0:
-        raise DataError(f"{source}: none of its {counts['rows_read']} rows is usable ({', '.join(found)}); "
-                        "raise model.max_length or fix the file")
+        raise DataError(
+            f"{source}: none of its {counts['rows_read']} rows is usable ({', '.join(found)}); "
+            "raise model.max_length or fix the file"
+        )
     if found:
-        warnings.warn(f"{source}: {counts['rows_read']} rows, {counts['rows_used']} used; {'; '.join(found)}",
-                      DataWarning, stacklevel=3)
+        warnings.warn(
+            f"{source}: {counts['rows_read']} rows, {counts['rows_used']} used; {'; '.join(found)}",
+            DataWarning,
+            stacklevel=3,
+        )

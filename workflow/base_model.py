@@ -10,6 +10,7 @@
 4. ``build_base_model``: all of the above, saved atomically with ``save_pretrained``
    (model, tokenizer, generation config, ``metrics.csv``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,15 @@ log = logging.getLogger(__name__)
 BOS, EOS, PAD, IM_START = "<s>", "<|im_end|>", "<pad>", "<|im_start|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START]
 DEFAULTS: dict[str, Any] = {
-    "vocab_size": 512, "hidden_size": 64, "intermediate_size": 192, "num_layers": 2, "num_heads": 4,
-    "epochs": 2, "learning_rate": 3e-3, "batch_size": 32, "max_length": 128,
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_layers": 2,
+    "num_heads": 4,
+    "epochs": 2,
+    "learning_rate": 3e-3,
+    "batch_size": 32,
+    "max_length": 128,
 }
 
 Message = dict[str, str]
@@ -59,8 +67,7 @@ def _plain_render(messages: Sequence[Message]) -> str:
 
 def render(tokenizer: Any, conversations: Iterable[Sequence[Message] | str]) -> list[str]:
     """Transcripts as the tokenizer's chat template renders them (strings pass through)."""
-    return [c if isinstance(c, str) else tokenizer.apply_chat_template(list(c), tokenize=False)
-            for c in conversations]
+    return [c if isinstance(c, str) else tokenizer.apply_chat_template(list(c), tokenize=False) for c in conversations]
 
 
 # ---------------------------------------------------------------------------------- tokenizer
@@ -75,13 +82,21 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=int(vocab_size), special_tokens=SPECIAL_TOKENS, min_frequency=2,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=int(vocab_size),
+        special_tokens=SPECIAL_TOKENS,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(list(texts), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        extra_special_tokens=[IM_START], padding_side="right", model_max_length=DEFAULTS["max_length"],
+        tokenizer_object=bpe,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        extra_special_tokens=[IM_START],
+        padding_side="right",
+        model_max_length=DEFAULTS["max_length"],
     )
     prepare_tokenizer(tokenizer, "chat")
     return tokenizer
@@ -129,12 +144,16 @@ def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], cfg: dict[str, An
     per_epoch = math.ceil(len(ids) / batch_size)
     total = max(1, round(per_epoch * float(cfg["epochs"])))
     warmup = max(1, total // 20)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg["learning_rate"]), weight_decay=0.01,
-                                  betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=float(cfg["learning_rate"]), weight_decay=0.01, betas=(0.9, 0.98)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    )
     generator = torch.Generator().manual_seed(int(seed))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if runtime.use_bf16() else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if runtime.use_bf16() else torch.autocast("cpu", enabled=False)
+    )
     pad = tokenizer.pad_token_id
     start, step, ema = time.perf_counter(), 0, None
     with tqdm(total=total, desc="pretrain base model", mininterval=5.0) as bar:
@@ -143,9 +162,11 @@ def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], cfg: dict[str, An
             for first in range(0, len(order), batch_size):
                 if step >= total:
                     break
-                batch = [ids[i] for i in order[first:first + batch_size]]
+                batch = [ids[i] for i in order[first : first + batch_size]]
                 input_ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=pad).to(device)
-                attention = (torch.arange(input_ids.shape[1])[None, :] < torch.tensor([len(b) for b in batch])[:, None]).to(device)
+                attention = (
+                    torch.arange(input_ids.shape[1])[None, :] < torch.tensor([len(b) for b in batch])[:, None]
+                ).to(device)
                 labels = input_ids.masked_fill(~attention, -100)
                 with autocast:
                     loss = model(input_ids=input_ids, attention_mask=attention.long(), labels=labels).loss
@@ -165,8 +186,9 @@ def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], cfg: dict[str, An
     return {"steps": step, "loss": float(ema), "seconds": seconds}
 
 
-def build_base_model(conversations: Sequence[Sequence[Message] | str], out_dir: str | Path,
-                     cfg: dict[str, Any], seed: int) -> dict[str, float]:
+def build_base_model(
+    conversations: Sequence[Sequence[Message] | str], out_dir: str | Path, cfg: dict[str, Any], seed: int
+) -> dict[str, float]:
     """Train the tokenizer and the tiny model on ``conversations`` and save both to ``out_dir``.
 
     ``conversations`` are message lists (rendered with the chat template) or already rendered
@@ -182,10 +204,14 @@ def build_base_model(conversations: Sequence[Sequence[Message] | str], out_dir: 
     stats = pretrain(model, tokenizer, texts, cfg, seed)
     n_tokens = sum(len(x) for x in tokenizer(texts[:2000], add_special_tokens=False)["input_ids"])
     metrics = {
-        "step": stats["steps"], "loss": stats["loss"], "train_seconds": stats["seconds"],
-        "wall_seconds": time.perf_counter() - start, "n_texts": len(texts),
+        "step": stats["steps"],
+        "loss": stats["loss"],
+        "train_seconds": stats["seconds"],
+        "wall_seconds": time.perf_counter() - start,
+        "n_texts": len(texts),
         "mean_tokens": n_tokens / max(1, min(len(texts), 2000)),
-        "vocab_size": len(tokenizer), "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "parameters": sum(p.numel() for p in model.parameters()),
     }
     with atomic_dir(out_dir) as tmp:
         model.to("cpu").save_pretrained(tmp)
@@ -198,6 +224,8 @@ def build_base_model(conversations: Sequence[Sequence[Message] | str], out_dir: 
 def run(job) -> None:
     """Stage ``base_model``: ``job.input['train']`` parquet -> ``job.output['model']`` folder."""
     df = read_table(job.input["train"], ("prompt",))
-    cfg = {**job.config["base_model"],
-           "max_length": job.config.get("model", {}).get("max_length", DEFAULTS["max_length"])}
+    cfg = {
+        **job.config["base_model"],
+        "max_length": job.config.get("model", {}).get("max_length", DEFAULTS["max_length"]),
+    }
     build_base_model(dialogues(df), job.output["model"], cfg, job.seed)

@@ -5,6 +5,7 @@ the disk, so that a configuration that would fail after hours of training fails 
 job, with a message that names the keys and says what to do. Relative paths are read from the
 working directory (``snakemake -d``), as the jobs read them.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,11 +35,15 @@ def model_problem(key: str, name: str) -> str | None:
     if not path.is_dir():
         return f"{key}: {name!r} is a file; point it at the model's folder (a save_pretrained output)"
     if not (path / "config.json").is_file():
-        return (f"{key}: {name!r} has no config.json, so it is not a saved model; point it at the folder "
-                "that save_pretrained wrote (config.json, weights and tokenizer files)")
+        return (
+            f"{key}: {name!r} has no config.json, so it is not a saved model; point it at the folder "
+            "that save_pretrained wrote (config.json, weights and tokenizer files)"
+        )
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        return (f"{key}: {name!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
-                "into the model folder (tokenizer.save_pretrained)")
+        return (
+            f"{key}: {name!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
+            "into the model folder (tokenizer.save_pretrained)"
+        )
     return None
 
 
@@ -50,13 +55,17 @@ def judge_problems(config: dict[str, Any]) -> list[str]:
     kind, model = judge["kind"], judge.get("model")
     if kind == "rule":
         if dataset != "embedded":
-            return [f"judge.kind: rule is the embedded task's gold function, but dataset.name is {dataset!r}; "
-                    "set judge.kind to llm or reward_model and judge.model to the judge's hub id or folder "
-                    "(or loop.iterations: 1, which judges no pairs)"]
+            return [
+                f"judge.kind: rule is the embedded task's gold function, but dataset.name is {dataset!r}; "
+                "set judge.kind to llm or reward_model and judge.model to the judge's hub id or folder "
+                "(or loop.iterations: 1, which judges no pairs)"
+            ]
         return []
     if not model:
-        return [f"judge.kind: {kind} needs judge.model (a hub id or local folder of the judge model), "
-                "which is null; set judge.model"]
+        return [
+            f"judge.kind: {kind} needs judge.model (a hub id or local folder of the judge model), "
+            "which is null; set judge.model"
+        ]
     problem = model_problem("judge.model", str(model))
     return [problem] if problem else []
 
@@ -67,15 +76,21 @@ def policy_problems(config: dict[str, Any]) -> list[str]:
     problems = []
     batch, k = int(policy["batch_size"]), int(policy["rloo_k"])
     if batch % k:
-        problems.append(f"policy.batch_size ({batch}) must be a multiple of policy.rloo_k ({k}): every batch holds "
-                        f"whole groups of rloo_k samples per prompt; e.g. policy.batch_size: {k * max(1, round(batch / k))}")
+        problems.append(
+            f"policy.batch_size ({batch}) must be a multiple of policy.rloo_k ({k}): every batch holds "
+            f"whole groups of rloo_k samples per prompt; e.g. policy.batch_size: {k * max(1, round(batch / k))}"
+        )
     if policy.get("kl_target") is not None:
         if float(policy["kl_coef"]) <= 0:
-            problems.append("policy.kl_target is set, so the adaptive KL coefficient needs a positive start: "
-                            "policy.kl_coef is 0; set policy.kl_coef > 0 or policy.kl_target: null")
+            problems.append(
+                "policy.kl_target is set, so the adaptive KL coefficient needs a positive start: "
+                "policy.kl_coef is 0; set policy.kl_coef > 0 or policy.kl_target: null"
+            )
         if policy.get("ppo_kl_coef") is not None and float(policy["ppo_kl_coef"]) <= 0:
-            problems.append("policy.kl_target is set, so ppo's adaptive KL coefficient needs a positive start: "
-                            "policy.ppo_kl_coef is 0; set it > 0 (or null: policy.kl_coef) or policy.kl_target: null")
+            problems.append(
+                "policy.kl_target is set, so ppo's adaptive KL coefficient needs a positive start: "
+                "policy.ppo_kl_coef is 0; set it > 0 (or null: policy.kl_coef) or policy.kl_target: null"
+            )
     return problems
 
 

@@ -37,6 +37,7 @@ on them gives a policy in the upper middle of the range (about 0.55 on average i
 ``rejected`` answers are clearly worse (by at least ``MIN_GAP`` gold points, so no ties): more
 negative adjectives, off-topic, or malformed (lower-case, no final stop, repeated words).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,10 +47,41 @@ import numpy as np
 import pandas as pd
 
 TOPICS = (
-    "garden", "river", "city", "forest", "ocean", "book", "song", "movie", "house", "train",
-    "mountain", "cat", "dog", "lake", "market", "school", "bridge", "village", "painting", "island",
+    "garden",
+    "river",
+    "city",
+    "forest",
+    "ocean",
+    "book",
+    "song",
+    "movie",
+    "house",
+    "train",
+    "mountain",
+    "cat",
+    "dog",
+    "lake",
+    "market",
+    "school",
+    "bridge",
+    "village",
+    "painting",
+    "island",
 )
-POSITIVE = ("lovely", "bright", "calm", "kind", "great", "warm", "happy", "fresh", "gentle", "pleasant", "clean", "friendly")
+POSITIVE = (
+    "lovely",
+    "bright",
+    "calm",
+    "kind",
+    "great",
+    "warm",
+    "happy",
+    "fresh",
+    "gentle",
+    "pleasant",
+    "clean",
+    "friendly",
+)
 NEUTRAL = ("big", "old", "small", "long", "round", "tall", "quiet", "busy", "plain", "new")
 NEGATIVE = ("dull", "ugly", "sad", "cold", "awful", "dirty", "noisy", "broken", "boring", "grim", "harsh", "gloomy")
 POLARITY = {**{w: 1.0 for w in POSITIVE}, **{w: 0.0 for w in NEUTRAL}, **{w: -1.0 for w in NEGATIVE}}
@@ -75,9 +107,9 @@ ANSWER_TEMPLATES = (
 
 WEIGHTS = {"topic": 0.25, "sentiment": 0.50, "form": 0.25}
 MIN_WORDS, MAX_WORDS = 3, 14
-MIN_GAP = 0.2                          # chosen beats rejected by at least this many gold points
-CHOSEN_MIX = (0.40, 0.30, 0.30)        # P(positive, neutral, negative) of a chosen adjective
-REJECTED_MIX = (0.10, 0.30, 0.60)      # same for rejected answers of the "negative" kind
+MIN_GAP = 0.2  # chosen beats rejected by at least this many gold points
+CHOSEN_MIX = (0.40, 0.30, 0.30)  # P(positive, neutral, negative) of a chosen adjective
+REJECTED_MIX = (0.10, 0.30, 0.60)  # same for rejected answers of the "negative" kind
 REJECTED_KINDS = ("negative", "off_topic", "malformed")
 REJECTED_KIND_P = (0.5, 0.25, 0.25)
 STOPWORDS = frozenset({"the", "is", "and", "a", "i", "it", "this", "think", "find", "seems", "very", "but", "of"})
@@ -208,11 +240,13 @@ def generate_split(split: str, n_rows: int, seed: int) -> pd.DataFrame:
                 break
         else:
             continue  # chosen too weak to be beaten clearly: draw a new row
-        rows.append({
-            "prompt": _message("user", prompt),
-            "chosen": _message("assistant", chosen),
-            "rejected": _message("assistant", rejected),
-        })
+        rows.append(
+            {
+                "prompt": _message("user", prompt),
+                "chosen": _message("assistant", chosen),
+                "rejected": _message("assistant", rejected),
+            }
+        )
     return pd.DataFrame(rows, columns=["prompt", "chosen", "rejected"])
 
 

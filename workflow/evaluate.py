@@ -18,6 +18,7 @@ given the prompt set they are (the error is then, if anything, conservative); as
 prompts drawn afresh it leaves out part of the spread between prompts, most for one policy's own
 mean, least for paired differences, where what a prompt adds to both policies cancels.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,15 @@ def gold_scorer(config: dict[str, Any]) -> Callable[[str, str], float] | None:
 
 
 @torch.no_grad()
-def generate(policy_model, tokenizer, prompts: list[list[dict[str, str]]], max_new_tokens: int,
-             temperature: float, seed: int, batch_size: int = 64) -> list[str]:
+def generate(
+    policy_model,
+    tokenizer,
+    prompts: list[list[dict[str, str]]],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = 64,
+) -> list[str]:
     """Sample one answer per prompt (message lists) with the tokenizer's chat template; seeded."""
     device = next(policy_model.parameters()).device
     was_training = policy_model.training
@@ -60,14 +68,20 @@ def generate(policy_model, tokenizer, prompts: list[list[dict[str, str]]], max_n
     answers: list[str] = []
     try:
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], add_special_tokens=False, padding=True,
-                            return_tensors="pt").to(device)
+            enc = tokenizer(
+                texts[start : start + batch_size], add_special_tokens=False, padding=True, return_tensors="pt"
+            ).to(device)
             out = policy_model.generate(
-                **enc, do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0,
-                max_new_tokens=int(max_new_tokens), pad_token_id=tokenizer.pad_token_id,
+                **enc,
+                do_sample=True,
+                temperature=float(temperature),
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=int(max_new_tokens),
+                pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            new = out[:, enc["input_ids"].shape[1]:]
+            new = out[:, enc["input_ids"].shape[1] :]
             answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
@@ -81,8 +95,16 @@ def sampling_seed(seed: int, s: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(s)]).generate_state(1)[0])
 
 
-def evaluate(policy_model, tokenizer, reward_model, prompts: list[list[dict[str, str]]], cfg: dict[str, Any],
-             seed: int, reward_tokenizer=None, gold: Callable[[str, str], float] | None = None) -> pd.DataFrame:
+def evaluate(
+    policy_model,
+    tokenizer,
+    reward_model,
+    prompts: list[list[dict[str, str]]],
+    cfg: dict[str, Any],
+    seed: int,
+    reward_tokenizer=None,
+    gold: Callable[[str, str], float] | None = None,
+) -> pd.DataFrame:
     """Sample answers to ``prompts`` and score them; one row per (prompt, sampling seed, sample).
 
     ``seed`` is the config's seed (not a per-policy one): sampling seed ``s`` draws with
@@ -96,26 +118,35 @@ def evaluate(policy_model, tokenizer, reward_model, prompts: list[list[dict[str,
     expanded = per_seed * n_seeds
     answers: list[str] = []
     for s in range(n_seeds):
-        answers += generate(policy_model, tokenizer, per_seed, cfg["model"]["generation_length"],
-                            ecfg.get("temperature", 1.0), sampling_seed(seed, s))
+        answers += generate(
+            policy_model,
+            tokenizer,
+            per_seed,
+            cfg["model"]["generation_length"],
+            ecfg.get("temperature", 1.0),
+            sampling_seed(seed, s),
+        )
     gold = gold if gold is not None else gold_scorer(cfg)
     texts = [last_user_text(p) for p in expanded]
     gold_values = [float(gold(t, a)) if gold else math.nan for t, a in zip(texts, answers)]
     if reward_model is not None:
-        rewards = reward_scores(reward_model, reward_tokenizer or tokenizer, expanded, answers,
-                                max_length=cfg["model"].get("max_length"))
+        rewards = reward_scores(
+            reward_model, reward_tokenizer or tokenizer, expanded, answers, max_length=cfg["model"].get("max_length")
+        )
     else:
         rewards = np.full(len(answers), np.nan)
-    return pd.DataFrame({
-        "prompt_index": [i for _ in range(n_seeds) for i in range(len(prompts)) for _ in range(k)],
-        "seed": [s for s in range(n_seeds) for _ in range(len(prompts) * k)],
-        "sample": [j for _ in range(n_seeds * len(prompts)) for j in range(k)],
-        "prompt": expanded,
-        "prompt_text": texts,
-        "answer": answers,
-        "gold": np.asarray(gold_values, dtype=float),
-        "reward": np.asarray(rewards, dtype=float),
-    })
+    return pd.DataFrame(
+        {
+            "prompt_index": [i for _ in range(n_seeds) for i in range(len(prompts)) for _ in range(k)],
+            "seed": [s for s in range(n_seeds) for _ in range(len(prompts) * k)],
+            "sample": [j for _ in range(n_seeds * len(prompts)) for j in range(k)],
+            "prompt": expanded,
+            "prompt_text": texts,
+            "answer": answers,
+            "gold": np.asarray(gold_values, dtype=float),
+            "reward": np.asarray(rewards, dtype=float),
+        }
+    )
 
 
 def require_finite_rewards(rows: pd.DataFrame, reward: str, output: str) -> None:
@@ -123,9 +154,11 @@ def require_finite_rewards(rows: pd.DataFrame, reward: str, output: str) -> None
     would leave it out of ``reward_mean`` silently); ``output`` is the file being written."""
     bad = ~np.isfinite(rows["reward"].to_numpy(dtype=float))
     if bad.any():
-        raise FloatingPointError(f"{output}: reward model {reward} produced non-finite scores for {int(bad.sum())} "
-                                 f"of {len(bad)} evaluation answers; the reward adapter is broken (diverged "
-                                 "training?): retrain it")
+        raise FloatingPointError(
+            f"{output}: reward model {reward} produced non-finite scores for {int(bad.sum())} "
+            f"of {len(bad)} evaluation answers; the reward adapter is broken (diverged "
+            "training?): retrain it"
+        )
 
 
 def unit_columns(rows: pd.DataFrame) -> list[str]:
@@ -167,8 +200,10 @@ def paired_difference(rows: pd.DataFrame, reference: pd.DataFrame, column: str =
     """
     mine, theirs = unit_means(rows, column), unit_means(reference, column)
     if unit_columns(rows) != unit_columns(reference) or not mine.index.sort_values().equals(theirs.index.sort_values()):
-        raise ValueError(f"not paired: the evaluations have different (prompt, seed) units "
-                         f"({len(mine)} and {len(theirs)} units); evaluate both with the same evaluation settings")
+        raise ValueError(
+            f"not paired: the evaluations have different (prompt, seed) units "
+            f"({len(mine)} and {len(theirs)} units); evaluate both with the same evaluation settings"
+        )
     if "prompt_text" in rows and "prompt_text" in reference:
         texts = rows.groupby("prompt_index")["prompt_text"].first()
         other = reference.groupby("prompt_index")["prompt_text"].first().reindex(texts.index)
@@ -210,16 +245,23 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     clusters = [rows[c] for c in unit_columns(rows)] or None
     gold_mean, gold_stderr = _mean_stderr(rows["gold"], clusters)
     reward_mean, reward_stderr = _mean_stderr(rows["reward"], clusters)
-    return pd.DataFrame([{
-        "n": len(rows), "gold_mean": gold_mean, "gold_stderr": gold_stderr,
-        "reward_mean": reward_mean, "reward_stderr": reward_stderr,
-        "reward_gold_accuracy": reward_gold_accuracy(rows),
-    }])
+    return pd.DataFrame(
+        [
+            {
+                "n": len(rows),
+                "gold_mean": gold_mean,
+                "gold_stderr": gold_stderr,
+                "reward_mean": reward_mean,
+                "reward_stderr": reward_stderr,
+                "reward_gold_accuracy": reward_gold_accuracy(rows),
+            }
+        ]
+    )
 
 
 def evaluation_prompts(test_rows: pd.DataFrame, n_prompts: int) -> list[list[dict[str, str]]]:
     """The fixed evaluation set: the first ``n_prompts`` held-out prompts."""
-    return [list(p) for p in test_rows["prompt"].iloc[:int(n_prompts)]]
+    return [list(p) for p in test_rows["prompt"].iloc[: int(n_prompts)]]
 
 
 def run(job) -> None:

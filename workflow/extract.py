@@ -22,6 +22,7 @@ Where the rows come from, per split (first match wins):
 A source row that cannot be turned into a valid row raises :class:`ExtractionError` naming the
 file (or hub split), the row and the offending key; nothing is written then.
 """
+
 from __future__ import annotations
 
 import csv
@@ -64,6 +65,7 @@ Row = dict[str, Any]
 # --------------------------------------------------------------------------------------------
 # field helpers
 # --------------------------------------------------------------------------------------------
+
 
 def _msg(role: str, content: str) -> Message:
     return {"role": role, "content": content}
@@ -178,6 +180,7 @@ def render_hh(prompt: Sequence[Mapping[str, str]], answer: str) -> str:
 # row builders: one source record -> {prompt, chosen, rejected[, score]}
 # --------------------------------------------------------------------------------------------
 
+
 def build_hh(record: Mapping[str, Any], hub_config: str | None = None) -> Row:
     chosen = _text(record, "chosen")
     rejected = _text(record, "rejected")
@@ -207,8 +210,11 @@ def build_pku(record: Mapping[str, Any], hub_config: str | None = None) -> Row:
     prompt = _text(record, "prompt")
     responses = [_text(record, "response_0"), _text(record, "response_1")]
     better = _binary(record, "better_response_id")
-    return {"prompt": [_msg("user", prompt)], "chosen": [_msg("assistant", responses[better])],
-            "rejected": [_msg("assistant", responses[1 - better])]}
+    return {
+        "prompt": [_msg("user", prompt)],
+        "chosen": [_msg("assistant", responses[better])],
+        "rejected": [_msg("assistant", responses[1 - better])],
+    }
 
 
 def build_shp(record: Mapping[str, Any], hub_config: str | None = None) -> Row:
@@ -216,14 +222,19 @@ def build_shp(record: Mapping[str, Any], hub_config: str | None = None) -> Row:
     a, b = _text(record, "human_ref_A"), _text(record, "human_ref_B")
     a_wins = _binary(record, "labels") == 1
     chosen, rejected = (a, b) if a_wins else (b, a)
-    return {"prompt": [_msg("user", prompt)], "chosen": [_msg("assistant", chosen)],
-            "rejected": [_msg("assistant", rejected)]}
+    return {
+        "prompt": [_msg("user", prompt)],
+        "chosen": [_msg("assistant", chosen)],
+        "rejected": [_msg("assistant", rejected)],
+    }
 
 
 def build_cvalues(record: Mapping[str, Any], hub_config: str | None = None) -> Row:
-    return {"prompt": [_msg("user", _text(record, "prompt"))],
-            "chosen": [_msg("assistant", _text(record, "pos_resp"))],
-            "rejected": [_msg("assistant", _text(record, "neg_resp"))]}
+    return {
+        "prompt": [_msg("user", _text(record, "prompt"))],
+        "chosen": [_msg("assistant", _text(record, "pos_resp"))],
+        "rejected": [_msg("assistant", _text(record, "neg_resp"))],
+    }
 
 
 def build_summarize(record: Mapping[str, Any], hub_config: str | None = None) -> Row:
@@ -243,8 +254,11 @@ def build_summarize(record: Mapping[str, Any], hub_config: str | None = None) ->
         except RowError as exc:
             raise RowError(f"summaries[{i}].text", exc.problem) from None
     choice = _binary(record, "choice")
-    return {"prompt": [_msg("user", post)], "chosen": [_msg("assistant", texts[choice])],
-            "rejected": [_msg("assistant", texts[1 - choice])]}
+    return {
+        "prompt": [_msg("user", post)],
+        "chosen": [_msg("assistant", texts[choice])],
+        "rejected": [_msg("assistant", texts[1 - choice])],
+    }
 
 
 WMT_MISSING_LABEL = -1000.0  # the hub marks unlabelled rows with z_mean = -10000
@@ -270,26 +284,31 @@ def build_wmt(record: Mapping[str, Any], hub_config: str | None = None) -> Row:
     score = _number(record, "z_mean")
     if score <= WMT_MISSING_LABEL:
         raise RowError("z_mean", f"{score} marks a row without a quality label")
-    return {"prompt": [_msg("user", source)], "chosen": [_msg("assistant", target)],
-            "rejected": [_msg("assistant", source)], "score": score}
+    return {
+        "prompt": [_msg("user", source)],
+        "chosen": [_msg("assistant", target)],
+        "rejected": [_msg("assistant", source)],
+        "score": score,
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     """How one supported dataset is found and turned into rows."""
 
     name: str
-    task: str                                   # chat | summarization | mt
-    hub_id: str | None                          # default hub id (None: generated locally)
-    hub_config: str | None                      # default hub configuration
+    task: str  # chat | summarization | mt
+    hub_id: str | None  # default hub id (None: generated locally)
+    hub_config: str | None  # default hub configuration
     build: Callable[[Mapping[str, Any], str | None], Row] | None
-    required: tuple[str, ...] = ()              # columns every source file must have
+    required: tuple[str, ...] = ()  # columns every source file must have
     hub_splits: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    config_is_data_dir: bool = False            # hub_config is a data_dir, not a config name
+    config_is_data_dir: bool = False  # hub_config is a data_dir, not a config name
     has_score: bool = False
 
     def hub_split(self, split: str) -> str:
@@ -301,22 +320,42 @@ class DatasetSpec:
         return self.required
 
 
-REGISTRY: dict[str, DatasetSpec] = {spec.name: spec for spec in [
-    DatasetSpec("embedded", "chat", None, None, None),
-    DatasetSpec("hh-rlhf", "chat", "Anthropic/hh-rlhf", None, build_hh, ("chosen", "rejected"),
-                config_is_data_dir=True),
-    DatasetSpec("rlhf-trojan", "chat", "ethz-spylab/rlhf_trojan_dataset", None, build_trojan,
-                ("chosen", "rejected")),
-    DatasetSpec("pku-saferlhf", "chat", "PKU-Alignment/PKU-SafeRLHF-single-dimension", None, build_pku,
-                ("prompt", "response_0", "response_1", "better_response_id")),
-    DatasetSpec("shp", "chat", "stanfordnlp/SHP", None, build_shp,
-                ("history", "human_ref_A", "human_ref_B", "labels")),
-    DatasetSpec("cvalues", "chat", "Skepsun/cvalues_rlhf", None, build_cvalues, ("prompt", "pos_resp", "neg_resp")),
-    DatasetSpec("summarize", "summarization", "openai/summarize_from_feedback", "comparisons", build_summarize,
-                ("info", "summaries", "choice"), hub_splits={"test": "validation"}),
-    DatasetSpec("wmt20", "mt", "wmt/wmt20_mlqe_task1", "en-de", build_wmt, ("translation", "z_mean"),
-                has_score=True),
-]}
+REGISTRY: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in [
+        DatasetSpec("embedded", "chat", None, None, None),
+        DatasetSpec(
+            "hh-rlhf", "chat", "Anthropic/hh-rlhf", None, build_hh, ("chosen", "rejected"), config_is_data_dir=True
+        ),
+        DatasetSpec(
+            "rlhf-trojan", "chat", "ethz-spylab/rlhf_trojan_dataset", None, build_trojan, ("chosen", "rejected")
+        ),
+        DatasetSpec(
+            "pku-saferlhf",
+            "chat",
+            "PKU-Alignment/PKU-SafeRLHF-single-dimension",
+            None,
+            build_pku,
+            ("prompt", "response_0", "response_1", "better_response_id"),
+        ),
+        DatasetSpec(
+            "shp", "chat", "stanfordnlp/SHP", None, build_shp, ("history", "human_ref_A", "human_ref_B", "labels")
+        ),
+        DatasetSpec("cvalues", "chat", "Skepsun/cvalues_rlhf", None, build_cvalues, ("prompt", "pos_resp", "neg_resp")),
+        DatasetSpec(
+            "summarize",
+            "summarization",
+            "openai/summarize_from_feedback",
+            "comparisons",
+            build_summarize,
+            ("info", "summaries", "choice"),
+            hub_splits={"test": "validation"},
+        ),
+        DatasetSpec(
+            "wmt20", "mt", "wmt/wmt20_mlqe_task1", "en-de", build_wmt, ("translation", "z_mean"), has_score=True
+        ),
+    ]
+}
 
 
 def spec_of(name: str) -> DatasetSpec:
@@ -336,8 +375,13 @@ def task_of(name: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 FORMATS = {  # suffix -> reader; longest suffix first when matching
-    ".jsonl.gz": "jsonl", ".json.gz": "json", ".tsv.gz": "tsv",
-    ".jsonl": "jsonl", ".json": "json", ".tsv": "tsv", ".parquet": "parquet",
+    ".jsonl.gz": "jsonl",
+    ".json.gz": "json",
+    ".tsv.gz": "tsv",
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
 }
 
 Records = list[tuple[str, Any]]  # (location such as "line 3" or "row 2", source record)
@@ -383,8 +427,9 @@ def read_file(path: str | os.PathLike) -> Records:
             return [(f"row {i}", r) for i, r in enumerate(rows, start=1)]
         if kind == "tsv":
             with _open_text(path) as handle:
-                frame = pd.read_csv(handle, sep="\t", quoting=csv.QUOTE_NONE, dtype=str,
-                                    keep_default_na=False, na_filter=False)
+                frame = pd.read_csv(
+                    handle, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False, na_filter=False
+                )
             # one record per line (no quoting): data row i is on line i + 1
             return [(f"line {i}", r) for i, r in enumerate(frame.to_dict("records"), start=2)]
         with _open_text(path) as handle:
@@ -418,8 +463,11 @@ def read_file(path: str | os.PathLike) -> Records:
 
 def _looks_local(source: str) -> bool:
     """Paths (``./x``, ``/x``, ``~/x``, ``x.jsonl``...) rather than hub ids (``owner/name``)."""
-    return (os.path.exists(source) or source.startswith((".", "/", "~"))
-            or any(source.lower().endswith(suffix) for suffix in FORMATS))
+    return (
+        os.path.exists(source)
+        or source.startswith((".", "/", "~"))
+        or any(source.lower().endswith(suffix) for suffix in FORMATS)
+    )
 
 
 def find_split_file(folder: str | os.PathLike, spec: DatasetSpec, split: str, hub_config: str | None) -> Path:
@@ -436,8 +484,9 @@ def find_split_file(folder: str | os.PathLike, spec: DatasetSpec, split: str, hu
     )
 
 
-def resolve(spec: DatasetSpec, split: str, source: str | None, file: str | None,
-            hub_config: str | None) -> tuple[str, str]:
+def resolve(
+    spec: DatasetSpec, split: str, source: str | None, file: str | None, hub_config: str | None
+) -> tuple[str, str]:
     """``("file", path)`` or ``("hub", hub_id)`` for one split."""
     if file:
         return "file", str(file)
@@ -468,8 +517,9 @@ def _sample(n: int, max_rows: int | None, seed: int) -> list[int] | None:
     return sorted(int(i) for i in rng.choice(n, size=int(max_rows), replace=False))
 
 
-def _read_hub(spec: DatasetSpec, hub_id: str, split: str, hub_config: str | None, max_rows: int | None,
-              seed: int) -> tuple[str, Records]:
+def _read_hub(
+    spec: DatasetSpec, hub_id: str, split: str, hub_config: str | None, max_rows: int | None, seed: int
+) -> tuple[str, Records]:
     import datasets
 
     hub_split = spec.hub_split(split)
@@ -491,6 +541,7 @@ def _read_hub(spec: DatasetSpec, hub_id: str, split: str, hub_config: str | None
 # --------------------------------------------------------------------------------------------
 # extraction
 # --------------------------------------------------------------------------------------------
+
 
 def _check_messages(messages: Any, where: str, column: str, *, assistant_only: bool) -> list[Message]:
     if isinstance(messages, np.ndarray):
@@ -529,8 +580,9 @@ def build_rows(spec: DatasetSpec, records: Records, where: str, hub_config: str 
         except RowError as exc:
             raise ExtractionError(f"{where}: {location}: {exc}") from None
         for column in COLUMNS:
-            row[column] = _check_messages(row[column], f"{where}: {location}", column,
-                                          assistant_only=assistant_only and column != "prompt")
+            row[column] = _check_messages(
+                row[column], f"{where}: {location}", column, assistant_only=assistant_only and column != "prompt"
+            )
         rows.append(row)
     columns = COLUMNS + (["score"] if spec.has_score else [])
     frame = pd.DataFrame(rows, columns=columns)
@@ -550,8 +602,13 @@ def _embedded(split: str, embedded_rows: int | None, max_rows: int | None, seed:
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise ExtractionError(f"{where}: missing column(s) {missing}")
-    out = {c: [_check_messages(v, f"{where}: row {i}", c, assistant_only=c != "prompt")
-               for i, v in enumerate(frame[c], start=1)] for c in COLUMNS}
+    out = {
+        c: [
+            _check_messages(v, f"{where}: row {i}", c, assistant_only=c != "prompt")
+            for i, v in enumerate(frame[c], start=1)
+        ]
+        for c in COLUMNS
+    }
     result = pd.DataFrame(out, columns=COLUMNS)
     if "score" in frame.columns:
         result["score"] = frame["score"].astype("float64").to_numpy()
@@ -601,6 +658,7 @@ def extract(
 # stage
 # --------------------------------------------------------------------------------------------
 
+
 def params_from_config(config: Mapping[str, Any], dataset: str, split: str) -> dict[str, Any]:
     """The extraction parameters of ``dataset``/``split`` from the workflow config.
 
@@ -626,7 +684,8 @@ def run(job) -> None:
     dataset, split = job.wildcards["dataset"], job.wildcards["split"]
     params = {**params_from_config(job.config, dataset, split), **(job.params or {})}
     frame = extract(
-        dataset, split,
+        dataset,
+        split,
         source=params.get("source"),
         files=params.get("file"),
         hub_config=params.get("hub_config"),

@@ -39,6 +39,7 @@ iteration updates ``P_last - P_first`` and ``R_last - R_first``, and
 previous iteration (the assumption behind ZOPrO's momentum term). A last row with
 ``scope == "trajectory"`` aggregates every step / aligned point of the whole trajectory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,7 +48,6 @@ import numpy as np
 import pandas as pd
 
 from workflow.trajectories import Trajectory
-
 
 # --------------------------------------------------------------------------- elementary metrics
 
@@ -162,8 +162,17 @@ def align(policy: Trajectory, reward: Trajectory) -> Alignment:
             rf.append(sr[t])
             rt.append(sr[t + 1])
     a = np.asarray
-    return Alignment(a(pts_it, int), a(prow, int), a(rrow, int), a(it, int), a(idx, int),
-                     a(pf, int), a(pt, int), a(rf, int), a(rt, int))
+    return Alignment(
+        a(pts_it, int),
+        a(prow, int),
+        a(rrow, int),
+        a(it, int),
+        a(idx, int),
+        a(pf, int),
+        a(pt, int),
+        a(rf, int),
+        a(rt, int),
+    )
 
 
 # --------------------------------------------------------------------------- streaming sums
@@ -172,8 +181,14 @@ def align(policy: Trajectory, reward: Trajectory) -> Alignment:
 class UpdateAccumulator:
     """``trajectories.stream`` hook: exact per-step sums over the shared parameters."""
 
-    def __init__(self, alignment: Alignment, policy: Trajectory, reward: Trajectory,
-                 policy_name: str = "policy", reward_name: str = "reward"):
+    def __init__(
+        self,
+        alignment: Alignment,
+        policy: Trajectory,
+        reward: Trajectory,
+        policy_name: str = "policy",
+        reward_name: str = "reward",
+    ):
         self.al = alignment
         self.pn, self.rn = policy_name, reward_name
         s = alignment.n_steps
@@ -206,8 +221,10 @@ class UpdateAccumulator:
             self.rr_next[:-1] += np.einsum("ij,ij->i", dr[:-1], dr[1:])
             self.rp_next[:-1] += np.einsum("ij,ij->i", dr[:-1], dp[1:])
             del dp, dr
-        u = np.stack([P[b].astype(np.float64) - P[a] for a, b in self.it_p]
-                     + [R[b].astype(np.float64) - R[a] for a, b in self.it_r])
+        u = np.stack(
+            [P[b].astype(np.float64) - P[a] for a, b in self.it_p]
+            + [R[b].astype(np.float64) - R[a] for a, b in self.it_r]
+        )
         self.gram += u @ u.T
 
     def step_table(self) -> pd.DataFrame:
@@ -216,52 +233,59 @@ class UpdateAccumulator:
         nxt = al.next_in_iteration()
         cos = np.array([_cos(a, b, c) for a, b, c in zip(self.pr, self.pp, self.rr)])
         pp_n = np.append(self.pp[1:], np.nan)
-        obi = np.array([_cos(a, b, c) if ok else np.nan
-                        for a, b, c, ok in zip(self.rp_next, self.rr, pp_n, nxt)])
-        pcons = np.array([_cos(a, b, c) if ok else np.nan
-                          for a, b, c, ok in zip(self.pp_next, self.pp, pp_n, nxt)])
+        obi = np.array([_cos(a, b, c) if ok else np.nan for a, b, c, ok in zip(self.rp_next, self.rr, pp_n, nxt)])
+        pcons = np.array([_cos(a, b, c) if ok else np.nan for a, b, c, ok in zip(self.pp_next, self.pp, pp_n, nxt)])
         rr_n = np.append(self.rr[1:], np.nan)
-        rcons = np.array([_cos(a, b, c) if ok else np.nan
-                          for a, b, c, ok in zip(self.rr_next, self.rr, rr_n, nxt)])
-        pear = np.array([pearson_from_sums(self.n, *v)
-                         for v in zip(self.sp, self.sr, self.pp, self.rr, self.pr)])
-        return pd.DataFrame({
-            "iteration": al.iteration,
-            "step_index": al.step_index,
-            "n_params": self.n,
-            "cosine": cos,
-            "angle_deg": angle_deg(cos),
-            "obi_wan_cosine": obi,
-            "obi_wan_angle_deg": angle_deg(obi),
-            "policy_consecutive_cosine": pcons,
-            "reward_consecutive_cosine": rcons,
-            "pearson": pear,
-            "policy_norm": np.sqrt(self.pp),
-            "reward_norm": np.sqrt(self.rr),
-        })
+        rcons = np.array([_cos(a, b, c) if ok else np.nan for a, b, c, ok in zip(self.rr_next, self.rr, rr_n, nxt)])
+        pear = np.array([pearson_from_sums(self.n, *v) for v in zip(self.sp, self.sr, self.pp, self.rr, self.pr)])
+        return pd.DataFrame(
+            {
+                "iteration": al.iteration,
+                "step_index": al.step_index,
+                "n_params": self.n,
+                "cosine": cos,
+                "angle_deg": angle_deg(cos),
+                "obi_wan_cosine": obi,
+                "obi_wan_angle_deg": angle_deg(obi),
+                "policy_consecutive_cosine": pcons,
+                "reward_consecutive_cosine": rcons,
+                "pearson": pear,
+                "policy_norm": np.sqrt(self.pp),
+                "reward_norm": np.sqrt(self.rr),
+            }
+        )
 
     def iteration_cosines(self) -> pd.DataFrame:
         g, n = self.gram, self.n_it
         rows = []
         for i in range(n):
-            rows.append({
-                "iteration": i,
-                "iteration_cosine": _cos(g[i, n + i], g[i, i], g[n + i, n + i]),
-                "policy_momentum_cosine": _cos(g[i, i - 1], g[i, i], g[i - 1, i - 1]) if i else np.nan,
-                "reward_momentum_cosine": (_cos(g[n + i, n + i - 1], g[n + i, n + i], g[n + i - 1, n + i - 1])
-                                           if i else np.nan),
-                "policy_iteration_norm": float(np.sqrt(g[i, i])),
-                "reward_iteration_norm": float(np.sqrt(g[n + i, n + i])),
-            })
+            rows.append(
+                {
+                    "iteration": i,
+                    "iteration_cosine": _cos(g[i, n + i], g[i, i], g[n + i, n + i]),
+                    "policy_momentum_cosine": _cos(g[i, i - 1], g[i, i], g[i - 1, i - 1]) if i else np.nan,
+                    "reward_momentum_cosine": (
+                        _cos(g[n + i, n + i - 1], g[n + i, n + i], g[n + i - 1, n + i - 1]) if i else np.nan
+                    ),
+                    "policy_iteration_norm": float(np.sqrt(g[i, i])),
+                    "reward_iteration_norm": float(np.sqrt(g[n + i, n + i])),
+                }
+            )
         return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- tables
 
 
-def step_table(acc: UpdateAccumulator, policy: Trajectory, reward: Trajectory,
-               reduced: dict[str, np.ndarray], pca3: dict[str, np.ndarray] | None = None,
-               policy_name: str = "policy", reward_name: str = "reward") -> pd.DataFrame:
+def step_table(
+    acc: UpdateAccumulator,
+    policy: Trajectory,
+    reward: Trajectory,
+    reduced: dict[str, np.ndarray],
+    pca3: dict[str, np.ndarray] | None = None,
+    policy_name: str = "policy",
+    reward_name: str = "reward",
+) -> pd.DataFrame:
     """Per-step table: exact metrics plus steps, progress, speeds and reduced-space angles."""
     al = acc.al
     df = acc.step_table()
@@ -287,12 +311,27 @@ def step_table(acc: UpdateAccumulator, policy: Trajectory, reward: Trajectory,
     return df
 
 
-def iteration_table(steps: pd.DataFrame, acc: UpdateAccumulator, reduced: dict[str, np.ndarray],
-                    policy_name: str = "policy", reward_name: str = "reward") -> pd.DataFrame:
+def iteration_table(
+    steps: pd.DataFrame,
+    acc: UpdateAccumulator,
+    reduced: dict[str, np.ndarray],
+    policy_name: str = "policy",
+    reward_name: str = "reward",
+) -> pd.DataFrame:
     """Per-iteration means of the step metrics plus shape metrics (module docstring)."""
     al = acc.al
-    skip = {"iteration", "step_index", "n_params", "policy_step_from", "policy_step_to",
-            "reward_step_from", "reward_step_to", "progress", "progress_end", "reward_progress"}
+    skip = {
+        "iteration",
+        "step_index",
+        "n_params",
+        "policy_step_from",
+        "policy_step_to",
+        "reward_step_from",
+        "reward_step_to",
+        "progress",
+        "progress_end",
+        "reward_progress",
+    }
     cols = [c for c in steps.columns if c not in skip]
     yp, yr = reduced[policy_name], reduced[reward_name]
     itc = acc.iteration_cosines().set_index("iteration")

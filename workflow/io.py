@@ -6,6 +6,7 @@ Temporary files and folders have fixed names beside their target (``.metrics.csv
 killed with SIGKILL leaves at most one of each, and the next run of the stage overwrites or removes
 it before starting.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -97,8 +98,10 @@ def read_table(path: str | os.PathLike, columns: Sequence[str] = ()) -> pd.DataF
     table = pd.read_parquet(path)
     missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise DataFileError(f"{path}: missing column(s) {', '.join(map(repr, missing))} (it has "
-                            f"{', '.join(map(repr, table.columns)) or 'none'}; expected {', '.join(columns)})")
+        raise DataFileError(
+            f"{path}: missing column(s) {', '.join(map(repr, missing))} (it has "
+            f"{', '.join(map(repr, table.columns)) or 'none'}; expected {', '.join(columns)})"
+        )
     return table
 
 
@@ -110,9 +113,14 @@ def reading(path: str | os.PathLike, what: str) -> Iterator[None]:
 
     try:
         yield
-    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, pd.errors.EmptyDataError,
-            pd.errors.ParserError) as err:
+    except (
+        SafetensorError,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        pd.errors.EmptyDataError,
+        pd.errors.ParserError,
+    ) as err:
         raise DataFileError(
             f"{path}: damaged {what} ({type(err).__name__}: {err}); a killed job or a full disk leaves "
-            "such files: delete it and rerun the stage that wrote it (README, \"Rerun semantics\")"
+            'such files: delete it and rerun the stage that wrote it (README, "Rerun semantics")'
         ) from err

@@ -4,6 +4,7 @@ A stage function takes one :class:`Job` (plain, JSON-serialisable data) so that 
 in-process, or in several processes under ``accelerate launch`` when a rule asks for more
 than one GPU.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from workflow import runtime
-
 
 # Config keys every job gets besides its settings, and which are not rerun triggers: where caches
 # live, how a job is spread over processes (resources, like those the SLURM profile sets) and where
@@ -55,8 +55,11 @@ class Job:
         params = dict(smk.params.items())
         settings = params.pop("settings", None)
         params.pop("code", None)
-        config = dict(smk.config) if settings is None else {
-            **{k: smk.config[k] for k in RUNTIME_KEYS if k in smk.config}, **settings}
+        config = (
+            dict(smk.config)
+            if settings is None
+            else {**{k: smk.config[k] for k in RUNTIME_KEYS if k in smk.config}, **settings}
+        )
         return cls(
             input=dict(smk.input.items()),
             output=dict(smk.output.items()),
@@ -149,8 +152,19 @@ def _launch_distributed(job: Job, target: str, processes: int) -> None:
     """
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec:
         json.dump({"job": dataclasses.asdict(job), "target": target}, spec)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     cmd += ["--multi_gpu", "-m", "workflow.job", spec.name]
     # CPU processes (resources.gpus 0) stay on the CPU on a GPU machine too: hidden GPUs make
     # accelerate join them with gloo rather than give each a GPU that may not exist

@@ -22,6 +22,7 @@ message). :func:`make_judge` builds the judge of the config's ``judge:`` section
 :func:`check_drop_rate` enforces ``judge.max_drop_rate`` with a message that names the pairs
 file being written.
 """
+
 from __future__ import annotations
 
 import math
@@ -145,15 +146,22 @@ class LLMJudge(Judge):
         out: list[str] = []
         device = next(self.model.parameters()).device
         for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start:start + self.batch_size]
-            enc = self.tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left",
-                                 add_special_tokens=not getattr(self.tokenizer, "chat_template", None))
+            chunk = texts[start : start + self.batch_size]
+            enc = self.tokenizer(
+                chunk,
+                return_tensors="pt",
+                padding=True,
+                padding_side="left",
+                add_special_tokens=not getattr(self.tokenizer, "chat_template", None),
+            )
             enc = {k: v.to(device) for k, v in enc.items()}
             generated = self.model.generate(
-                **enc, do_sample=False, max_new_tokens=self.max_new_tokens,
+                **enc,
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
-            new = generated[:, enc["input_ids"].shape[1]:]
+            new = generated[:, enc["input_ids"].shape[1] :]
             out.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
         return out
 
@@ -212,10 +220,15 @@ class RewardModelJudge(Judge):
         device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                 padding_side="right", truncation=self.max_length is not None,
-                                 max_length=self.max_length,
-                                 add_special_tokens=not getattr(self.tokenizer, "chat_template", None))
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                padding_side="right",
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+                add_special_tokens=not getattr(self.tokenizer, "chat_template", None),
+            )
             enc = {k: v.to(device) for k, v in enc.items()}
             out.append(self.model(**enc).logits[:, 0].float().cpu())
         return torch.cat(out).numpy() if out else np.zeros(0)
@@ -246,8 +259,9 @@ def make_judge(cfg: dict[str, Any], seed: int = 0) -> Judge:
         if kind == "llm":
             return LLMJudge.from_path(str(path), batch_size=batch_size, seed=seed)
         max_length = cfg.get("model", {}).get("max_length")
-        return RewardModelJudge.from_path(str(path), batch_size=batch_size,
-                                          max_length=2 * int(max_length) if max_length else None)
+        return RewardModelJudge.from_path(
+            str(path), batch_size=batch_size, max_length=2 * int(max_length) if max_length else None
+        )
     raise JudgeError(f"unknown judge.kind {kind!r}; expected rule, llm or reward_model")
 
 

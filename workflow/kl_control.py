@@ -23,6 +23,7 @@ estimated it (RLOO: its per-token ``kl`` times ``completions/mean_length``; PPO:
 (``kl_coef``), so it is in ``metrics.csv``, survives a resume (restored from the log history) and
 carries over to the next iteration (:func:`previous_coefficient`).
 """
+
 from __future__ import annotations
 
 import math

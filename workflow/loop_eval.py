@@ -32,6 +32,7 @@ standard error over (prompt, sampling seed) units of the difference of the two p
 
 Every paired column is NaN where there is no gold score (datasets other than the embedded one).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,14 @@ import pandas as pd
 import torch
 
 SUMMARY_COLUMNS = ["gold_mean", "gold_stderr", "reward_mean", "reward_stderr", "kl", "reward_gold_accuracy"]
-PAIRED_COLUMNS = ["gold_gain_vs_previous", "gold_gain_vs_previous_stderr", "gold_gain_vs_sft",
-                  "gold_gain_vs_sft_stderr", "gold_gain_vs_iter0", "gold_gain_vs_iter0_stderr"]
+PAIRED_COLUMNS = [
+    "gold_gain_vs_previous",
+    "gold_gain_vs_previous_stderr",
+    "gold_gain_vs_sft",
+    "gold_gain_vs_sft_stderr",
+    "gold_gain_vs_iter0",
+    "gold_gain_vs_iter0_stderr",
+]
 TABLE_COLUMNS = ["iteration", *SUMMARY_COLUMNS, "wall_time_s", "peak_mem_mb", *PAIRED_COLUMNS]
 
 
@@ -55,13 +62,13 @@ def sequence_logprobs(model, tokenizer, prompts: list, answers: list[str], batch
     out = []
     for start in range(0, len(prompts), batch_size):
         ids, masks = [], []
-        for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
+        for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size]):
             prefix = tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
             full = tokenizer.apply_chat_template(list(p) + [{"role": "assistant", "content": a}], tokenize=False)
             if not full.startswith(prefix):
                 raise ValueError("chat template does not extend the generation prompt with the answer")
             p_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-            a_ids = tokenizer(full[len(prefix):], add_special_tokens=False)["input_ids"]
+            a_ids = tokenizer(full[len(prefix) :], add_special_tokens=False)["input_ids"]
             ids.append(p_ids + a_ids)
             masks.append([0] * len(p_ids) + [1] * len(a_ids))
         width = max(len(x) for x in ids)
@@ -75,8 +82,9 @@ def sequence_logprobs(model, tokenizer, prompts: list, answers: list[str], batch
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def sequence_kl(base: str, policy_adapter: str, sft_adapter: str, tokenizer, prompts: list,
-                answers: list[str]) -> np.ndarray:
+def sequence_kl(
+    base: str, policy_adapter: str, sft_adapter: str, tokenizer, prompts: list, answers: list[str]
+) -> np.ndarray:
     """Per-sample ``log pi - log pi_SFT`` of the answers (one model, two adapters)."""
     from workflow.models import add_adapter, load_policy
 
@@ -115,8 +123,9 @@ def run(job) -> None:
     if Path(job.input["policy"]).resolve() == Path(job.input["sft"]).resolve():
         rows["kl"] = 0.0
     else:
-        rows["kl"] = sequence_kl(base, job.input["policy"], job.input["sft"], tokenizer,
-                                 list(rows["prompt"]), list(rows["answer"]))
+        rows["kl"] = sequence_kl(
+            base, job.input["policy"], job.input["sft"], tokenizer, list(rows["prompt"]), list(rows["answer"])
+        )
     summary = summarise(rows)
     summary["kl"] = float(rows["kl"].mean())
     summary["iteration"] = int(job.params["iteration"])
@@ -165,8 +174,9 @@ def paired_gains(samples: dict[int, str]) -> dict[int, dict[str, float]]:
     return out
 
 
-def evaluation_table(sft_summary: str, iteration_summaries: list[str], benchmarks: list[str],
-                     samples: dict[int, str] | None = None) -> pd.DataFrame:
+def evaluation_table(
+    sft_summary: str, iteration_summaries: list[str], benchmarks: list[str], samples: dict[int, str] | None = None
+) -> pd.DataFrame:
     """The per-method table (see the module docstring); benchmarks are matched by iteration.
 
     ``samples``: evaluation parquet per iteration (``-1`` = SFT) for the paired gains; without
@@ -178,14 +188,22 @@ def evaluation_table(sft_summary: str, iteration_summaries: list[str], benchmark
     rows = []
     sft = pd.read_csv(sft_summary).iloc[0]
     sft_values = {k: float(sft.get(k, 0.0 if k == "kl" else math.nan)) for k in SUMMARY_COLUMNS}
-    rows.append({"iteration": -1, **sft_values, "wall_time_s": math.nan, "peak_mem_mb": math.nan,
-                 **gains.get(-1, nan_gains)})
+    rows.append(
+        {"iteration": -1, **sft_values, "wall_time_s": math.nan, "peak_mem_mb": math.nan, **gains.get(-1, nan_gains)}
+    )
     for path in iteration_summaries:
         summary = pd.read_csv(path).iloc[0]
         i = int(summary["iteration"]) if "iteration" in summary else _iteration_of(path)
         seconds, rss = benchmark_numbers(bench_by_iter.get(i))
-        rows.append({"iteration": i, **{k: float(summary.get(k, math.nan)) for k in SUMMARY_COLUMNS},
-                     "wall_time_s": seconds, "peak_mem_mb": rss, **gains.get(i, nan_gains)})
+        rows.append(
+            {
+                "iteration": i,
+                **{k: float(summary.get(k, math.nan)) for k in SUMMARY_COLUMNS},
+                "wall_time_s": seconds,
+                "peak_mem_mb": rss,
+                **gains.get(i, nan_gains),
+            }
+        )
     return pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values("iteration").reset_index(drop=True)
 
 

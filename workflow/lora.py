@@ -1,4 +1,5 @@
 """LoRA configuration shared by every stage (policy and reward adapters)."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """Loading helpers: tokenizers, base models, policy and reward adapters, preference rows."""
+
 from __future__ import annotations
 
 import os
@@ -82,8 +83,7 @@ def load_causal_lm(path: str, dtype: torch.dtype | None = None):
     return model.to(runtime.device())
 
 
-def load_policy(base_path: str, adapter_path: str | None, trainable: bool = False,
-                adapter_name: str = "default"):
+def load_policy(base_path: str, adapter_path: str | None, trainable: bool = False, adapter_name: str = "default"):
     """Base causal LM plus the LoRA adapter of ``adapter_path`` (plain ``PeftModel``; PEFT keeps
     LoRA weights fp32 on a bf16 base, ``autocast_adapter_dtype``).
 
@@ -118,8 +118,9 @@ def load_sequence_classifier(base_path: str, pad_token_id: int | None = None, dt
     weights and optimizer states, as the LoRA weights do.
     """
     with reading(base_path, "model"):
-        model = AutoModelForSequenceClassification.from_pretrained(model_source(base_path), num_labels=1,
-                                                                   dtype=dtype or torch_dtype())
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_source(base_path), num_labels=1, dtype=dtype or torch_dtype()
+        )
     fp32_head(model.score.float())
     if pad_token_id is None:
         pad_token_id = _pad_token_id(base_path)
@@ -128,8 +129,7 @@ def load_sequence_classifier(base_path: str, pad_token_id: int | None = None, dt
     return model.to(runtime.device())
 
 
-def load_reward_model(base_path: str, adapter_path: str, trainable: bool = False,
-                      pad_token_id: int | None = None):
+def load_reward_model(base_path: str, adapter_path: str, trainable: bool = False, pad_token_id: int | None = None):
     """Reward model: 1-label sequence classifier on the base plus its LoRA adapter and head.
 
     A frozen reward model (``trainable=False``: scoring) loads in fp32 whatever the precision: on a

@@ -22,6 +22,7 @@
 
 An empty pair set is an error that names the file and the iteration (never an empty parquet).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,16 +44,25 @@ def select_uncertain(samples: pd.DataFrame, fraction: float) -> pd.DataFrame:
     if samples.empty:
         return samples
     frame = samples.copy()
-    frame["_key"] = [repr([(m["role"], m["content"]) for m in p]) + "\x00" + str(c)
-                     for p, c in zip(frame["prompt"], frame["completion"])]
+    frame["_key"] = [
+        repr([(m["role"], m["content"]) for m in p]) + "\x00" + str(c)
+        for p, c in zip(frame["prompt"], frame["completion"])
+    ]
     frame["_abs"] = frame["score"].abs()
     frame = frame.sort_values(["_abs", "_key"], kind="stable").drop_duplicates("_key", keep="first")
     n = max(1, math.ceil(float(fraction) * len(frame) - 1e-9))
     return frame.head(n).drop(columns=["_key", "_abs"]).reset_index(drop=True)
 
 
-def build_pairs(prompts: list, answers_a: list[str], answers_b: list[str], scores_a: np.ndarray,
-                verdicts: list[int | None], judge_kind: str, drop_rate: float) -> pd.DataFrame:
+def build_pairs(
+    prompts: list,
+    answers_a: list[str],
+    answers_b: list[str],
+    scores_a: np.ndarray,
+    verdicts: list[int | None],
+    judge_kind: str,
+    drop_rate: float,
+) -> pd.DataFrame:
     """Pair rows (see module docstring) from judged answers; drops ``None`` and identical pairs."""
     rows = []
     identical = 0
@@ -63,12 +73,17 @@ def build_pairs(prompts: list, answers_a: list[str], answers_b: list[str], score
             identical += 1
             continue
         chosen, rejected = (a, b) if v == 0 else (b, a)
-        rows.append({
-            "prompt": list(p),
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-            "answer_a": a, "answer_b": b, "score_a": float(s), "verdict": int(v),
-        })
+        rows.append(
+            {
+                "prompt": list(p),
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "answer_a": a,
+                "answer_b": b,
+                "score_a": float(s),
+                "verdict": int(v),
+            }
+        )
     frame = pd.DataFrame(rows, columns=["prompt", "chosen", "rejected", "answer_a", "answer_b", "score_a", "verdict"])
     frame["judge"] = judge_kind
     frame["judge_drop_rate"] = float(drop_rate)
@@ -77,8 +92,9 @@ def build_pairs(prompts: list, answers_a: list[str], answers_b: list[str], score
     return frame
 
 
-def collect_pairs(samples: pd.DataFrame, policy_model, tokenizer, reward_fn, judge: Judge,
-                  cfg: dict[str, Any], seed: int, where: str) -> pd.DataFrame:
+def collect_pairs(
+    samples: pd.DataFrame, policy_model, tokenizer, reward_fn, judge: Judge, cfg: dict[str, Any], seed: int, where: str
+) -> pd.DataFrame:
     """Uncertain samples -> second answers -> judged pairs (see module docstring).
 
     ``reward_fn``: a :class:`workflow.policy.RewardFunction` of reward model ``i`` (raises on NaN);
@@ -94,8 +110,12 @@ def collect_pairs(samples: pd.DataFrame, policy_model, tokenizer, reward_fn, jud
     kept = select_uncertain(samples, cfg["loop"]["uncertain_fraction"])
     prompts = list(kept["prompt"])
     answers_a = [str(c).strip() for c in kept["completion"]]
-    answers_b = [c.strip() for c in sample_completions(
-        policy_model, tokenizer, prompts, cfg["model"]["generation_length"], cfg["loop"]["pair_temperature"], seed)]
+    answers_b = [
+        c.strip()
+        for c in sample_completions(
+            policy_model, tokenizer, prompts, cfg["model"]["generation_length"], cfg["loop"]["pair_temperature"], seed
+        )
+    ]
     verdicts = judge.judge(prompts, answers_a, answers_b)
     if len(verdicts) != len(prompts):
         raise PairsError(f"{where}: the judge returned {len(verdicts)} verdicts for {len(prompts)} pairs")
@@ -133,14 +153,20 @@ def run(job) -> None:
     policy_model = load_policy(base, job.input["policy"], trainable=False)
     reward_tokenizer = load_tokenizer(job.input["reward"], task)
     reward = load_reward_model(base, job.input["reward"], pad_token_id=reward_tokenizer.pad_token_id)
-    reward_fn = RewardFunction(reward, reward_tokenizer, name=f"{job.input['reward']} (iteration {iteration})",
-                               max_length=int(cfg["model"]["max_length"]))
+    reward_fn = RewardFunction(
+        reward,
+        reward_tokenizer,
+        name=f"{job.input['reward']} (iteration {iteration})",
+        max_length=int(cfg["model"]["max_length"]),
+    )
     samples = read_table(job.input["samples"], ("prompt", "completion"))
     judge = make_judge(cfg, seed=seed)
     pairs = collect_pairs(samples, policy_model, tokenizer, reward_fn, judge, cfg, seed, where)
     write_parquet(pairs, out)
-    print(f"{where}: {len(pairs)} pairs, judge drop rate {pairs['judge_drop_rate'].iloc[0]:.3f}, "
-          f"chosen == policy sample in {float((pairs['verdict'] == 0).mean()):.2f}")
+    print(
+        f"{where}: {len(pairs)} pairs, judge drop rate {pairs['judge_drop_rate'].iloc[0]:.3f}, "
+        f"chosen == policy sample in {float((pairs['verdict'] == 0).mean()):.2f}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,14 +186,25 @@ def average_adapters(previous: str, new: str, alpha: float, out_file: str) -> No
     cur = load_tensors(f"{new}/adapter_model.safetensors")
     if set(prev) != set(cur):
         raise ValueError(f"keep_rm_close: adapters {previous} and {new} have different tensors")
-    mixed = {k: (float(alpha) * prev[k].float() + (1.0 - float(alpha)) * cur[k].float()).to(cur[k].dtype).contiguous()
-             for k in cur}
+    mixed = {
+        k: (float(alpha) * prev[k].float() + (1.0 - float(alpha)) * cur[k].float()).to(cur[k].dtype).contiguous()
+        for k in cur
+    }
     with atomic_path(out_file) as tmp:
         save_file(mixed, str(tmp), metadata={"format": "pt"})
 
 
-def refine_reward(base: str, reward_adapter: str, pairs_path: str, test_path: str | None, out_dir: str,
-                  cfg: dict[str, Any], seed: int, task: str, where: str) -> dict[str, Any]:
+def refine_reward(
+    base: str,
+    reward_adapter: str,
+    pairs_path: str,
+    test_path: str | None,
+    out_dir: str,
+    cfg: dict[str, Any],
+    seed: int,
+    task: str,
+    where: str,
+) -> dict[str, Any]:
     """Continue reward model ``i`` on pairs ``i`` (``workflow.reward.train_reward``); with
     ``loop.keep_rm_close`` the saved adapter is ``alpha * previous + (1 - alpha) * refined``
     (``loop.keep_rm_alpha``). Snapshots and metrics are those of the refinement itself."""
@@ -187,18 +224,42 @@ def refine_reward(base: str, reward_adapter: str, pairs_path: str, test_path: st
     out = Path(out_dir)
     loop = cfg["loop"]
     if not loop.get("keep_rm_close", False):
-        summary = train_reward(base, reward_adapter, rows, heldout, out, cfg, rcfg["refine_epochs"],
-                               rcfg["refine_learning_rate"], seed, task, batch_size=rcfg.get("batch_size"),
-                               source=pairs_path)
+        summary = train_reward(
+            base,
+            reward_adapter,
+            rows,
+            heldout,
+            out,
+            cfg,
+            rcfg["refine_epochs"],
+            rcfg["refine_learning_rate"],
+            seed,
+            task,
+            batch_size=rcfg.get("batch_size"),
+            source=pairs_path,
+        )
         return summary
     scratch = out.parent / f".{out.name}.refine"
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        summary = train_reward(base, reward_adapter, rows, heldout, scratch, cfg, rcfg["refine_epochs"],
-                               rcfg["refine_learning_rate"], seed, task, batch_size=rcfg.get("batch_size"),
-                               source=pairs_path)
+        summary = train_reward(
+            base,
+            reward_adapter,
+            rows,
+            heldout,
+            scratch,
+            cfg,
+            rcfg["refine_epochs"],
+            rcfg["refine_learning_rate"],
+            seed,
+            task,
+            batch_size=rcfg.get("batch_size"),
+            source=pairs_path,
+        )
         alpha = float(loop.get("keep_rm_alpha", 0.5))
-        average_adapters(reward_adapter, str(scratch / "adapter"), alpha, str(scratch / "adapter" / "adapter_model.safetensors"))
+        average_adapters(
+            reward_adapter, str(scratch / "adapter"), alpha, str(scratch / "adapter" / "adapter_model.safetensors")
+        )
         out.mkdir(parents=True, exist_ok=True)
         from workflow.io import atomic_dir
 
@@ -227,7 +288,15 @@ def run_refine(job) -> None:
     method, iteration = job.wildcards["method"], int(job.wildcards["i"])
     out_dir = job.stage_dir
     where = f"{out_dir} ({method} reward model {iteration})"
-    summary = refine_reward(job.params["base"], job.input["reward"], job.input["pairs"], job.input.get("test"),
-                            str(out_dir), cfg, job.seed + 1009 * iteration + 31, task_of(cfg["dataset"]["name"]),
-                            where)
+    summary = refine_reward(
+        job.params["base"],
+        job.input["reward"],
+        job.input["pairs"],
+        job.input.get("test"),
+        str(out_dir),
+        cfg,
+        job.seed + 1009 * iteration + 31,
+        task_of(cfg["dataset"]["name"]),
+        where,
+    )
     print(summary)

@@ -16,6 +16,7 @@ Command line (used by benchmarks/plots_memory.py)::
 
     python -m workflow.plots --policy P0 P1 --reward R0 R1 --out DIR [--reduce-dim 100] ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,15 @@ from workflow.io import atomic_dir  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"projections": ["pca", "tsne"], "reduce_dim": 100, "layer": None, "obi_wan": False,
-            "keep_rm": False, "max_snapshots": None, "extrapolate": 10}
+DEFAULTS = {
+    "projections": ["pca", "tsne"],
+    "reduce_dim": 100,
+    "layer": None,
+    "obi_wan": False,
+    "keep_rm": False,
+    "max_snapshots": None,
+    "extrapolate": 10,
+}
 COLOURS = {"policy": "tab:blue", "reward": "tab:orange"}
 
 
@@ -59,8 +67,7 @@ def _as_list(value: Any) -> list[str]:
 # --------------------------------------------------------------------------- analysis
 
 
-def analyse(policy_dirs: list[str], reward_dirs: list[str], opts: dict[str, Any],
-            seed: int = 0) -> dict[str, Any]:
+def analyse(policy_dirs: list[str], reward_dirs: list[str], opts: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     """Validate, stream once, embed and compute the metrics (no files written)."""
     if len(policy_dirs) != len(reward_dirs):
         raise ValueError(f"{len(policy_dirs)} policy but {len(reward_dirs)} reward iterations")
@@ -80,8 +87,13 @@ def analyse(policy_dirs: list[str], reward_dirs: list[str], opts: dict[str, Any]
     }
     keys = tj.shared_keys(trajs.values(), opts["layer"])
     n_params = sum(info.numel for info in keys.values())
-    log.info("%d shared tensors, %d parameters; %d policy and %d reward snapshots",
-             len(keys), n_params, len(trajs["policy"]), len(trajs["reward"]))
+    log.info(
+        "%d shared tensors, %d parameters; %d policy and %d reward snapshots",
+        len(keys),
+        n_params,
+        len(trajs["policy"]),
+        len(trajs["reward"]),
+    )
     alignment = ip.align(trajs["policy"], trajs["reward"])
     acc = ip.UpdateAccumulator(alignment, trajs["policy"], trajs["reward"])
     keep_rm = {"reward": opts["keep_rm_alpha"]} if opts["keep_rm"] else None
@@ -90,8 +102,9 @@ def analyse(policy_dirs: list[str], reward_dirs: list[str], opts: dict[str, Any]
         if done == total or done % max(1, total // 20) == 0:
             log.info("streamed %d/%d chunks", done, total)
 
-    reduced = tj.stream(trajs, keys, dim=int(opts["reduce_dim"]), seed=seed, keep_rm=keep_rm,
-                        hooks=[acc], progress=progress)
+    reduced = tj.stream(
+        trajs, keys, dim=int(opts["reduce_dim"]), seed=seed, keep_rm=keep_rm, hooks=[acc], progress=progress
+    )
     t_stream = time.perf_counter() - t0
     joint = np.vstack([reduced["policy"], reduced["reward"]])
     n_p = len(trajs["policy"])
@@ -102,17 +115,30 @@ def analyse(policy_dirs: list[str], reward_dirs: list[str], opts: dict[str, Any]
             embeddings[(method, k)] = {"policy": y[:n_p], "reward": y[n_p:]}
     steps = ip.step_table(acc, trajs["policy"], trajs["reward"], reduced, embeddings[("pca", 3)])
     iters = ip.iteration_table(steps, acc, reduced)
-    return dict(trajectories=trajs, keys=keys, n_params=n_params, reduced=reduced,
-                embeddings=embeddings, steps=steps, iterations=iters,
-                projections=[m for m in tj.available_projections(opts["projections"])],
-                stream_seconds=t_stream)
+    return dict(
+        trajectories=trajs,
+        keys=keys,
+        n_params=n_params,
+        reduced=reduced,
+        embeddings=embeddings,
+        steps=steps,
+        iterations=iters,
+        projections=[m for m in tj.available_projections(opts["projections"])],
+        stream_seconds=t_stream,
+    )
 
 
 def coordinates_table(res: dict[str, Any]) -> pd.DataFrame:
     frames = []
     for name, t in res["trajectories"].items():
-        cols = {"model": name, "row": np.arange(len(t)), "iteration": t.iteration,
-                "snapshot": t.snapshot, "step": t.steps, "progress": t.progress()}
+        cols = {
+            "model": name,
+            "row": np.arange(len(t)),
+            "iteration": t.iteration,
+            "snapshot": t.snapshot,
+            "step": t.steps,
+            "progress": t.progress(),
+        }
         for (method, k), emb in res["embeddings"].items():
             for d in range(k):
                 cols[f"{method}{k}d_{d}"] = emb[name][:, d]
@@ -145,11 +171,11 @@ def _title(opts: dict[str, Any], method: str, label: str) -> str:
     if opts.get("keep_rm"):
         extra.append("keep_rm replay")
     return f"{label}: policy and reward LoRA trajectories ({method.upper()})" + (
-        f" [{', '.join(extra)}]" if extra else "")
+        f" [{', '.join(extra)}]" if extra else ""
+    )
 
 
-def plot_static(res: dict[str, Any], method: str, k: int, path: Path, opts: dict[str, Any],
-                label: str) -> None:
+def plot_static(res: dict[str, Any], method: str, k: int, path: Path, opts: dict[str, Any], label: str) -> None:
     emb = res["embeddings"][(method, k)]
     fig = plt.figure(figsize=(8, 6.5))
     ax = fig.add_subplot(111, projection="3d" if k == 3 else None)
@@ -172,8 +198,9 @@ def plot_static(res: dict[str, Any], method: str, k: int, path: Path, opts: dict
         plt.Line2D([], [], marker="D", ls="", color="gray", label="iteration start"),
     ]
     if int(opts.get("extrapolate") or 0) >= 2:
-        handles.append(plt.Line2D([], [], ls="--", color="gray",
-                                  label=f"linear extrapolation (last {opts['extrapolate']})"))
+        handles.append(
+            plt.Line2D([], [], ls="--", color="gray", label=f"linear extrapolation (last {opts['extrapolate']})")
+        )
     ax.legend(handles=handles, fontsize=8, loc="best")
     ax.set_title(_title(opts, method, label), fontsize=10)
     fig.tight_layout()
@@ -191,28 +218,69 @@ def plot_html(res: dict[str, Any], method: str, path: Path, opts: dict[str, Any]
         y = emb[name]
         c = COLOURS[name].replace("tab:", "")
         hover = [f"{name} iteration {i}, step {s}" for i, s in zip(traj.iteration, traj.steps)]
-        fig.add_trace(go.Scatter3d(x=y[:, 0], y=y[:, 1], z=y[:, 2], mode="lines+markers",
-                                   name=name, text=hover, hoverinfo="text",
-                                   line=dict(color=c, width=4), marker=dict(size=2, color=c)))
-        fig.add_trace(go.Scatter3d(x=y[[0], 0], y=y[[0], 1], z=y[[0], 2], mode="markers",
-                                   name=f"{name} start", marker=dict(size=7, color="white",
-                                                                     line=dict(color=c, width=3))))
-        fig.add_trace(go.Scatter3d(x=y[[-1], 0], y=y[[-1], 1], z=y[[-1], 2], mode="markers",
-                                   name=f"{name} end", marker=dict(size=8, color=c, symbol="diamond")))
+        fig.add_trace(
+            go.Scatter3d(
+                x=y[:, 0],
+                y=y[:, 1],
+                z=y[:, 2],
+                mode="lines+markers",
+                name=name,
+                text=hover,
+                hoverinfo="text",
+                line=dict(color=c, width=4),
+                marker=dict(size=2, color=c),
+            )
+        )
+        fig.add_trace(
+            go.Scatter3d(
+                x=y[[0], 0],
+                y=y[[0], 1],
+                z=y[[0], 2],
+                mode="markers",
+                name=f"{name} start",
+                marker=dict(size=7, color="white", line=dict(color=c, width=3)),
+            )
+        )
+        fig.add_trace(
+            go.Scatter3d(
+                x=y[[-1], 0],
+                y=y[[-1], 1],
+                z=y[[-1], 2],
+                mode="markers",
+                name=f"{name} end",
+                marker=dict(size=8, color=c, symbol="diamond"),
+            )
+        )
         b = traj.boundaries[1:]
         if b:
-            fig.add_trace(go.Scatter3d(x=y[b, 0], y=y[b, 1], z=y[b, 2], mode="markers+text",
-                                       text=[f"{name[0]}{i}" for i in range(1, len(b) + 1)],
-                                       name=f"{name} iteration starts",
-                                       marker=dict(size=5, color=c, symbol="square")))
+            fig.add_trace(
+                go.Scatter3d(
+                    x=y[b, 0],
+                    y=y[b, 1],
+                    z=y[b, 2],
+                    mode="markers+text",
+                    text=[f"{name[0]}{i}" for i in range(1, len(b) + 1)],
+                    name=f"{name} iteration starts",
+                    marker=dict(size=5, color=c, symbol="square"),
+                )
+            )
         ext = extrapolation(y, int(opts.get("extrapolate") or 0))
         if ext is not None:
-            fig.add_trace(go.Scatter3d(x=ext[:, 0], y=ext[:, 1], z=ext[:, 2], mode="lines",
-                                       name=f"{name} extrapolation",
-                                       line=dict(color=c, width=3, dash="dash")))
-    fig.update_layout(title=_title(opts, method, label), height=750,
-                      scene=dict(xaxis_title=f"{method}1", yaxis_title=f"{method}2",
-                                 zaxis_title=f"{method}3"))
+            fig.add_trace(
+                go.Scatter3d(
+                    x=ext[:, 0],
+                    y=ext[:, 1],
+                    z=ext[:, 2],
+                    mode="lines",
+                    name=f"{name} extrapolation",
+                    line=dict(color=c, width=3, dash="dash"),
+                )
+            )
+    fig.update_layout(
+        title=_title(opts, method, label),
+        height=750,
+        scene=dict(xaxis_title=f"{method}1", yaxis_title=f"{method}2", zaxis_title=f"{method}3"),
+    )
     fig.write_html(str(path), include_plotlyjs=True, full_html=True)
 
 
@@ -222,20 +290,30 @@ def plot_interplay(res: dict[str, Any], path: Path, opts: dict[str, Any], label:
     x = (steps["progress"] + steps["progress_end"]) / 2  # middle of each step
     primary = "obi_wan_cosine" if opts.get("obi_wan") else "cosine"
     axes[0].plot(x, steps["cosine"], "-o", ms=3, label="cos(dP_t, dR_t)", alpha=1 if primary == "cosine" else 0.5)
-    axes[0].plot(x, steps["obi_wan_cosine"], "-s", ms=3,
-                 label="obi-wan cos(dR_t, dP_t+1)", alpha=1 if primary != "cosine" else 0.5)
+    axes[0].plot(
+        x,
+        steps["obi_wan_cosine"],
+        "-s",
+        ms=3,
+        label="obi-wan cos(dR_t, dP_t+1)",
+        alpha=1 if primary != "cosine" else 0.5,
+    )
     axes[0].set_ylabel("update cosine")
     axes[1].plot(x, steps["pearson"], "-o", ms=3, color="tab:green")
     axes[1].set_ylabel("Pearson r of\nweight changes")
-    axes[2].plot(x, steps["policy_consecutive_cosine"], "-o", ms=3, color=COLOURS["policy"],
-                 label="policy cos(dP_t, dP_t+1)")
-    axes[2].plot(x, steps["reward_consecutive_cosine"], "-o", ms=3, color=COLOURS["reward"],
-                 label="reward cos(dR_t, dR_t+1)")
+    axes[2].plot(
+        x, steps["policy_consecutive_cosine"], "-o", ms=3, color=COLOURS["policy"], label="policy cos(dP_t, dP_t+1)"
+    )
+    axes[2].plot(
+        x, steps["reward_consecutive_cosine"], "-o", ms=3, color=COLOURS["reward"], label="reward cos(dR_t, dR_t+1)"
+    )
     axes[2].set_ylabel("consecutive\nupdate cosine")
-    axes[3].semilogy(x, steps["policy_speed"].where(steps["policy_speed"] > 0), "-o", ms=3,
-                     color=COLOURS["policy"], label="policy")
-    axes[3].semilogy(x, steps["reward_speed"].where(steps["reward_speed"] > 0), "-o", ms=3,
-                     color=COLOURS["reward"], label="reward")
+    axes[3].semilogy(
+        x, steps["policy_speed"].where(steps["policy_speed"] > 0), "-o", ms=3, color=COLOURS["policy"], label="policy"
+    )
+    axes[3].semilogy(
+        x, steps["reward_speed"].where(steps["reward_speed"] > 0), "-o", ms=3, color=COLOURS["reward"], label="reward"
+    )
     axes[3].set_ylabel("|update| per\noptimizer step")
     axes[3].set_xlabel("training progress (iteration + fraction of its steps)")
     for ax in axes:
@@ -246,8 +324,7 @@ def plot_interplay(res: dict[str, Any], path: Path, opts: dict[str, Any], label:
             ax.legend(fontsize=8)
     for ax in axes[:3]:
         ax.axhline(0, color="black", lw=0.6)
-    axes[0].set_title(f"{label}: policy-reward interplay over {res['n_params']:,} shared parameters",
-                      fontsize=10)
+    axes[0].set_title(f"{label}: policy-reward interplay over {res['n_params']:,} shared parameters", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -272,7 +349,10 @@ def write_outputs(res: dict[str, Any], out: Path, opts: dict[str, Any], label: s
         plot_html(res, method, out / f"{method}_3d.html", opts, label)
     plot_interplay(res, out / "interplay.png", opts, label)
     summary = {
-        "label": label, "options": opts, "n_params": res["n_params"], "n_tensors": len(res["keys"]),
+        "label": label,
+        "options": opts,
+        "n_params": res["n_params"],
+        "n_tensors": len(res["keys"]),
         "snapshots": {n: len(t) for n, t in res["trajectories"].items()},
         "iterations": res["trajectories"]["policy"].n_iterations,
         "stream_seconds": res["stream_seconds"],
@@ -285,7 +365,6 @@ def write_outputs(res: dict[str, Any], out: Path, opts: dict[str, Any], label: s
 def run(job: Any) -> None:
     """Stage function of ``plot_trajectories`` and ``plot_trajectories_upto``."""
     opts = options(job.config)
-    opts.update(job.params.get("plots", {}) if isinstance(job.params.get("plots"), dict) else {})
     policy_dirs = _as_list(job.input["policy"])
     reward_dirs = _as_list(job.input["reward"])
     label = job.wildcards.get("method", "trajectories")
@@ -321,8 +400,11 @@ def compare(job: Any) -> None:
             log.warning("%s lacks iteration/gold_mean columns", evaluations[j])
         mt = _read_csv(Path(plots[j]) / "metrics.csv") if j < len(plots) else None
         if mt is not None and "iteration" in mt.columns:
-            keep = [c for c in ("cosine", "obi_wan_cosine", "pearson", "policy_consecutive_cosine",
-                                "angle_deg") if c in mt.columns]
+            keep = [
+                c
+                for c in ("cosine", "obi_wan_cosine", "pearson", "policy_consecutive_cosine", "angle_deg")
+                if c in mt.columns
+            ]
             agg = mt.groupby("iteration")[keep].mean().reset_index().assign(method=m)
             inter.append(agg)
     with atomic_dir(job.output["plots"]) as out:
@@ -391,9 +473,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    opts = dict(projections=a.projections, reduce_dim=a.reduce_dim, layer=a.layer, obi_wan=a.obi_wan,
-                keep_rm=a.keep_rm, max_snapshots=a.max_snapshots, extrapolate=a.extrapolate,
-                keep_rm_alpha=a.keep_rm_alpha)
+    opts = dict(
+        projections=a.projections,
+        reduce_dim=a.reduce_dim,
+        layer=a.layer,
+        obi_wan=a.obi_wan,
+        keep_rm=a.keep_rm,
+        max_snapshots=a.max_snapshots,
+        extrapolate=a.extrapolate,
+        keep_rm_alpha=a.keep_rm_alpha,
+    )
     res = analyse(a.policy, a.reward, opts, seed=a.seed)
     with atomic_dir(a.out) as out:
         write_outputs(res, out, opts, "trajectories")

@@ -55,6 +55,7 @@ Prompts per iteration
 permutation of the training prompts (chunk size ``ceil(loop.iteration_fraction * n)``, wrapping
 around the end), otherwise all prompts (``policy.epochs`` epochs over them).
 """
+
 from __future__ import annotations
 
 import copy
@@ -126,8 +127,15 @@ def completion_text(completion: Any) -> str:
 class RewardFunction:
     """Reward callable for trl: LoRA reward model scores, NaN check, rollout recording."""
 
-    def __init__(self, model, tokenizer, name: str, batch_size: int = 32, max_length: int | None = None,
-                 gold: Callable[[str, str], float] | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        gold: Callable[[str, str], float] | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -142,8 +150,14 @@ class RewardFunction:
 
         if not len(prompts):
             return np.zeros(0)
-        scores = reward_scores(self.model, self.tokenizer, [list(p) for p in prompts], list(completions),
-                               batch_size=self.batch_size, max_length=self.max_length)
+        scores = reward_scores(
+            self.model,
+            self.tokenizer,
+            [list(p) for p in prompts],
+            list(completions),
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+        )
         bad = ~np.isfinite(scores)
         if bad.any():
             k = int(np.flatnonzero(bad)[0])
@@ -200,13 +214,17 @@ def load_adapter_weights(model, adapter_name: str, adapter_dir: str | os.PathLik
             missing.append(key)
             continue
         if state[key].shape != param.shape:
-            raise ValueError(f"adapter {adapter_dir}: {key} has shape {tuple(state[key].shape)}, "
-                             f"the model's {adapter_name!r} adapter {tuple(param.shape)}")
+            raise ValueError(
+                f"adapter {adapter_dir}: {key} has shape {tuple(state[key].shape)}, "
+                f"the model's {adapter_name!r} adapter {tuple(param.shape)}"
+            )
         param.data.copy_(state[key].to(param.device, param.dtype))
         copied += 1
     if missing or not copied:
-        raise ValueError(f"adapter {adapter_dir} does not match adapter {adapter_name!r} of the model "
-                         f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, copied {copied})")
+        raise ValueError(
+            f"adapter {adapter_dir} does not match adapter {adapter_name!r} of the model "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, copied {copied})"
+        )
     return copied
 
 
@@ -214,8 +232,15 @@ def load_adapter_weights(model, adapter_name: str, adapter_dir: str | os.PathLik
 # generation
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_completions(model, tokenizer, prompts: Sequence[Sequence[dict]], max_new_tokens: int,
-                       temperature: float, seed: int, batch_size: int = 32) -> list[str]:
+def sample_completions(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[dict]],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int = 32,
+) -> list[str]:
     """One sampled completion (text, special tokens removed) per prompt."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -225,16 +250,23 @@ def sample_completions(model, tokenizer, prompts: Sequence[Sequence[dict]], max_
     out: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            chunk = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
-                     for p in prompts[start:start + batch_size]]
+            chunk = [
+                tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
+                for p in prompts[start : start + batch_size]
+            ]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
             generated = model.generate(
-                **enc, do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0,
-                max_new_tokens=int(max_new_tokens), pad_token_id=tokenizer.pad_token_id,
+                **enc,
+                do_sample=True,
+                temperature=float(temperature),
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=int(max_new_tokens),
+                pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            out.extend(tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            out.extend(tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)
@@ -265,8 +297,9 @@ def _common_args(scratch: str, cfg: dict[str, Any], seed: int) -> dict[str, Any]
     pcfg = cfg["policy"]
     every = float(pcfg.get("checkpoint_every", 0) or 0)
     saving = dict(save_strategy="steps", save_steps=every, save_total_limit=1, save_only_model=False) if every else {}
-    return trainer_kwargs(scratch, pcfg["epochs"], pcfg["learning_rate"], pcfg["batch_size"], seed,
-                          logging_steps=1, **saving)
+    return trainer_kwargs(
+        scratch, pcfg["epochs"], pcfg["learning_rate"], pcfg["batch_size"], seed, logging_steps=1, **saving
+    )
 
 
 def _rloo_args(scratch: str, cfg: dict[str, Any], seed: int):
@@ -277,14 +310,17 @@ def _rloo_args(scratch: str, cfg: dict[str, Any], seed: int):
     k = int(pcfg["rloo_k"])
     batch = int(pcfg["batch_size"])
     if batch % k:
-        raise PolicyConfigError(f"policy.batch_size ({batch}) must be a multiple of policy.rloo_k ({k}): "
-                                "every batch holds whole groups of k samples per prompt")
+        raise PolicyConfigError(
+            f"policy.batch_size ({batch}) must be a multiple of policy.rloo_k ({k}): "
+            "every batch holds whole groups of k samples per prompt"
+        )
     kwargs = _common_args(scratch, cfg, seed)
     kwargs.update(
         num_generations=k,
         max_completion_length=int(cfg["model"]["generation_length"]),
         temperature=float(pcfg["temperature"]),
-        top_k=0, top_p=1.0,
+        top_k=0,
+        top_p=1.0,
         beta=float(pcfg["kl_coef"]),
         epsilon=float(pcfg["clip_range"]),
         steps_per_generation=1,
@@ -300,9 +336,14 @@ def build_rloo(model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callbac
     from trl import RLOOTrainer
 
     args = _rloo_args(scratch, cfg, seed)
-    trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=args,
-                          train_dataset=Dataset.from_dict({"prompt": prompts}),
-                          processing_class=tokenizer, callbacks=callbacks)
+    trainer = RLOOTrainer(
+        model=model,
+        reward_funcs=reward_fn,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
     _set_rloo_reference(trainer, sft_adapter)
     return trainer
 
@@ -320,8 +361,19 @@ def _set_rloo_reference(trainer, sft_adapter: str) -> None:
             param.requires_grad_(False)
 
 
-def build_zorloo(model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callbacks, sft_adapter,
-                 direction_inputs: dict[str, str], variant: str):
+def build_zorloo(
+    model,
+    tokenizer,
+    reward_fn,
+    prompts,
+    cfg,
+    scratch,
+    seed,
+    callbacks,
+    sft_adapter,
+    direction_inputs: dict[str, str],
+    variant: str,
+):
     """ZOPrO trainer (iteration >= 1): ``workflow.zopro.ZOPrOTrainer`` with ``mu`` and ``v``.
 
     ``direction_inputs``: adapter folders ``policy_prev`` (i-1), ``policy_prev2`` (i-2, SFT for
@@ -346,12 +398,23 @@ def build_zorloo(model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callb
             fp32_compute(model)
             args.bf16 = False
     args.learning_rate = zo_config.lr
-    mu, v = load_direction_inputs(direction_inputs["policy_prev"], direction_inputs["policy_prev2"],
-                                  direction_inputs["reward_i"], direction_inputs["reward_prev"])
-    trainer = ZOPrOTrainer(model=model, reward_funcs=reward_fn, args=args,
-                           train_dataset=Dataset.from_dict({"prompt": prompts}),
-                           processing_class=tokenizer, callbacks=callbacks,
-                           mu=mu, v=v, zo_config=zo_config)
+    mu, v = load_direction_inputs(
+        direction_inputs["policy_prev"],
+        direction_inputs["policy_prev2"],
+        direction_inputs["reward_i"],
+        direction_inputs["reward_prev"],
+    )
+    trainer = ZOPrOTrainer(
+        model=model,
+        reward_funcs=reward_fn,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        mu=mu,
+        v=v,
+        zo_config=zo_config,
+    )
     _set_rloo_reference(trainer, sft_adapter)
     return trainer
 
@@ -366,15 +429,23 @@ def build_dpo(model, ref_model, tokenizer, reward_fn, prompts, cfg, scratch, see
         max_new_tokens=int(cfg["model"]["generation_length"]),
         max_length=int(cfg["model"]["max_length"]),
         temperature=float(pcfg["temperature"]),
-        top_k=0, top_p=1.0,
+        top_k=0,
+        top_p=1.0,
         beta=[kl_coefficient("dpo", cfg)],
         disable_dropout=True,
         remove_unused_columns=False,
     )
     args = OnlineDPOConfig(**kwargs)
-    return OnlineDPOTrainer(model=model, ref_model=ref_model, reward_funcs=reward_fn, args=args,
-                            train_dataset=Dataset.from_dict({"prompt": prompts}),
-                            processing_class=tokenizer, reward_processing_classes=None, callbacks=callbacks)
+    return OnlineDPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        reward_funcs=reward_fn,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tokenizer,
+        reward_processing_classes=None,
+        callbacks=callbacks,
+    )
 
 
 class TemplateEndReward(torch.nn.Module):
@@ -416,13 +487,18 @@ class TemplateEndReward(torch.nn.Module):
         for row, tail in enumerate(tails):
             if tail:
                 pos = int(last[row]) + 1
-                ids[row, pos:pos + len(tail)] = torch.tensor(tail, dtype=ids.dtype, device=ids.device)
-                new_mask[row, pos:pos + len(tail)] = True
+                ids[row, pos : pos + len(tail)] = torch.tensor(tail, dtype=ids.dtype, device=ids.device)
+                new_mask[row, pos : pos + len(tail)] = True
                 end[row] = pos + len(tail) - 1
         positions = new_mask.long().cumsum(1) - new_mask.long()
         out = getattr(self.reward_model, self.reward_model.base_model_prefix)(
-            input_ids=ids, attention_mask=new_mask, position_ids=positions, return_dict=True,
-            output_hidden_states=True, use_cache=False)
+            input_ids=ids,
+            attention_mask=new_mask,
+            position_ids=positions,
+            return_dict=True,
+            output_hidden_states=True,
+            use_cache=False,
+        )
         hidden = out.hidden_states[-1]
         read = hidden[:, :width].clone()
         read[torch.arange(n), last] = hidden[torch.arange(n), end]
@@ -457,14 +533,24 @@ def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch
     )
     args = PPOConfig(**kwargs)
     reward_model = TemplateEndReward(reward_model, template_end_ids(tokenizer), tokenizer.eos_token_id)
-    ids = [tokenizer.apply_chat_template(list(p), tokenize=True, add_generation_prompt=True, return_dict=False)
-           for p in prompts]
+    ids = [
+        tokenizer.apply_chat_template(list(p), tokenize=True, add_generation_prompt=True, return_dict=False)
+        for p in prompts
+    ]
     ids = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in ids]
     train = Dataset.from_dict({"input_ids": ids})
     eval_ds = Dataset.from_dict({"input_ids": ids[: max(1, min(len(ids), int(pcfg["batch_size"])))]})
-    return PPOTrainer(args=args, processing_class=tokenizer, model=model, ref_model=None,
-                      reward_model=reward_model, train_dataset=train, value_model=value_model,
-                      eval_dataset=eval_ds, callbacks=callbacks)
+    return PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=model,
+        ref_model=None,
+        reward_model=reward_model,
+        train_dataset=train,
+        value_model=value_model,
+        eval_dataset=eval_ds,
+        callbacks=callbacks,
+    )
 
 
 # the policy key that overrides policy.kl_coef for a method's KL coefficient (online DPO: its beta)
@@ -495,23 +581,40 @@ def kl_controller(kind: str, cfg: dict[str, Any], prev_adapter: str):
     initial = kl_coefficient(kind, cfg)
     if initial <= 0:
         own = f"policy.{OWN_KL_KEY[kind]} / " if kind in OWN_KL_KEY else ""
-        raise PolicyConfigError(f"policy.kl_target needs a positive starting coefficient: {own}policy.kl_coef "
-                                f"is {initial}")
+        raise PolicyConfigError(
+            f"policy.kl_target needs a positive starting coefficient: {own}policy.kl_coef is {initial}"
+        )
     # online DPO's beta is not a penalty: far above its configured value DPO's loss saturates and
     # the policy stops learning instead of coming back (seed 2: beta 104, gold -0.043 at KL 0.09)
     ceiling = pcfg.get("dpo_beta_max") if kind == "dpo" else None
-    target = KLTarget(float(pcfg["kl_target"]), float(pcfg["kl_horizon"]), floor=initial,
-                      ceiling=math.inf if ceiling is None else max(initial, float(ceiling)))
+    target = KLTarget(
+        float(pcfg["kl_target"]),
+        float(pcfg["kl_horizon"]),
+        floor=initial,
+        ceiling=math.inf if ceiling is None else max(initial, float(ceiling)),
+    )
     return AdaptiveKLCallback(target, previous_coefficient(Path(prev_adapter).parent, initial))
 
 
 # --------------------------------------------------------------------------------------------
 # one iteration
 # --------------------------------------------------------------------------------------------
-def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str, sft_adapter: str,
-                 reward_adapter: str, prompts: list, out_dir: str | os.PathLike, cfg: dict[str, Any],
-                 seed: int, task: str, direction_inputs: dict[str, str] | None = None,
-                 checkpoint_dir: str | os.PathLike | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_policy(
+    method: str,
+    iteration: int,
+    base_path: str,
+    prev_adapter: str,
+    sft_adapter: str,
+    reward_adapter: str,
+    prompts: list,
+    out_dir: str | os.PathLike,
+    cfg: dict[str, Any],
+    seed: int,
+    task: str,
+    direction_inputs: dict[str, str] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    data: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train policy ``iteration`` and write ``out_dir/{adapter,snapshots,metrics.csv,samples.parquet}``.
 
     ``checkpoint_dir`` (default ``out_dir/checkpoints``): where the stage keeps its resumable state
@@ -539,37 +642,55 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
     tokenizer.padding_side = "left"
     reward_tokenizer = load_tokenizer(reward_adapter, task)
     model = load_policy(base_path, prev_adapter, trainable=True)
-    reward = load_reward_model(base_path, reward_adapter, trainable=False,
-                               pad_token_id=reward_tokenizer.pad_token_id)
+    reward = load_reward_model(base_path, reward_adapter, trainable=False, pad_token_id=reward_tokenizer.pad_token_id)
     for p in reward.parameters():
         p.requires_grad_(False)
     max_len = int(cfg["model"]["max_length"])
-    reward_fn = RewardFunction(reward, reward_tokenizer, name=f"{reward_adapter} (iteration {iteration})",
-                               batch_size=max(32, int(pcfg["batch_size"])), max_length=max_len,
-                               gold=gold_scorer(cfg))
+    reward_fn = RewardFunction(
+        reward,
+        reward_tokenizer,
+        name=f"{reward_adapter} (iteration {iteration})",
+        batch_size=max(32, int(pcfg["batch_size"])),
+        max_length=max_len,
+        gold=gold_scorer(cfg),
+    )
     zo = method in ZO_METHODS and int(iteration) >= 1
     kind = "zopro" if zo else ("rloo" if method in ZO_METHODS else method)
     inputs = [prev_adapter, sft_adapter, reward_adapter, *(direction_inputs or {}).values()]
     start = time.time()
     with atomic_dir(out / "snapshots") as snaps, atomic_dir(out / "adapter") as adapter:
-        state = StageCheckpoints(checkpoint_dir or out / "checkpoints", fingerprint(
-            cfg, inputs, method=method, iteration=int(iteration), seed=int(seed), prompts=prompts))
+        state = StageCheckpoints(
+            checkpoint_dir or out / "checkpoints",
+            fingerprint(cfg, inputs, method=method, iteration=int(iteration), seed=int(seed), prompts=prompts),
+        )
         print(f"policy {method} iteration {iteration}: {state.describe()}")
         reward_fn.records = state.resumed_samples()
         trainer_dir = str(state.trainer_dir)
-        callbacks = [PolicySnapshotCallback(cfg["snapshots"]["every"], state.snapshots),
-                     state.callback(reward_fn.samples)]
+        callbacks = [
+            PolicySnapshotCallback(cfg["snapshots"]["every"], state.snapshots),
+            state.callback(reward_fn.samples),
+        ]
         kl_control = kl_controller(kind, cfg, prev_adapter)
         if kl_control is not None:
             callbacks.append(kl_control)
         if kind == "rloo":
-            trainer = build_rloo(model, tokenizer, reward_fn, prompts, cfg, trainer_dir, seed, callbacks,
-                                 sft_adapter)
+            trainer = build_rloo(model, tokenizer, reward_fn, prompts, cfg, trainer_dir, seed, callbacks, sft_adapter)
         elif kind == "zopro":
             if not direction_inputs:
                 raise PolicyConfigError(f"{method} iteration {iteration} needs the mu/v adapters as inputs")
-            trainer = build_zorloo(model, tokenizer, reward_fn, prompts, cfg, trainer_dir, seed, callbacks,
-                                   sft_adapter, direction_inputs, zopro_variant(method, cfg))
+            trainer = build_zorloo(
+                model,
+                tokenizer,
+                reward_fn,
+                prompts,
+                cfg,
+                trainer_dir,
+                seed,
+                callbacks,
+                sft_adapter,
+                direction_inputs,
+                zopro_variant(method, cfg),
+            )
         elif kind == "dpo":
             ref_model = load_policy(base_path, sft_adapter, trainable=False)
             for p in ref_model.parameters():
@@ -602,17 +723,23 @@ def train_policy(method: str, iteration: int, base_path: str, prev_adapter: str,
         if kind == "ppo":
             k = int(pcfg["rloo_k"])
             rep = [p for p in prompts for _ in range(k)]
-            texts = sample_completions(policy, tokenizer, rep, cfg["model"]["generation_length"],
-                                       pcfg["temperature"], seed + 7919)
+            texts = sample_completions(
+                policy, tokenizer, rep, cfg["model"]["generation_length"], pcfg["temperature"], seed + 7919
+            )
             reward_fn(rep, texts, step=int(trainer.state.global_step))
         samples = reward_fn.samples()
         if samples.empty:
             raise RuntimeError(f"policy {method} iteration {iteration}: the trainer scored no rollouts")
         steps = int(trainer.state.global_step)
         summary = {
-            "stage": "policy", "method": method, "iteration": int(iteration), "trainer": kind,
+            "stage": "policy",
+            "method": method,
+            "iteration": int(iteration),
+            "trainer": kind,
             **({"zopro_variant": zopro_variant(method, cfg)} if zo else {}),
-            "prompts": len(prompts), "steps": steps, "resumed_from_step": state.step,
+            "prompts": len(prompts),
+            "steps": steps,
+            "resumed_from_step": state.step,
             "train_loss": float(getattr(result, "training_loss", float("nan")) if result is not None else float("nan")),
             "sample_reward_mean": float(samples["score"].mean()),
             "runtime_s": time.time() - start,
@@ -637,15 +764,32 @@ def run(job) -> None:
     iteration = int(job.wildcards["i"])
     out_dir = job.stage_dir
     tokenizer = load_tokenizer(job.params["base"], task_of(cfg["dataset"]["name"]))
-    rows, data = usable_rows(read_rows(job.input["train"]), tokenizer, cfg["model"]["max_length"], "prompts",
-                             job.input["train"])
+    rows, data = usable_rows(
+        read_rows(job.input["train"]), tokenizer, cfg["model"]["max_length"], "prompts", job.input["train"]
+    )
     prompts = iteration_prompts(rows, iteration, cfg, job.seed)
     direction = None
     if method in ZO_METHODS and iteration >= 1:
-        direction = {"policy_prev": job.input["prev_policy"], "policy_prev2": job.input["policy_prev2"],
-                     "reward_i": job.input["reward"], "reward_prev": job.input["reward_prev"]}
-    summary = train_policy(method, iteration, job.params["base"], job.input["prev_policy"], job.input["sft"],
-                           job.input["reward"], prompts, out_dir, cfg, job.seed + 1009 * iteration,
-                           task_of(cfg["dataset"]["name"]), direction_inputs=direction,
-                           checkpoint_dir=job.params.get("checkpoints"), data=data)
+        direction = {
+            "policy_prev": job.input["prev_policy"],
+            "policy_prev2": job.input["policy_prev2"],
+            "reward_i": job.input["reward"],
+            "reward_prev": job.input["reward_prev"],
+        }
+    summary = train_policy(
+        method,
+        iteration,
+        job.params["base"],
+        job.input["prev_policy"],
+        job.input["sft"],
+        job.input["reward"],
+        prompts,
+        out_dir,
+        cfg,
+        job.seed + 1009 * iteration,
+        task_of(cfg["dataset"]["name"]),
+        direction_inputs=direction,
+        checkpoint_dir=job.params.get("checkpoints"),
+        data=data,
+    )
     print(summary)

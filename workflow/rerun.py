@@ -13,6 +13,7 @@ trigger reruns a stage, and everything downstream of it, when either changes:
   reruns every stage that runs that code. (Snakemake's own ``code`` trigger only sees the two-line
   ``scripts/``.)
 """
+
 from __future__ import annotations
 
 import ast
@@ -77,13 +78,17 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
     return tree
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parsed(module: str) -> tuple[str, frozenset[str]]:
     """``(syntax tree dump without docstrings, imported workflow modules)`` of ``module``."""
     tree = ast.parse(_module_file(module).read_text(), filename=str(_module_file(module)))

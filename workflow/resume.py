@@ -16,6 +16,7 @@ stage starts afresh); the newest *complete* checkpoint (one with ``trainer_state
 the Trainer writes last) is resumed, incomplete ones are deleted, and snapshots and samples are
 cut back to that checkpoint's step. The folder is removed once the stage's outputs are written.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,12 @@ def fingerprint(config: dict[str, Any], inputs: Iterable[str | os.PathLike], **e
         for p in found:
             stat = p.stat()
             files.append([str(p), stat.st_size, stat.st_mtime_ns])
-    payload = {"config": {k: v for k, v in config.items() if k not in _IGNORED_SECTIONS},
-               "extra": extra, "code": code.hexdigest(), "files": files}
+    payload = {
+        "config": {k: v for k, v in config.items() if k not in _IGNORED_SECTIONS},
+        "extra": extra,
+        "code": code.hexdigest(),
+        "files": files,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -7,6 +7,7 @@ Objectives:
     rejected answer is not used (the score replaces the pair, as in the reference system);
   - ``margin``: Bradley-Terry with the score as the required margin (trl's ``margin`` column).
 """
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,9 @@ def make_trainer_class():
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.data_collator = ScoreCollator(pad_token_id=self.processing_class.pad_token_id,
-                                               pad_to_multiple_of=self.args.pad_to_multiple_of)
+            self.data_collator = ScoreCollator(
+                pad_token_id=self.processing_class.pad_token_id, pad_to_multiple_of=self.args.pad_to_multiple_of
+            )
 
         def _set_signature_columns_if_needed(self):
             if self._signature_columns is None:
@@ -91,8 +93,9 @@ def _texts(tokenizer, prompts, answers) -> list[str]:
 
 
 @torch.no_grad()
-def reward_scores(model, tokenizer, prompts: list, answers: list, batch_size: int = 32,
-                  max_length: int | None = None) -> np.ndarray:
+def reward_scores(
+    model, tokenizer, prompts: list, answers: list, batch_size: int = 32, max_length: int | None = None
+) -> np.ndarray:
     """Reward of each ``prompt + answer`` (message lists; a string answer is one assistant message)."""
     answers = [[{"role": "assistant", "content": a}] if isinstance(a, str) else a for a in answers]
     texts = _texts(tokenizer, prompts, answers)
@@ -104,10 +107,17 @@ def reward_scores(model, tokenizer, prompts: list, answers: list, batch_size: in
     out = []
     try:
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], add_special_tokens=False, padding=True,
-                            truncation=max_length is not None, max_length=max_length, return_tensors="pt")
-            logits = model(input_ids=enc["input_ids"].to(device),
-                           attention_mask=enc["attention_mask"].to(device)).logits
+            enc = tokenizer(
+                texts[start : start + batch_size],
+                add_special_tokens=False,
+                padding=True,
+                truncation=max_length is not None,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            logits = model(
+                input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)
+            ).logits
             out.append(logits.squeeze(-1).float().cpu())
     finally:
         tokenizer.padding_side = side
@@ -122,10 +132,21 @@ def pairwise_accuracy(model, tokenizer, rows: pd.DataFrame, batch_size: int = 32
     return float(np.mean((chosen > rejected) + 0.5 * (chosen == rejected)))
 
 
-def train_reward(base_path: str, init_adapter: str | None, train_rows: pd.DataFrame,
-                 eval_rows: pd.DataFrame | None, out_dir: str | os.PathLike, cfg: dict[str, Any],
-                 epochs: float, learning_rate: float, seed: int, task: str,
-                 batch_size: int | None = None, max_steps: int = -1, source: str = "the reward rows") -> dict[str, Any]:
+def train_reward(
+    base_path: str,
+    init_adapter: str | None,
+    train_rows: pd.DataFrame,
+    eval_rows: pd.DataFrame | None,
+    out_dir: str | os.PathLike,
+    cfg: dict[str, Any],
+    epochs: float,
+    learning_rate: float,
+    seed: int,
+    task: str,
+    batch_size: int | None = None,
+    max_steps: int = -1,
+    source: str = "the reward rows",
+) -> dict[str, Any]:
     """Train a reward model and write ``out_dir/{adapter,snapshots,metrics.csv}`` atomically.
 
     ``init_adapter``: continue from that reward adapter (LoRA and ``score`` head), e.g. to refine
@@ -143,27 +164,44 @@ def train_reward(base_path: str, init_adapter: str | None, train_rows: pd.DataFr
     objective = rcfg.get("score_objective", "regression") if has_scores(train_rows) else None
     set_seed(int(seed))
     tokenizer = load_tokenizer(init_adapter or base_path, task)
-    train_rows, data = usable_rows(train_rows, tokenizer, cfg["model"]["max_length"],
-                                   "scores" if objective == "regression" else "pairs", source)
+    train_rows, data = usable_rows(
+        train_rows, tokenizer, cfg["model"]["max_length"], "scores" if objective == "regression" else "pairs", source
+    )
     if init_adapter:
-        model, peft_config = load_reward_model(base_path, init_adapter, trainable=True,
-                                               pad_token_id=tokenizer.pad_token_id), None
+        model, peft_config = (
+            load_reward_model(base_path, init_adapter, trainable=True, pad_token_id=tokenizer.pad_token_id),
+            None,
+        )
     else:
         model = load_sequence_classifier(base_path, tokenizer.pad_token_id)
         peft_config = lora_config(cfg, "SEQ_CLS")
     RewardConfig, _, _ = _trl()
     trainer_cls = make_trainer_class()
     start = time.time()
-    with scratch_dir(out / "adapter") as scratch, atomic_dir(out / "snapshots") as snaps, \
-            atomic_dir(out / "adapter") as adapter:
-        args = RewardConfig(**trainer_kwargs(
-            scratch, epochs, learning_rate, batch_size, seed,
-            max_length=int(cfg["model"]["max_length"]), dataset_num_proc=None, max_steps=max_steps,
-            disable_dropout=True,
-        ))
+    with (
+        scratch_dir(out / "adapter") as scratch,
+        atomic_dir(out / "snapshots") as snaps,
+        atomic_dir(out / "adapter") as adapter,
+    ):
+        args = RewardConfig(
+            **trainer_kwargs(
+                scratch,
+                epochs,
+                learning_rate,
+                batch_size,
+                seed,
+                max_length=int(cfg["model"]["max_length"]),
+                dataset_num_proc=None,
+                max_steps=max_steps,
+                disable_dropout=True,
+            )
+        )
         trainer = trainer_cls(
-            model=model, args=args, train_dataset=reward_dataset(train_rows, objective),
-            processing_class=tokenizer, peft_config=peft_config,
+            model=model,
+            args=args,
+            train_dataset=reward_dataset(train_rows, objective),
+            processing_class=tokenizer,
+            peft_config=peft_config,
             callbacks=[SnapshotCallback(cfg["snapshots"]["every"], snaps)],
         )
         initial = pairwise_accuracy(trainer.model, tokenizer, eval_rows) if eval_rows is not None else float("nan")
@@ -195,7 +233,18 @@ def run(job) -> None:
     cfg = job.config
     out_dir = job.stage_dir
     rcfg = cfg["reward"]
-    summary = train_reward(job.params["base"], None, read_rows(job.input["train"]), read_rows(job.input["test"]),
-                           out_dir, cfg, rcfg["epochs"], rcfg["learning_rate"], job.seed,
-                           task_of(cfg["dataset"]["name"]), batch_size=rcfg["batch_size"], source=job.input["train"])
+    summary = train_reward(
+        job.params["base"],
+        None,
+        read_rows(job.input["train"]),
+        read_rows(job.input["test"]),
+        out_dir,
+        cfg,
+        rcfg["epochs"],
+        rcfg["learning_rate"],
+        job.seed,
+        task_of(cfg["dataset"]["name"]),
+        batch_size=rcfg["batch_size"],
+        source=job.input["train"],
+    )
     print(summary)

@@ -1,4 +1,5 @@
 """Per-job runtime set-up: threads, seeds, caches, warnings, tracking, device and precision."""
+
 from __future__ import annotations
 
 import functools
@@ -76,8 +77,10 @@ def set_tracking(tracking: dict[str, Any] | None, run_name: str) -> None:
     global _tracking
     tracking = tracking or {}
     report_to = tracking.get("report_to", "none")
-    _tracking = {"report_to": list(report_to) if isinstance(report_to, (list, tuple)) else str(report_to),
-                 "run_name": run_name}
+    _tracking = {
+        "report_to": list(report_to) if isinstance(report_to, (list, tuple)) else str(report_to),
+        "run_name": run_name,
+    }
     if tracking.get("project"):
         _tracking["project"] = str(tracking["project"])
         os.environ.setdefault("WANDB_PROJECT", _tracking["project"])

@@ -4,6 +4,7 @@ Rows become trl's conversational prompt-completion format (``prompt`` = the prom
 ``completion`` = the chosen answer messages); with ``completion_only_loss`` the loss covers the
 answer tokens only (the chat template's assistant header belongs to the prompt).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,14 +21,16 @@ from transformers import set_seed
 
 from workflow import runtime
 from workflow.accounting import usable_rows
-from workflow.io import atomic_dir, scratch_dir as io_scratch_dir, write_csv
+from workflow.io import atomic_dir, write_csv
+from workflow.io import scratch_dir as io_scratch_dir
 from workflow.lora import lora_config
 from workflow.models import load_causal_lm, load_tokenizer, read_rows
 from workflow.snapshots import SnapshotCallback
 
 
-def trainer_kwargs(output_dir: str, epochs: float, learning_rate: float, batch_size: int, seed: int,
-                   **extra: Any) -> dict[str, Any]:
+def trainer_kwargs(
+    output_dir: str, epochs: float, learning_rate: float, batch_size: int, seed: int, **extra: Any
+) -> dict[str, Any]:
     """Arguments every training stage gives its trl config: no checkpoints, reporting as config
     ``tracking`` says (``runtime.tracking_args()``; none by default), bf16 autocast when
     ``runtime.use_bf16()`` (config ``precision``; the CPU included), else fp32, CPU when no GPU,
@@ -46,7 +49,7 @@ def trainer_kwargs(output_dir: str, epochs: float, learning_rate: float, batch_s
         eval_strategy="no",
         **runtime.tracking_args(),
         logging_strategy="steps",
-        logging_steps=0.02,            # a ratio: about 50 log rows per run
+        logging_steps=0.02,  # a ratio: about 50 log rows per run
         logging_first_step=True,
         disable_tqdm=False,
         bf16=runtime.use_bf16(),
@@ -71,20 +74,37 @@ def sft_dataset(rows: pd.DataFrame) -> Dataset:
     return Dataset.from_dict({"prompt": list(rows["prompt"]), "completion": list(rows["chosen"])})
 
 
-def build_sft_trainer(model, tokenizer, train_rows: pd.DataFrame, cfg: dict[str, Any], output_dir: str,
-                      epochs: float, learning_rate: float, batch_size: int, seed: int,
-                      callbacks: list | None = None, peft_config=None, **extra: Any):
+def build_sft_trainer(
+    model,
+    tokenizer,
+    train_rows: pd.DataFrame,
+    cfg: dict[str, Any],
+    output_dir: str,
+    epochs: float,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    callbacks: list | None = None,
+    peft_config=None,
+    **extra: Any,
+):
     """The configured ``trl.SFTTrainer`` (completion-only loss, no packing, LoRA when ``peft_config``)."""
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(**trainer_kwargs(
-        output_dir, epochs, learning_rate, batch_size, seed,
-        max_length=int(cfg["model"]["max_length"]),
-        completion_only_loss=True,
-        packing=False,
-        dataset_num_proc=None,
-        **extra,
-    ))
+    args = SFTConfig(
+        **trainer_kwargs(
+            output_dir,
+            epochs,
+            learning_rate,
+            batch_size,
+            seed,
+            max_length=int(cfg["model"]["max_length"]),
+            completion_only_loss=True,
+            packing=False,
+            dataset_num_proc=None,
+            **extra,
+        )
+    )
     return SFTTrainer(
         model=model,
         args=args,
@@ -105,9 +125,19 @@ def write_metrics(log_history: list[dict[str, Any]], summary: dict[str, Any], pa
     write_csv(rows, path)
 
 
-def train_sft(base_path: str, train_rows: pd.DataFrame, out_dir: str | os.PathLike, cfg: dict[str, Any],
-              epochs: float, learning_rate: float, batch_size: int, seed: int, task: str,
-              max_steps: int = -1, source: str = "the SFT rows") -> dict[str, Any]:
+def train_sft(
+    base_path: str,
+    train_rows: pd.DataFrame,
+    out_dir: str | os.PathLike,
+    cfg: dict[str, Any],
+    epochs: float,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    task: str,
+    max_steps: int = -1,
+    source: str = "the SFT rows",
+) -> dict[str, Any]:
     """Train the SFT LoRA adapter; writes ``out_dir/{adapter,snapshots,metrics.csv}`` atomically.
 
     ``source``: the file ``train_rows`` came from, named in errors and warnings. Rows the stage
@@ -120,12 +150,24 @@ def train_sft(base_path: str, train_rows: pd.DataFrame, out_dir: str | os.PathLi
     train_rows, data = usable_rows(train_rows, tokenizer, cfg["model"]["max_length"], "sft", source)
     model = load_causal_lm(base_path)
     start = time.time()
-    with scratch_dir(out / "adapter") as scratch, atomic_dir(out / "snapshots") as snaps, \
-            atomic_dir(out / "adapter") as adapter:
+    with (
+        scratch_dir(out / "adapter") as scratch,
+        atomic_dir(out / "snapshots") as snaps,
+        atomic_dir(out / "adapter") as adapter,
+    ):
         trainer = build_sft_trainer(
-            model, tokenizer, train_rows, cfg, scratch, epochs, learning_rate, batch_size, seed,
+            model,
+            tokenizer,
+            train_rows,
+            cfg,
+            scratch,
+            epochs,
+            learning_rate,
+            batch_size,
+            seed,
             callbacks=[SnapshotCallback(cfg["snapshots"]["every"], snaps)],
-            peft_config=lora_config(cfg, "CAUSAL_LM"), max_steps=max_steps,
+            peft_config=lora_config(cfg, "CAUSAL_LM"),
+            max_steps=max_steps,
         )
         result = trainer.train()
         trainer.model.save_pretrained(adapter)
@@ -150,6 +192,16 @@ def run(job) -> None:
     out_dir = job.stage_dir
     rows = read_rows(job.input["train"])
     sft = cfg["sft"]
-    summary = train_sft(job.params["base"], rows, out_dir, cfg, sft["epochs"], sft["learning_rate"],
-                        sft["batch_size"], job.seed, task_of(cfg["dataset"]["name"]), source=job.input["train"])
+    summary = train_sft(
+        job.params["base"],
+        rows,
+        out_dir,
+        cfg,
+        sft["epochs"],
+        sft["learning_rate"],
+        sft["batch_size"],
+        job.seed,
+        task_of(cfg["dataset"]["name"]),
+        source=job.input["train"],
+    )
     print(summary)

@@ -5,6 +5,7 @@ Format (docs/design.md, "Snapshots"): a folder with ``index.csv`` (columns ``sna
 the trainable LoRA tensors (float32, normalised keys) of that optimizer step. Snapshot 0 is the
 adapter before the first step, the last snapshot the final adapter.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,10 +38,10 @@ def normalise_key(key: str) -> str:
     key = _ADAPTER_SEGMENT.sub("", key)  # modules_to_save.<adapter> -> the module itself
     match = re.search(r"(^|\.)layers\.", key)
     if match:
-        return key[match.start() + (1 if match.group(1) else 0):]
+        return key[match.start() + (1 if match.group(1) else 0) :]
     for prefix in ("module.", "base_model.model.", "model."):
         while key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     return key
 
 
@@ -58,8 +59,9 @@ def read_index(directory: str | os.PathLike) -> pd.DataFrame:
     file when it is damaged or lacks a column."""
     path = Path(directory) / INDEX
     if not path.exists():
-        return pd.DataFrame({"snapshot": pd.Series(dtype=int), "step": pd.Series(dtype=int),
-                             "file": pd.Series(dtype=str)})
+        return pd.DataFrame(
+            {"snapshot": pd.Series(dtype=int), "step": pd.Series(dtype=int), "file": pd.Series(dtype=str)}
+        )
     with reading(path, "snapshot index"):
         index = pd.read_csv(path)
     missing = [c for c in ("snapshot", "step", "file") if c not in index.columns]
@@ -75,8 +77,9 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path))
 
 
-def save_snapshot(model_or_state: torch.nn.Module | dict[str, torch.Tensor],
-                  out_dir: str | os.PathLike, step: int) -> Path:
+def save_snapshot(
+    model_or_state: torch.nn.Module | dict[str, torch.Tensor], out_dir: str | os.PathLike, step: int
+) -> Path:
     """Write the snapshot of ``step`` and rewrite ``index.csv`` atomically; returns the file path.
 
     Saving a step that is already indexed replaces it (no duplicate rows).

@@ -12,6 +12,7 @@ Rules ``study_seed`` and ``study_summary`` (``rules/study.smk``):
 * :func:`summarise` (``study_summary``): ``evaluation.csv`` of every (seed, method) into
   ``summary.csv`` (:func:`study_table`) and ``summary.png`` (:func:`plot_study`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,13 +31,30 @@ if TYPE_CHECKING:  # the Snakefile imports this module for workflow_hash: no pan
 
 # config values that may be paths relative to the run's working folder (made absolute for the
 # nested runs, which work in another folder); a relative value that names no file (a hub id) stays
-PATH_KEYS = (("model", "name"), ("judge", "model"), ("dataset", "source"), ("dataset", "files", "train"),
-             ("dataset", "files", "test"))
+PATH_KEYS = (
+    ("model", "name"),
+    ("judge", "model"),
+    ("dataset", "source"),
+    ("dataset", "files", "train"),
+    ("dataset", "files", "test"),
+)
 # an iteration "beats" a reference when its paired gain is more than this many paired standard errors
 MIN_Z = 2.0
-SEED_COLUMNS = ["seed", "method", "iteration", "gold_mean", "gold_stderr", "gold_gain_vs_sft",
-                "gold_gain_vs_sft_stderr", "gold_gain_vs_iter0", "gold_gain_vs_iter0_stderr", "kl",
-                "beats_sft", "beats_iter0", "n_seeds"]
+SEED_COLUMNS = [
+    "seed",
+    "method",
+    "iteration",
+    "gold_mean",
+    "gold_stderr",
+    "gold_gain_vs_sft",
+    "gold_gain_vs_sft_stderr",
+    "gold_gain_vs_iter0",
+    "gold_gain_vs_iter0_stderr",
+    "kl",
+    "beats_sft",
+    "beats_iter0",
+    "n_seeds",
+]
 # the values that the across-seed rows average (their standard error is the seeds' spread)
 AVERAGED = ["gold_mean", "gold_gain_vs_sft", "gold_gain_vs_iter0"]
 
@@ -67,10 +85,15 @@ def workflow_hash(basedir: str | os.PathLike) -> str:
     from workflow.rerun import ROOT, code_hash
 
     base = Path(basedir)
-    digest = hashlib.sha256(code_hash(*sorted(f"workflow.{p.stem}" for p in ROOT.glob("*.py")
-                                              if p.stem != "__init__")).encode())
-    files = [base / "Snakefile", *sorted(base.glob("rules/*.smk")), *sorted(base.glob("scripts/*.py")),
-             base / "workflow" / "schemas" / "config.schema.yaml"]
+    digest = hashlib.sha256(
+        code_hash(*sorted(f"workflow.{p.stem}" for p in ROOT.glob("*.py") if p.stem != "__init__")).encode()
+    )
+    files = [
+        base / "Snakefile",
+        *sorted(base.glob("rules/*.smk")),
+        *sorted(base.glob("scripts/*.py")),
+        base / "workflow" / "schemas" / "config.schema.yaml",
+    ]
     for path in files:
         digest.update(f"{path.relative_to(base)}\n".encode() + path.read_bytes())
     return "sha256:" + digest.hexdigest()[:16]
@@ -108,14 +131,29 @@ def run_seed(job: Job) -> None:
     with atomic_path(config_path) as tmp:
         tmp.write_text(yaml.safe_dump(config, sort_keys=True))
     targets = [os.path.relpath(path, workdir) for path in _as_list(job.output["evaluation"])]
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(Path(job.params["snakefile"]).resolve()), "-d", str(workdir),
-           "--cores", str(job.threads), "--nolock", *targets, "--configfile", str(config_path.resolve())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(Path(job.params["snakefile"]).resolve()),
+        "-d",
+        str(workdir),
+        "--cores",
+        str(job.threads),
+        "--nolock",
+        *targets,
+        "--configfile",
+        str(config_path.resolve()),
+    ]
     print(f"seed {seed}: {' '.join(cmd)}", flush=True)
     sys.stderr.flush()
     done = subprocess.run(cmd, stdout=_stream(sys.stdout), stderr=subprocess.STDOUT)
     if done.returncode:
-        raise RuntimeError(f"seed {seed}: the nested Snakemake run in {workdir} failed (exit {done.returncode}); "
-                           f"its output is in {job.log or 'the output above'}")
+        raise RuntimeError(
+            f"seed {seed}: the nested Snakemake run in {workdir} failed (exit {done.returncode}); "
+            f"its output is in {job.log or 'the output above'}"
+        )
 
 
 def run_seed_script(smk: Any) -> None:
@@ -157,12 +195,21 @@ def study_table(evaluations: list[tuple[int, str, pd.DataFrame]]) -> pd.DataFram
     for seed, method, table in evaluations:
         for _, r in table.sort_values("iteration").iterrows():
             values = {c: float(r.get(c, math.nan)) for c in SEED_COLUMNS[3:10]}
-            rows.append({"seed": int(seed), "method": method, "iteration": int(r["iteration"]), **values,
-                         "beats_sft": _beats(values["gold_gain_vs_sft"], values["gold_gain_vs_sft_stderr"])
-                         if r["iteration"] >= 0 else math.nan,
-                         "beats_iter0": _beats(values["gold_gain_vs_iter0"], values["gold_gain_vs_iter0_stderr"])
-                         if r["iteration"] >= 1 else math.nan,
-                         "n_seeds": 1})
+            rows.append(
+                {
+                    "seed": int(seed),
+                    "method": method,
+                    "iteration": int(r["iteration"]),
+                    **values,
+                    "beats_sft": _beats(values["gold_gain_vs_sft"], values["gold_gain_vs_sft_stderr"])
+                    if r["iteration"] >= 0
+                    else math.nan,
+                    "beats_iter0": _beats(values["gold_gain_vs_iter0"], values["gold_gain_vs_iter0_stderr"])
+                    if r["iteration"] >= 1
+                    else math.nan,
+                    "n_seeds": 1,
+                }
+            )
     per_seed = pd.DataFrame(rows, columns=SEED_COLUMNS)
     across = []
     for (method, iteration), group in per_seed.groupby(["method", "iteration"], sort=False):
@@ -197,8 +244,16 @@ def plot_study(table: pd.DataFrame, path: str | os.PathLike) -> None:
             for _, one in rows[rows["seed"] != "all"].groupby("seed"):
                 ax.plot(one["iteration"], one[column], "-", color=color, alpha=0.35, lw=1)
             mean = rows[rows["seed"] == "all"].sort_values("iteration")
-            ax.errorbar(mean["iteration"], mean[column], yerr=mean[f"{column}_stderr"], marker="o", capsize=3,
-                        color=color, lw=2, label=f"{method} ({int(mean['n_seeds'].max())} seeds)")
+            ax.errorbar(
+                mean["iteration"],
+                mean[column],
+                yerr=mean[f"{column}_stderr"],
+                marker="o",
+                capsize=3,
+                color=color,
+                lw=2,
+                label=f"{method} ({int(mean['n_seeds'].max())} seeds)",
+            )
     for ax, title in zip(axes, ("Paired gold gain over SFT", "Paired gold gain over the method's iteration 0")):
         ax.axhline(0, color="black", lw=0.6)
         ax.set_title(title)

@@ -18,6 +18,7 @@ Assistant content is wrapped in ``{% generation %}`` so that transformers'
 ``return_assistant_tokens_mask=True`` (trl's ``assistant_only_loss``) marks the answer tokens,
 the end token included; the tag does not change the rendered text.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -51,8 +52,7 @@ def chat_template(task: str, end: str = IM_END) -> str:
         "{% if message['role'] == 'assistant' %}"
         f"{IM_START}{header}\n"
         "{% generation %}{{ message['content'] }}" + end + "\n{% endgeneration %}"
-        "{% else %}"
-        + IM_START + "{{ message['role'] }}\n{{ message['content'] }}" + end + "\n"
+        "{% else %}" + IM_START + "{{ message['role'] }}\n{{ message['content'] }}" + end + "\n"
         "{% endif %}"
         "{% endfor %}"
         "{% if add_generation_prompt %}"
@@ -61,8 +61,9 @@ def chat_template(task: str, end: str = IM_END) -> str:
     )
 
 
-def render(messages: list[dict[str, str]], task: str, *, bos: str = "", add_generation_prompt: bool = False,
-           end: str = IM_END) -> str:
+def render(
+    messages: list[dict[str, str]], task: str, *, bos: str = "", add_generation_prompt: bool = False, end: str = IM_END
+) -> str:
     """Pure-Python rendering identical to the Jinja template (for tests and tokenizer-free code)."""
     header = generation_header(task)
     parts = [bos]
@@ -83,8 +84,9 @@ def is_workflow_template(template: str | None, end: str) -> bool:
 def template_end_ids(tokenizer: Any) -> list[int]:
     """Token ids the chat template renders after an assistant answer (e.g. ``<|im_end|>``, newline)."""
     marker = "\x00answer\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
     return list(tokenizer(text.split(marker)[-1], add_special_tokens=False)["input_ids"])
 
 
@@ -92,7 +94,9 @@ def end_of_turn_token(tokenizer: Any) -> str | None:
     """The special token the tokenizer's chat template renders right after an assistant answer
     (``<|eot_id|>``, ``<|im_end|>``, ...; :func:`template_end_ids`), or None when it renders none there."""
     ids = template_end_ids(tokenizer)
-    special = set(tokenizer.all_special_ids) | {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    special = set(tokenizer.all_special_ids) | {
+        i for i, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
     return tokenizer.convert_ids_to_tokens(ids[0]) if ids and ids[0] in special else None
 
 

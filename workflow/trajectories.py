@@ -34,6 +34,7 @@ replayed first snapshot of each iteration is that adapter and the replayed last 
 exactly the averaged adapter the refinement saves. It is applied to the exact weights (before the
 projection and before the interplay metrics).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -108,8 +109,9 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     return out
 
 
-def read_elements(path: str | os.PathLike, info: TensorInfo, start: int, stop: int,
-                  fd: int | None = None) -> np.ndarray:
+def read_elements(
+    path: str | os.PathLike, info: TensorInfo, start: int, stop: int, fd: int | None = None
+) -> np.ndarray:
     """Elements ``[start, stop)`` of the flattened tensor ``info`` of ``path`` as float32."""
     if info.dtype not in _DTYPES:
         raise ValueError(f"{path}: unsupported dtype {info.dtype}")
@@ -217,11 +219,11 @@ def validate(dirs: Sequence[str | os.PathLike], label: str, check_headers: bool 
                     absent.append(f"{name} (unreadable)")
         if absent:
             shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
-            problems.append(f"{where}: partial snapshots, {len(absent)} of {len(index)} indexed "
-                            f"file(s) missing or empty: {shown}")
+            problems.append(
+                f"{where}: partial snapshots, {len(absent)} of {len(index)} indexed file(s) missing or empty: {shown}"
+            )
     if problems:
-        raise IncompleteTrajectoryError(
-            f"{label} trajectory is incomplete:\n  " + "\n  ".join(problems))
+        raise IncompleteTrajectoryError(f"{label} trajectory is incomplete:\n  " + "\n  ".join(problems))
 
 
 def subsample(n: int, k: int | None) -> np.ndarray:
@@ -232,8 +234,9 @@ def subsample(n: int, k: int | None) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, n - 1, k)).astype(int))
 
 
-def load_trajectory(name: str, dirs: Sequence[str | os.PathLike],
-                    max_snapshots: int | None = None, validate_first: bool = True) -> Trajectory:
+def load_trajectory(
+    name: str, dirs: Sequence[str | os.PathLike], max_snapshots: int | None = None, validate_first: bool = True
+) -> Trajectory:
     """The trajectory over ``dirs`` (one stage or snapshots folder per iteration).
 
     ``max_snapshots`` caps the whole trajectory: each iteration keeps at most
@@ -271,8 +274,9 @@ def shared_keys(trajectories: Iterable[Trajectory], layer: int | None = None) ->
     if layer is not None:
         keys = {k for k in keys if layer_of(k) == int(layer)}
     if not keys:
-        raise ValueError("no LoRA tensor is shared by the trajectories"
-                         + (f" in layer {layer}" if layer is not None else ""))
+        raise ValueError(
+            "no LoRA tensor is shared by the trajectories" + (f" in layer {layer}" if layer is not None else "")
+        )
     return {k: headers[0][k] for k in sorted(keys)}
 
 
@@ -330,7 +334,8 @@ def layout(traj: Trajectory, keys: dict[str, TensorInfo]) -> Layout:
             info = header.get(k)
             if info is None or info.shape != keys[k].shape:
                 raise IncompleteTrajectoryError(
-                    f"{f}: tensor {k} is missing or has another shape than in {traj.files[0]}")
+                    f"{f}: tensor {k} is missing or has another shape than in {traj.files[0]}"
+                )
             if info.dtype not in _DTYPES:
                 raise ValueError(f"{f}: unsupported dtype {info.dtype} of {k}")
             begin[row, j] = info.begin
@@ -338,8 +343,9 @@ def layout(traj: Trajectory, keys: dict[str, TensorInfo]) -> Layout:
     return Layout(names, begin, dtype)
 
 
-def read_chunk(traj: Trajectory, key: str, start: int, stop: int,
-               keep_rm_alpha: float | None = None, lay: Layout | None = None) -> np.ndarray:
+def read_chunk(
+    traj: Trajectory, key: str, start: int, stop: int, keep_rm_alpha: float | None = None, lay: Layout | None = None
+) -> np.ndarray:
     """Elements ``[start, stop)`` of tensor ``key`` in every snapshot of ``traj``: (n, stop-start)."""
     out = np.empty((len(traj), stop - start), dtype=np.float32)
     if lay is None:
@@ -358,10 +364,16 @@ def read_chunk(traj: Trajectory, key: str, start: int, stop: int,
 ChunkHook = Callable[[str, int, dict[str, np.ndarray]], None]
 
 
-def stream(trajectories: dict[str, Trajectory], keys: dict[str, TensorInfo], dim: int = 100,
-           seed: int = 0, keep_rm: dict[str, float] | None = None,
-           hooks: Sequence[ChunkHook] = (), chunk: int = CHUNK,
-           progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+def stream(
+    trajectories: dict[str, Trajectory],
+    keys: dict[str, TensorInfo],
+    dim: int = 100,
+    seed: int = 0,
+    keep_rm: dict[str, float] | None = None,
+    hooks: Sequence[ChunkHook] = (),
+    chunk: int = CHUNK,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, np.ndarray]:
     """One pass over the parameters: the reduced coordinates ``(n_snapshots, dim)`` (float64)
     of every trajectory, and every ``hook(key, chunk_number, {name: chunk})`` called on the way
     (the interplay metrics accumulate their exact dot products there).
@@ -376,8 +388,9 @@ def stream(trajectories: dict[str, Trajectory], keys: dict[str, TensorInfo], dim
     lays = {name: layout(t, keys) for name, t in trajectories.items()}
     all_chunks = list(chunks(keys, chunk))
     for n, (key, c, start, stop) in enumerate(all_chunks):
-        data = {name: read_chunk(t, key, start, stop, keep_rm.get(name), lays[name])
-                for name, t in trajectories.items()}
+        data = {
+            name: read_chunk(t, key, start, stop, keep_rm.get(name), lays[name]) for name, t in trajectories.items()
+        }
         block = projection_block(seed, key, c, stop - start, dim)
         for name, x in data.items():
             reduced[name] += x @ block
@@ -389,12 +402,12 @@ def stream(trajectories: dict[str, Trajectory], keys: dict[str, TensorInfo], dim
     return reduced
 
 
-def dense_projection(keys: dict[str, TensorInfo], dim: int, seed: int = 0,
-                     chunk: int = CHUNK) -> np.ndarray:
+def dense_projection(keys: dict[str, TensorInfo], dim: int, seed: int = 0, chunk: int = CHUNK) -> np.ndarray:
     """The whole projection matrix ``(n_params, dim)`` (keys in order, flattened): tests and
     small cases only; :func:`stream` never builds it."""
-    return np.concatenate([projection_block(seed, key, c, stop - start, dim)
-                           for key, c, start, stop in chunks(keys, chunk)])
+    return np.concatenate(
+        [projection_block(seed, key, c, stop - start, dim) for key, c, start, stop in chunks(keys, chunk)]
+    )
 
 
 # --------------------------------------------------------------------------- 2D / 3D
@@ -426,9 +439,11 @@ def embed(matrix: np.ndarray, method: str, n_components: int, seed: int = 0) -> 
     k = min(n_components, n, x.shape[1])
     if method == "pca":
         from sklearn.decomposition import PCA
+
         y = PCA(n_components=k, random_state=seed).fit_transform(x) if k > 0 else np.zeros((n, 0))
     elif method == "tsne":
         from sklearn.manifold import TSNE
+
         if n < 3:
             y = x[:, :k] - x[:, :k].mean(0)
         else:
@@ -438,13 +453,18 @@ def embed(matrix: np.ndarray, method: str, n_components: int, seed: int = 0) -> 
             # one OpenMP thread: on a few hundred points it is as fast, and busy-waiting OpenMP
             # threads slow t-SNE down ~10x on a shared, oversubscribed node
             with threadpool_limits(limits=1, user_api="openmp"):
-                y = TSNE(n_components=n_components, perplexity=perplexity, init="pca",
-                         random_state=seed, method="barnes_hut" if n_components < 4 else "exact",
-                         max_iter=1000).fit_transform(x)
+                y = TSNE(
+                    n_components=n_components,
+                    perplexity=perplexity,
+                    init="pca",
+                    random_state=seed,
+                    method="barnes_hut" if n_components < 4 else "exact",
+                    max_iter=1000,
+                ).fit_transform(x)
     elif method == "umap":
         import umap
-        y = umap.UMAP(n_components=n_components, n_neighbors=max(2, min(15, n - 1)),
-                      random_state=seed).fit_transform(x)
+
+        y = umap.UMAP(n_components=n_components, n_neighbors=max(2, min(15, n - 1)), random_state=seed).fit_transform(x)
     else:
         raise ValueError(f"unknown projection {method!r} (pca, tsne, umap)")
     if y.shape[1] < n_components:
@@ -455,8 +475,9 @@ def embed(matrix: np.ndarray, method: str, n_components: int, seed: int = 0) -> 
 # --------------------------------------------------------------------------- synthetic data
 
 
-def write_stage(directory: str | os.PathLike, snapshots: Sequence[dict[str, np.ndarray]],
-                steps: Sequence[int] | None = None) -> Path:
+def write_stage(
+    directory: str | os.PathLike, snapshots: Sequence[dict[str, np.ndarray]], steps: Sequence[int] | None = None
+) -> Path:
     """Write ``snapshots`` (key -> array) in the snapshot format into ``directory/snapshots``
     (tests and benchmarks; training stages use ``workflow.snapshots``)."""
     from safetensors.numpy import save_file

@@ -39,14 +39,14 @@ How the policy stage calls it (drop-in for ``RLOOTrainer`` plus three keyword ar
                            mu=mu, v=v, zo_config=ZOConfig.from_config(job.config))
     trainer.train(resume_from_checkpoint=...)
 
-or ``train_zopro(...)`` which does the same and returns the trainer. ``mu``/``v`` may be dicts
-keyed by normalised LoRA keys (:func:`workflow.snapshots.normalise_key`) or paths (adapter folder,
-stage folder or ``.safetensors`` file; a path holds the difference already). ``model`` must
+``mu``/``v`` are dicts keyed by LoRA keys (normalised with :func:`workflow.snapshots.normalise_key`;
+:func:`load_direction_inputs` makes them from the adapter folders). ``model`` must
 already be the PEFT policy (trainable LoRA tensors = the tensors ZOPrO moves); passing
 ``peft_config`` also works (the LoRA is then freshly initialised by the Trainer).
 ZOPrO metrics are logged with the RLOO ones: ``zo/g``, ``zo/g_abs``, ``zo/gamma``, ``zo/seed``,
 ``zo/lr``, ``zo/skipped`` (non-finite ``g``, update skipped).
 """
+
 from __future__ import annotations
 
 import os
@@ -66,7 +66,7 @@ from workflow.zopro_guarded import GuardedConfig, GuardedEngine
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
-__all__ = ["GuardedConfig", "ZOConfig", "ZOPrOTrainer", "load_adapter_tensors", "load_direction_inputs", "train_zopro"]
+__all__ = ["GuardedConfig", "ZOConfig", "ZOPrOTrainer", "load_adapter_tensors", "load_direction_inputs"]
 
 
 def _adapter_file(path: str | os.PathLike) -> Path:
@@ -94,9 +94,12 @@ def _difference(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]
     return out
 
 
-def load_direction_inputs(policy_prev: str | os.PathLike, policy_prev2: str | os.PathLike,
-                          reward_i: str | os.PathLike, reward_prev: str | os.PathLike
-                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def load_direction_inputs(
+    policy_prev: str | os.PathLike,
+    policy_prev2: str | os.PathLike,
+    reward_i: str | os.PathLike,
+    reward_prev: str | os.PathLike,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(mu, v)`` from adapter folders.
 
     ``mu = policy_{i-1} - policy_{i-2}`` (pass the SFT adapter as ``policy_prev2`` for i = 1),
@@ -111,12 +114,8 @@ def load_direction_inputs(policy_prev: str | os.PathLike, policy_prev2: str | os
     return mu, v
 
 
-def _as_tensors(x: Mapping[str, torch.Tensor] | str | os.PathLike | None) -> dict[str, torch.Tensor]:
-    if x is None:
-        return {}
-    if isinstance(x, (str, os.PathLike)):
-        return load_adapter_tensors(x)
-    return {normalise_key(k): t for k, t in x.items()}
+def _normalised(tensors: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    return {normalise_key(k): t for k, t in (tensors or {}).items()}
 
 
 class ZOPrOTrainer(RLOOTrainer):
@@ -124,23 +123,29 @@ class ZOPrOTrainer(RLOOTrainer):
 
     _tag_names = ["trl", "zopro"]  # the tags of the saved adapter's model card (RLOOTrainer's: "rloo")
 
-    def __init__(self, *args: Any, mu: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
-                 v: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
-                 zo_config: ZOConfig | GuardedConfig | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        mu: Mapping[str, torch.Tensor] | None = None,
+        v: Mapping[str, torch.Tensor] | None = None,
+        zo_config: ZOConfig | GuardedConfig | None = None,
+        **kwargs: Any,
+    ):
         optimizers = kwargs.get("optimizers", (None, None))
         if optimizers and optimizers[0] is not None:
             raise ValueError("ZOPrOTrainer builds its own (stateless) optimizer; do not pass `optimizers`")
         self.zo_config = zo_config or ZOConfig()
-        self._zo_mu = _as_tensors(mu)
-        self._zo_v = _as_tensors(v)
+        self._zo_mu = _normalised(mu)
+        self._zo_v = _normalised(v)
         self.zo: ZOEngine | GuardedEngine | None = None
         super().__init__(*args, **kwargs)
         self.args.max_grad_norm = 0.0  # no gradients to clip
         self.args.learning_rate = self.zo_config.lr  # logged lr and scheduler base = the ZO lr
         self._stochastic_forward = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules())
         if self.guarded and self.args.gradient_accumulation_steps != 1:
-            raise ValueError("the guarded ZOPrO variant updates on whole rollout batches: "
-                             "gradient_accumulation_steps must be 1")
+            raise ValueError(
+                "the guarded ZOPrO variant updates on whole rollout batches: gradient_accumulation_steps must be 1"
+            )
 
     @property
     def guarded(self) -> bool:
@@ -204,10 +209,17 @@ class ZOPrOTrainer(RLOOTrainer):
         completions_t = [torch.tensor(ids, device=device) for ids in completion_ids]
         completion_mask = pad([torch.ones_like(t) for t in completions_t], padding_value=0, padding_side="right")
         rollouts = {
-            "input_ids": torch.cat([pad(prompts_t, padding_value=pad_id, padding_side="left"),
-                                    pad(completions_t, padding_value=pad_id, padding_side="right")], dim=1),
-            "attention_mask": torch.cat([pad([torch.ones_like(t) for t in prompts_t], padding_value=0,
-                                             padding_side="left"), completion_mask], dim=1),
+            "input_ids": torch.cat(
+                [
+                    pad(prompts_t, padding_value=pad_id, padding_side="left"),
+                    pad(completions_t, padding_value=pad_id, padding_side="right"),
+                ],
+                dim=1,
+            ),
+            "attention_mask": torch.cat(
+                [pad([torch.ones_like(t) for t in prompts_t], padding_value=0, padding_side="left"), completion_mask],
+                dim=1,
+            ),
             "completion_mask": completion_mask,
         }
         rollouts["logps"] = self._sequence_logps(rollouts)
@@ -219,8 +231,9 @@ class ZOPrOTrainer(RLOOTrainer):
 
         mask = rollouts["completion_mask"]
         with use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=adapter) if adapter else nullcontext():
-            logps, _, _ = self._get_per_token_logps_and_entropies(self.model, rollouts["input_ids"],
-                                                                  rollouts["attention_mask"], mask.size(1))
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model, rollouts["input_ids"], rollouts["attention_mask"], mask.size(1)
+            )
         return (logps * mask).sum(1)
 
     @torch.no_grad()
@@ -243,8 +256,9 @@ class ZOPrOTrainer(RLOOTrainer):
         return float((rollouts["logps"] - self._sequence_logps(rollouts, adapter="ref")).mean())
 
     # --- the update -----------------------------------------------------------------------
-    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
-                      num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         time_before = time.perf_counter()
         model.train()
         engine = self.build_engine()
@@ -261,7 +275,6 @@ class ZOPrOTrainer(RLOOTrainer):
                 loss = torch.tensor(engine.last_loss)
             else:
                 _, loss = engine.estimate(loss_fn, base=base)
-        del inputs
         self._step += 1
         self._current_train_step_time += time.perf_counter() - time_before
         if self._step % self.current_gradient_accumulation_steps == 0:
@@ -281,16 +294,3 @@ class ZOPrOTrainer(RLOOTrainer):
         if self._step % generate_every >= self.current_gradient_accumulation_steps:
             return None
         return -inputs["advantages"].mean()
-
-
-def train_zopro(model: Any, reward_funcs: Any, args: Any, train_dataset: Any, mu: Any, v: Any,
-                zo_config: ZOConfig, processing_class: Any = None, callbacks: list | None = None,
-                reward_processing_classes: Any = None, resume_from_checkpoint: str | bool | None = None,
-                **kwargs: Any) -> ZOPrOTrainer:
-    """Build a :class:`ZOPrOTrainer`, train it (resuming when asked) and return it."""
-    trainer = ZOPrOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
-                           processing_class=processing_class, callbacks=callbacks,
-                           reward_processing_classes=reward_processing_classes, mu=mu, v=v,
-                           zo_config=zo_config, **kwargs)
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    return trainer

@@ -46,12 +46,13 @@ Gamma schedules, with ``t`` the 0-based update index and ``T`` the total number 
 A skipped update (non-finite ``g``) still counts as an update for the seed and the schedule, so
 the seed of update ``t`` is always ``seed + t``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -91,7 +92,7 @@ class ZOConfig:
         if seed is None:
             seed = int(config.get("seed", 0))
         return cls(
-            lr=float(section.get("learning_rate", section.get("lr", cls.lr))),
+            lr=float(section.get("learning_rate", cls.lr)),
             eps=float(section.get("eps", cls.eps)),
             gamma_start=float(section.get("gamma_start", cls.gamma_start)),
             gamma_schedule=str(section.get("gamma_schedule", cls.gamma_schedule)),
@@ -182,12 +183,18 @@ class Direction:
     (``index_add_``) on the parameters' device: no loop over tensors, no host synchronisation.
     """
 
-    def __init__(self, names: Sequence[str], params: Sequence[torch.Tensor],
-                 mu: Mapping[str, torch.Tensor] | None, v: Mapping[str, torch.Tensor] | None):
+    def __init__(
+        self,
+        names: Sequence[str],
+        params: Sequence[torch.Tensor],
+        mu: Mapping[str, torch.Tensor] | None,
+        v: Mapping[str, torch.Tensor] | None,
+    ):
         self.flat = FlatParams(names, params)
         device, sizes = self.flat.device, self.flat.sizes
-        self.segment = torch.repeat_interleave(torch.arange(len(sizes), device=device),
-                                               torch.tensor(sizes, device=device))
+        self.segment = torch.repeat_interleave(
+            torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
+        )
         self.mu = self.flat.flat(mu or {})
         v_flat = self.flat.flat(v or {})
         v_norms = self.norms(v_flat)
@@ -223,8 +230,7 @@ class Direction:
         n = self.noise(seed, step, j)
         n -= self.v_hat * self.segment_sums(n * self.v_hat)[self.segment]
         norms = self.norms(n)
-        scale = torch.where(torch.isnan(self.target_norm), 1.0,
-                            torch.where(norms > 0, self.target_norm / norms, 0.0))
+        scale = torch.where(torch.isnan(self.target_norm), 1.0, torch.where(norms > 0, self.target_norm / norms, 0.0))
         n *= (scale * math.sqrt(max(0.0, 1.0 - gamma * gamma)))[self.segment]
         if gamma != 0.0:
             n.add_(self.mu, alpha=gamma)
@@ -235,8 +241,8 @@ class Direction:
 class ZOState:
     """What a checkpoint must hold to resume a stage mid-way (plain data)."""
 
-    step: int = 0              # updates done (applied or skipped)
-    skipped: int = 0           # updates skipped because g was not finite
+    step: int = 0  # updates done (applied or skipped)
+    skipped: int = 0  # updates skipped because g was not finite
     total_steps: int | None = None
     g_sum: list[float] = dataclasses.field(default_factory=list)  # pending accumulation
     n_micro: int = 0
@@ -284,9 +290,15 @@ class ZOEngine:
     synchronisation per update is ``apply``'s decision on a non-finite ``g`` (with its metrics).
     """
 
-    def __init__(self, named_params: Sequence[tuple[str, torch.Tensor]], mu: Mapping[str, torch.Tensor] | None,
-                 v: Mapping[str, torch.Tensor] | None, config: ZOConfig, total_steps: int | None = None,
-                 common_random_numbers: bool = True):
+    def __init__(
+        self,
+        named_params: Sequence[tuple[str, torch.Tensor]],
+        mu: Mapping[str, torch.Tensor] | None,
+        v: Mapping[str, torch.Tensor] | None,
+        config: ZOConfig,
+        total_steps: int | None = None,
+        common_random_numbers: bool = True,
+    ):
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.config = config
@@ -311,8 +323,13 @@ class ZOEngine:
         """The ``n_perturbations`` flat directions of the current update (drawn once, then cached)."""
         key = (self.state.step, self.gamma)
         if self._z is None or self._z[0] != key:
-            self._z = (key, [self.direction.z(self.config.seed, self.state.step, j, key[1])
-                             for j in range(self.config.n_perturbations)])
+            self._z = (
+                key,
+                [
+                    self.direction.z(self.config.seed, self.state.step, j, key[1])
+                    for j in range(self.config.n_perturbations)
+                ],
+            )
         return self._z[1]
 
     def z(self, j: int = 0) -> list[torch.Tensor]:
@@ -330,6 +347,7 @@ class ZOEngine:
             torch.set_rng_state(cpu)
             if cuda is not None:
                 torch.cuda.set_rng_state_all(cuda)
+
         return restore
 
     @torch.no_grad()
@@ -425,8 +443,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     state (step, seed, skipped, pending accumulation) under ``"zo"`` so HF checkpoints resume it.
     """
 
-    def __init__(self, engine: ZOEngine, lr: float | None = None,
-                 on_step: Callable[[dict[str, float]], None] | None = None):
+    def __init__(
+        self, engine: ZOEngine, lr: float | None = None, on_step: Callable[[dict[str, float]], None] | None = None
+    ):
         self.engine = engine
         self.on_step = on_step
         self.last_metrics: dict[str, float] = {}

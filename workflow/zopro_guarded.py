@@ -39,6 +39,7 @@ base keeps its bf16 storage (:func:`workflow.models.fp32_compute`; rounding the 
 fixed change of model, rounding activations in each pass is noise). tests/test_zopro_guarded.py
 checks the finite difference against the autograd directional derivative on a bf16 base.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,23 +82,27 @@ class GuardedConfig:
     def from_config(cls, config: Mapping[str, Any], seed: int | None = None) -> GuardedConfig:
         """From the whole config; ``seed`` defaults to config ``seed``."""
         section = config["zopro"]
-        return cls(step_size=float(section["step_size"]), eps=float(section["eps"]),
-                   n_perturbations=int(section["n_perturbations"]),
-                   updates_per_batch=int(section["updates_per_batch"]),
-                   momentum_kl=float(section["momentum_kl"]), momentum_prompts=int(section["momentum_prompts"]),
-                   known_base=bool(section["known_base"]),
-                   seed=int(config.get("seed", 0) if seed is None else seed))
+        return cls(
+            step_size=float(section["step_size"]),
+            eps=float(section["eps"]),
+            n_perturbations=int(section["n_perturbations"]),
+            updates_per_batch=int(section["updates_per_batch"]),
+            momentum_kl=float(section["momentum_kl"]),
+            momentum_prompts=int(section["momentum_prompts"]),
+            known_base=bool(section["known_base"]),
+            seed=int(config.get("seed", 0) if seed is None else seed),
+        )
 
 
 @dataclasses.dataclass
 class GuardedState:
     """What a checkpoint holds to resume a stage mid-way (plain data)."""
 
-    step: int = 0            # updates drawn (kept, rejected or skipped): the seed of the next one
+    step: int = 0  # updates drawn (kept, rejected or skipped): the seed of the next one
     accepted: int = 0
     rejected: int = 0
     skipped: int = 0
-    momentum_alpha: float | None = None   # None: the momentum step has not been taken yet
+    momentum_alpha: float | None = None  # None: the momentum step has not been taken yet
     momentum_kl: float | None = None
 
 
@@ -114,8 +119,13 @@ class GuardedEngine:
     ``update(loss_fn)`` takes the ``updates_per_batch`` guarded updates of one rollout batch.
     """
 
-    def __init__(self, named_params: Sequence[tuple[str, torch.Tensor]], mu: Mapping[str, torch.Tensor] | None,
-                 v: Mapping[str, torch.Tensor] | None, config: GuardedConfig):
+    def __init__(
+        self,
+        named_params: Sequence[tuple[str, torch.Tensor]],
+        mu: Mapping[str, torch.Tensor] | None,
+        v: Mapping[str, torch.Tensor] | None,
+        config: GuardedConfig,
+    ):
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.flat = FlatParams(self.names, self.params)
@@ -149,8 +159,9 @@ class GuardedEngine:
 
     # --- 1. momentum ----------------------------------------------------------------------
     @torch.no_grad()
-    def momentum(self, kl_of: Callable[[], float],
-                 reference_kl_of: Callable[[], float] | None = None) -> dict[str, float]:
+    def momentum(
+        self, kl_of: Callable[[], float], reference_kl_of: Callable[[], float] | None = None
+    ) -> dict[str, float]:
         """Move along ``mu`` by the largest grid multiple within both budgets; returns the metrics.
 
         ``kl_of()``: KL from the starting policy, evaluated at the current parameters, at most
@@ -217,16 +228,21 @@ class GuardedEngine:
             base = torch.where(accept, new, base)
             kept, skipped = kept + accept.double(), skipped + (~finite).double()
             g_abs, n_finite = g_abs + torch.where(finite, g.abs().mean(), 0.0), n_finite + finite.double()
-        kept_n, skipped_n, g_abs_sum, finite_n, end, start = (
-            torch.stack([kept, skipped, g_abs, n_finite, base, start_loss]).tolist())
+        kept_n, skipped_n, g_abs_sum, finite_n, end, start = torch.stack(
+            [kept, skipped, g_abs, n_finite, base, start_loss]
+        ).tolist()
         kept_n, skipped_n = int(kept_n), int(skipped_n)
         self.state.accepted += kept_n
         self.state.skipped += skipped_n
         self.state.rejected += cfg.updates_per_batch - kept_n - skipped_n
         self.last_loss = end
-        return {"zo/accepted_fraction": kept_n / cfg.updates_per_batch, "zo/rejected": float(self.state.rejected),
-                "zo/skipped": float(self.state.skipped), "zo/loss_change": end - start,
-                "zo/g_abs": g_abs_sum / finite_n if finite_n else float("nan")}
+        return {
+            "zo/accepted_fraction": kept_n / cfg.updates_per_batch,
+            "zo/rejected": float(self.state.rejected),
+            "zo/skipped": float(self.state.skipped),
+            "zo/loss_change": end - start,
+            "zo/g_abs": g_abs_sum / finite_n if finite_n else float("nan"),
+        }
 
     # --- checkpointing --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
