@@ -119,7 +119,7 @@ rule evaluate_iteration:
     params:
         base=base_model_param,
         iteration=lambda wc: int(wc.i),
-        settings=settings(*EVAL_SETTINGS),
+        settings=settings(*EVAL_SETTINGS, "judge"),
         code=stage_code("workflow.loop_eval"),
     script:
         "../scripts/evaluate_iteration.py"

@@ -2,6 +2,7 @@
 # functions in separate files).
 LOOP_ITERATIONS = int(config["loop"]["iterations"])
 SFT_ADAPTER = "results/sft/adapter"
+SFT_SAMPLES = "results/sft/evaluation.parquet"  # the SFT policy's evaluation answers (rule evaluate_policy)
 
 
 def _check_iteration(i, first=0):
@@ -71,6 +72,8 @@ def evaluate_iteration_inputs(wildcards):
         sft=SFT_ADAPTER,
         reward=f"{reward_dir(wildcards.method, i)}/adapter",
         test=data_path("test"),
+        sft_samples=SFT_SAMPLES,
+        previous_samples=f"{iteration_dir(wildcards.method, i - 1)}/evaluation.parquet" if i > 0 else SFT_SAMPLES,
         **base_inputs(),
     )
 
@@ -78,7 +81,7 @@ def evaluate_iteration_inputs(wildcards):
 def evaluation_inputs(method):
     """Named inputs of evaluation_table: the summaries (``sft``, ``iter_{i}``) and the samples
     (``sft_samples``, ``samples_{i}``; for the paired gains) of SFT and of every iteration."""
-    inputs = dict(sft="results/sft/evaluation_summary.csv", sft_samples="results/sft/evaluation.parquet")
+    inputs = dict(sft="results/sft/evaluation_summary.csv", sft_samples=SFT_SAMPLES)
     for i in range(LOOP_ITERATIONS):
         inputs[f"iter_{i}"] = f"{iteration_dir(method, i)}/evaluation_summary.csv"
         inputs[f"samples_{i}"] = f"{iteration_dir(method, i)}/evaluation.parquet"

@@ -237,8 +237,11 @@ def test_every_policy_is_evaluated_with_the_same_sampling_seeds(tiny_base, adapt
             wildcards={"method": "zorloo", "i": "1"},
         ),
     ]
-    for j in iterations:
+    previous = sft.output["samples"]
+    for j in iterations:  # each judged against SFT and the policy before it (SFT, then rloo_0 here)
+        j.input.update(sft_samples=sft.output["samples"], previous_samples=previous)
         loop_eval.run(j)
+        previous = j.output["samples"]
     sft_rows, rows0, rows1 = (pd.read_parquet(j.output["samples"]) for j in (sft, *iterations))
     assert rows1["answer"].tolist() == sft_rows["answer"].tolist()  # same seeds whatever method and iteration
     assert rows0["answer"].tolist() != sft_rows["answer"].tolist()
@@ -265,6 +268,21 @@ def test_every_policy_is_evaluated_with_the_same_sampling_seeds(tiny_base, adapt
     assert t.loc[1, "gold_gain_vs_iter0"] == pytest.approx(-d.mean())
     assert (t.loc[0, "gold_gain_vs_iter0"], t.loc[0, "gold_gain_vs_iter0_stderr"]) == (0.0, 0.0)
     assert (t.loc[-1, "gold_gain_vs_sft"], t.loc[-1, "gold_gain_vs_sft_stderr"]) == (0.0, 0.0)
+    # win rates by the rule judge (gold, in both orders): by hand, and the SFT adapter ties with SFT
+    from workflow.embedded_task import gold_prefers
+    from workflow.models import last_user_text
+
+    def by_hand(prompt, a, b):
+        verdicts = (gold_prefers(last_user_text(prompt), a, b), gold_prefers(last_user_text(prompt), b, a))
+        return 0.5 if a == b else {(0, 1): 1.0, (1, 0): 0.0}.get(verdicts, 0.5)
+
+    wins = [by_hand(p, a, b) for p, a, b in zip(rows0["prompt"], rows0["answer"], sft_rows["answer"])]
+    assert rows0["win_vs_sft"].tolist() == wins and 0 < t.loc[0, "win_rate_vs_sft"] < 1
+    assert t.loc[0, "win_rate_vs_sft"] == pytest.approx(sum(wins) / len(wins))
+    assert t.loc[0, "win_rate_vs_previous"] == t.loc[0, "win_rate_vs_sft"]  # SFT precedes iteration 0
+    assert (t.loc[1, "win_rate_vs_sft"], t.loc[1, "win_rate_vs_sft_stderr"], t.loc[1, "ties_vs_sft"]) == (0.5, 0, 1)
+    assert t.loc[1, "win_rate_vs_previous"] == pytest.approx(1 - t.loc[0, "win_rate_vs_sft"])  # the same pairs
+    assert t.loc[-1, "win_rate_vs_sft"] == 0.5 and (t["judge_drops"].iloc[1:] == 0).all()
     assert t.loc[[-1], ["gold_gain_vs_previous", "gold_gain_vs_iter0", "gold_gain_vs_iter0_stderr"]].isna().all().all()
     # without samples (a table from summaries only) the paired columns are NaN
     bare = loop_eval.evaluation_table(sft.output["summary"], [iterations[0].output["summary"]], [])

@@ -129,3 +129,24 @@ def test_reward_model_judge_prefers_the_higher_score(tiny_seq_cls):
     with torch.no_grad():
         judge.model.score.weight.fill_(float("nan"))
     assert judge.judge([PROMPT], [GOOD], [BAD]) == [None]
+
+
+class _ScriptedJudge(judges.Judge):
+    """Answers with the verdicts it was given, in call order."""
+
+    def __init__(self, *calls):
+        self.calls = list(calls)
+
+    def judge(self, prompts, answers_a, answers_b):
+        return self.calls.pop(0)
+
+
+def test_win_scores_judge_both_orders():
+    """Consistent verdicts win or lose; a judge that prefers one position both times, and identical
+    answers, tie; a dropped verdict in either order is NaN."""
+    from workflow.judges import win_scores
+
+    first = [0, 1, 0, None, 1]  # answers first
+    second = [1, 0, 0, 1, 0]  # references first
+    scores = win_scores(_ScriptedJudge(first, second), ["p"] * 5, ["a", "b", "c", "d", "same"], ["x"] * 4 + ["same"])
+    assert scores[:3].tolist() == [1.0, 0.0, 0.5] and np.isnan(scores[3]) and scores[4] == 0.5

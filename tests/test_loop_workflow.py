@@ -200,10 +200,17 @@ def test_one_iteration_on_a_real_hh_rlhf_slice(tmp_path, tiny_base, tiny_judge_m
     )
     config["loop"]["iteration_fraction"] = 0.5
     cfg = write_config(tmp_path, config)
-    result = snakemake(
-        tmp_path, "results/rloo/iter_1/reward/metrics.csv", "--cores", "2", "--max-threads", "1", "--configfile", cfg
-    )
+    result = snakemake(tmp_path, "results/compare/plots", "--cores", "2", "--max-threads", "1", "--configfile", cfg)
     assert result.returncode == 0, result.stdout + result.stderr
+    # no gold function on HH-RLHF: the judge's win rates against SFT, with their errors, measure the methods
+    table = pd.read_csv(tmp_path / "results/rloo/evaluation.csv").set_index("iteration")
+    assert table["gold_mean"].isna().all()
+    for i in (0, 1):
+        assert 0 <= table.loc[i, "win_rate_vs_sft"] <= 1 and table.loc[i, "win_rate_vs_sft_stderr"] > 0
+        assert 0 <= table.loc[i, "win_rate_vs_previous"] <= 1 and table.loc[i, "judge_drops"] == 0
+    summary = pd.read_csv(tmp_path / "results/compare/plots/summary.csv")
+    assert summary["win_rate_vs_sft"].notna().sum() == 3  # SFT and both iterations
+    assert (tmp_path / "results/compare/plots/win_rate.png").stat().st_size > 10_000
     pairs = pd.read_parquet(tmp_path / "results/rloo/iter_0/pairs.parquet")
     assert len(pairs) >= 1 and set(pairs["judge"]) == {"reward_model"}
     assert (pairs["judge_drop_rate"] == 0).all()

@@ -35,7 +35,8 @@ POLICY_1 = {_job("train_policy", 1), _job("evaluate_iteration", 1), TABLE, PLOTS
 # zorloo's iteration 0 (first-order RLOO) and reward model 1 are rloo's jobs (rules/common.smk, chain_owner)
 SHARED_PAIRS = {_job("collect_pairs", 0, method="rloo"), _job("refine_reward", 1, method="rloo")}
 LOOP = POLICY_1 | SHARED_PAIRS | {_job("train_policy", 0, method="rloo"), _job("evaluate_iteration", 0, method="rloo")}
-PAIRS = SHARED_PAIRS | POLICY_1
+# the judge also decides the win rates of every evaluation (evaluate_iteration)
+PAIRS = SHARED_PAIRS | POLICY_1 | {_job("evaluate_iteration", 0, method="rloo")}
 
 # overlay -> the jobs it must plan (the stage it configures and everything downstream of it)
 CHANGES = {

@@ -435,3 +435,29 @@ def test_known_base_is_the_loss_at_the_rollout_policy(tiny_base, tmp_path, dropo
         assert [base is None for base, _ in seen] == [False, False, True, True]
         for base, loss in seen[:2]:
             assert float(base) == pytest.approx(loss, abs=1e-6)
+
+
+def host_reads(fn) -> int:
+    """``.item()``/``float(tensor)`` calls (``aten::_local_scalar_dense``: each a synchronisation on a
+    GPU) made while ``fn`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+
+
+@pytest.mark.parametrize("two_sided", [True, False])
+def test_estimate_reads_nothing_back_from_the_device(two_sided):
+    """Losses and g stay tensors through an estimate (the update's one read is apply's .tolist())."""
+    names, params, mu, v = make()
+    eng = ZOEngine(
+        list(zip(names, params)), mu, v, ZOConfig(two_sided=two_sided, n_perturbations=3), total_steps=10
+    )
+    eng.directions()  # drawn once per update (host-side seeds)
+
+    def loss():
+        return sum((p * p).sum() for p in params)
+
+    assert host_reads(lambda: eng.estimate(loss, base=loss())) == 0
+    assert host_reads(eng.apply) == 0 and eng.state.step == 1

@@ -181,3 +181,16 @@ def test_momentum_keeps_the_rise_of_the_kl_to_the_reference_within_budget(start_
     assert metrics["zo/momentum_alpha"] == 0.5
     assert metrics["zo/momentum_reference_kl"] == pytest.approx(start_kl + 0.5)
     torch.testing.assert_close(engine.flat.copy(), start + 0.5 * engine.mu)
+
+
+def test_guarded_updates_read_nothing_back_from_the_device():
+    """Accept / reject and skip decisions are device tensors: no ``.item()`` inside the updates."""
+    from test_zopro import host_reads
+
+    engine, params, _, _ = make(config(updates_per_batch=4))
+
+    def loss():  # a device tensor, as the trainer's loss
+        return 0.5 * sum((p * p).sum() for p in params.values())
+
+    assert host_reads(lambda: engine.update(loss)) == 0
+    assert engine.state.accepted + engine.state.rejected == 4

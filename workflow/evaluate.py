@@ -173,7 +173,7 @@ def _stderr(units: pd.Series) -> float:
     return float(units.std(ddof=1) / math.sqrt(len(units))) if len(units) > 1 else math.nan
 
 
-def _mean_stderr(values: pd.Series, clusters: list[pd.Series] | None = None) -> tuple[float, float]:
+def mean_stderr(values: pd.Series, clusters: list[pd.Series] | None = None) -> tuple[float, float]:
     """Mean and its standard error; with ``clusters`` (the unit columns of each sample) the error is
     that of the mean over units, since samples of one unit are not independent."""
     keep = values.notna()
@@ -243,8 +243,8 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     seed) units when ``rows`` has those columns: the mean of a unit's samples is one observation)
     and :func:`reward_gold_accuracy`."""
     clusters = [rows[c] for c in unit_columns(rows)] or None
-    gold_mean, gold_stderr = _mean_stderr(rows["gold"], clusters)
-    reward_mean, reward_stderr = _mean_stderr(rows["reward"], clusters)
+    gold_mean, gold_stderr = mean_stderr(rows["gold"], clusters)
+    reward_mean, reward_stderr = mean_stderr(rows["reward"], clusters)
     return pd.DataFrame(
         [
             {

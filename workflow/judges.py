@@ -281,3 +281,20 @@ def check_drop_rate(verdicts: Sequence[int | None], max_rate: float, where: str 
             f"{float(max_rate):.1%}); use a stronger instruction-tuned judge model or raise judge.max_drop_rate"
         )
     return rate
+
+
+def win_scores(
+    judge: Judge, prompts: Sequence[Prompt], answers: Sequence[str], references: Sequence[str]
+) -> np.ndarray:
+    """Per prompt, 1 when ``answers`` beats ``references``, 0 when it loses, 0.5 for a tie and NaN
+    when the judge gave no verdict. Each pair is judged in both orders: a judge that prefers the
+    same position both times, or identical answers, count as a tie (position bias cancels)."""
+    first = judge.judge(prompts, answers, references)
+    second = judge.judge(prompts, references, answers)
+    out = np.full(len(prompts), np.nan)
+    for k, (a, b, x, y) in enumerate(zip(first, second, answers, references)):
+        if x == y:
+            out[k] = 0.5
+        elif a is not None and b is not None:
+            out[k] = 1.0 if (a, b) == (0, 1) else 0.0 if (a, b) == (1, 0) else 0.5
+    return out

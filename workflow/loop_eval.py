@@ -31,6 +31,18 @@ standard error over (prompt, sampling seed) units of the difference of the two p
   on iteration 0, NaN on the SFT row).
 
 Every paired column is NaN where there is no gold score (datasets other than the embedded one).
+The win rates need no gold score: the configured judge (``judge.kind``: the gold function on the
+embedded task, an LLM or a reward model elsewhere) compares each answer with the reference policy's
+answer to the same prompt, sampling seed and sample (:func:`judged_against`), in both orders:
+
+* ``win_rate_vs_sft``, ``win_rate_vs_sft_stderr``, ``ties_vs_sft``: against SFT (a win 1, a tie
+  0.5, a loss 0; mean and standard error over (prompt, sampling seed) units; the fraction of
+  ties: identical answers or a judge that prefers the same position in both orders). The SFT row
+  has 0.5 by definition;
+* ``win_rate_vs_previous``, ``win_rate_vs_previous_stderr``, ``ties_vs_previous``: against the
+  iteration before (SFT before iteration 0);
+* ``judge_drops``: answers without a verdict (unparseable LLM answers; NaN score), at most
+  ``judge.max_drop_rate`` of them or the stage fails.
 """
 
 from __future__ import annotations
@@ -52,7 +64,16 @@ PAIRED_COLUMNS = [
     "gold_gain_vs_iter0",
     "gold_gain_vs_iter0_stderr",
 ]
-TABLE_COLUMNS = ["iteration", *SUMMARY_COLUMNS, "wall_time_s", "peak_mem_mb", *PAIRED_COLUMNS]
+WIN_COLUMNS = [
+    "win_rate_vs_sft",
+    "win_rate_vs_sft_stderr",
+    "ties_vs_sft",
+    "win_rate_vs_previous",
+    "win_rate_vs_previous_stderr",
+    "ties_vs_previous",
+    "judge_drops",
+]
+TABLE_COLUMNS = ["iteration", *SUMMARY_COLUMNS, "wall_time_s", "peak_mem_mb", *PAIRED_COLUMNS, *WIN_COLUMNS]
 
 
 @torch.no_grad()
@@ -101,8 +122,10 @@ def sequence_kl(
 def run(job) -> None:
     """Stage function of ``evaluate_iteration``.
 
-    Inputs: ``policy`` adapter, ``sft`` adapter, ``reward`` adapter, ``test`` rows. Outputs:
-    ``samples`` (parquet, one row per answer, with ``kl``) and ``summary`` (CSV, one row).
+    Inputs: ``policy`` adapter, ``sft`` adapter, ``reward`` adapter, ``test`` rows, and the
+    evaluation samples of SFT (``sft_samples``) and of the policy before (``previous_samples``).
+    Outputs: ``samples`` (parquet, one row per answer, with ``kl``, ``win_vs_sft`` and
+    ``win_vs_previous``) and ``summary`` (CSV, one row).
     """
     from workflow.evaluate import evaluate, evaluation_prompts, require_finite_rewards, summarise
     from workflow.extract import task_of
@@ -126,12 +149,38 @@ def run(job) -> None:
         rows["kl"] = sequence_kl(
             base, job.input["policy"], job.input["sft"], tokenizer, list(rows["prompt"]), list(rows["answer"])
         )
+    rows = judged_against(
+        rows, {"sft": job.input["sft_samples"], "previous": job.input["previous_samples"]}, cfg, job.seed
+    )
     summary = summarise(rows)
     summary["kl"] = float(rows["kl"].mean())
     summary["iteration"] = int(job.params["iteration"])
     write_parquet(rows, job.output["samples"])
     write_csv(summary, job.output["summary"])
     print(summary.to_string(index=False))
+
+
+def judged_against(rows: pd.DataFrame, references: dict[str, str], cfg: dict, seed: int) -> pd.DataFrame:
+    """``rows`` with a column ``win_vs_<name>`` per reference evaluation (parquet path): the
+    configured judge's verdict (``workflow.judges.win_scores``) on each answer against the reference
+    policy's answer to the same prompt with the same sampling seed and sample index."""
+    from workflow.judges import check_drop_rate, make_judge, win_scores
+
+    judge = make_judge(cfg, seed)
+    keys = ["prompt_index", "seed", "sample"]
+    rows = rows.copy()
+    for name, path in references.items():
+        reference = pd.read_parquet(path, columns=[*keys, "answer"]).rename(columns={"answer": "reference_answer"})
+        paired = rows[keys].merge(reference, on=keys, how="left", validate="one_to_one")
+        if paired["reference_answer"].isna().any():
+            missing = paired.loc[paired["reference_answer"].isna(), keys].iloc[0].to_dict()
+            raise ValueError(f"{path}: no answer for {missing}; evaluate both policies with the same settings")
+        scores = win_scores(judge, list(rows["prompt"]), list(rows["answer"]), list(paired["reference_answer"]))
+        check_drop_rate(
+            [None if np.isnan(x) else 0 for x in scores], cfg["judge"]["max_drop_rate"], f"win rates against {path}"
+        )
+        rows[f"win_vs_{name}"] = scores
+    return rows
 
 
 def _iteration_of(path: str) -> int:
@@ -174,6 +223,26 @@ def paired_gains(samples: dict[int, str]) -> dict[int, dict[str, float]]:
     return out
 
 
+def win_rates(rows: pd.DataFrame) -> dict[str, float]:
+    """:data:`WIN_COLUMNS` of one evaluation: per reference, the mean of the judge's scores
+    (``win_vs_<reference>``: 1 win, 0.5 tie, 0 loss) with its standard error over (prompt, sampling
+    seed) units, the fraction of ties, and the answers the judge dropped (NaN where not judged)."""
+    from workflow.evaluate import mean_stderr, unit_columns
+
+    out: dict[str, float] = {"judge_drops": 0.0}
+    for name in ("sft", "previous"):
+        column = f"win_vs_{name}"
+        if column not in rows:
+            out.update({f"win_rate_vs_{name}": math.nan, f"win_rate_vs_{name}_stderr": math.nan})
+            out[f"ties_vs_{name}"], out["judge_drops"] = math.nan, math.nan
+            continue
+        mean, stderr = mean_stderr(rows[column], [rows[c] for c in unit_columns(rows)])
+        out[f"win_rate_vs_{name}"], out[f"win_rate_vs_{name}_stderr"] = mean, stderr
+        out[f"ties_vs_{name}"] = float((rows[column] == 0.5).sum() / max(1, rows[column].notna().sum()))
+        out["judge_drops"] += float(rows[column].isna().sum())
+    return out
+
+
 def evaluation_table(
     sft_summary: str, iteration_summaries: list[str], benchmarks: list[str], samples: dict[int, str] | None = None
 ) -> pd.DataFrame:
@@ -184,12 +253,22 @@ def evaluation_table(
     """
     bench_by_iter = {int(re.search(r"_(\d+)\.tsv$", str(b)).group(1)): b for b in benchmarks}
     gains = paired_gains(samples or {})
+    wins = {i: win_rates(pd.read_parquet(path)) for i, path in (samples or {}).items() if i >= 0}
     nan_gains = dict.fromkeys(PAIRED_COLUMNS, math.nan)
+    nan_wins = dict.fromkeys(WIN_COLUMNS, math.nan)
+    sft_wins = {**nan_wins, "win_rate_vs_sft": 0.5, "win_rate_vs_sft_stderr": 0.0, "ties_vs_sft": 1.0}
     rows = []
     sft = pd.read_csv(sft_summary).iloc[0]
     sft_values = {k: float(sft.get(k, 0.0 if k == "kl" else math.nan)) for k in SUMMARY_COLUMNS}
     rows.append(
-        {"iteration": -1, **sft_values, "wall_time_s": math.nan, "peak_mem_mb": math.nan, **gains.get(-1, nan_gains)}
+        {
+            "iteration": -1,
+            **sft_values,
+            "wall_time_s": math.nan,
+            "peak_mem_mb": math.nan,
+            **gains.get(-1, nan_gains),
+            **sft_wins,
+        }
     )
     for path in iteration_summaries:
         summary = pd.read_csv(path).iloc[0]
@@ -202,6 +281,7 @@ def evaluation_table(
                 "wall_time_s": seconds,
                 "peak_mem_mb": rss,
                 **gains.get(i, nan_gains),
+                **wins.get(i, nan_wins),
             }
         )
     return pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values("iteration").reset_index(drop=True)

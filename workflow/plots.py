@@ -384,6 +384,42 @@ def _read_csv(path: str | os.PathLike) -> pd.DataFrame | None:
         return None
 
 
+def _plot_per_iteration(
+    path: Path,
+    table: pd.DataFrame,
+    column: str,
+    stderr_column: str,
+    width: float,
+    ylabel: str,
+    title: str,
+    reference: float | None = None,
+) -> None:
+    """One line per method of ``column`` over the iterations (SFT = -1), with error bars of
+    ``width`` standard errors; a note instead where no method has a value."""
+    rows = table.dropna(subset=[column]) if column in table.columns else table.iloc[0:0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if len(rows):
+        for m, df in rows.groupby("method", sort=False):
+            df = df.sort_values("iteration")
+            err = width * df[stderr_column] if stderr_column in df.columns else None
+            ax.errorbar(df["iteration"], df[column], yerr=err, marker="o", capsize=3, label=m)
+        ticks = sorted(rows["iteration"].unique())
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(["SFT" if i == -1 else str(i) for i in ticks])
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, f"no {column} in the evaluation tables", ha="center", transform=ax.transAxes)
+    if reference is not None:
+        ax.axhline(reference, color="black", lw=0.6)
+    ax.set_xlabel("iteration (SFT = before policy learning)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def compare(job: Any) -> None:
     """Stage function of ``compare_methods`` (inputs ``evaluation`` and ``plots``: lists in the
     order of ``params.methods``)."""
@@ -410,26 +446,26 @@ def compare(job: Any) -> None:
     with atomic_dir(job.output["plots"]) as out:
         from workflow.io import write_csv
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        if gold:
-            g = pd.concat(gold, ignore_index=True)
-            for m, df in g.groupby("method", sort=False):
-                df = df.sort_values("iteration")
-                err = df["gold_stderr"] if "gold_stderr" in df.columns else None
-                ax.errorbar(df["iteration"], df["gold_mean"], yerr=err, marker="o", capsize=3, label=m)
-            ax.set_xticks(sorted(g["iteration"].unique()))
-            ax.set_xticklabels(["SFT" if i == -1 else str(i) for i in sorted(g["iteration"].unique())])
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, "no evaluation results", ha="center", transform=ax.transAxes)
-            g = pd.DataFrame(columns=["method", "iteration", "gold_mean"])
-        ax.set_xlabel("iteration (SFT = before policy learning)")
-        ax.set_ylabel("gold score (mean +- stderr)")
-        ax.set_title("Gold score per iteration")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "gold.png", dpi=120)
-        plt.close(fig)
+        g = pd.concat(gold, ignore_index=True) if gold else pd.DataFrame(columns=["method", "iteration", "gold_mean"])
+        _plot_per_iteration(
+            out / "gold.png",
+            g,
+            "gold_mean",
+            "gold_stderr",
+            1.0,
+            "gold score (mean +- stderr)",
+            "Gold score per iteration",
+        )
+        _plot_per_iteration(
+            out / "win_rate.png",
+            g,
+            "win_rate_vs_sft",
+            "win_rate_vs_sft_stderr",
+            1.96,
+            "win rate against SFT (95% interval)",
+            "Judge's win rate against SFT per iteration (ties count 1/2)",
+            reference=0.5,
+        )
 
         panels = ["cosine", "obi_wan_cosine", "pearson", "policy_consecutive_cosine"]
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), sharey=True)
