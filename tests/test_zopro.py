@@ -451,9 +451,7 @@ def host_reads(fn) -> int:
 def test_estimate_reads_nothing_back_from_the_device(two_sided):
     """Losses and g stay tensors through an estimate (the update's one read is apply's .tolist())."""
     names, params, mu, v = make()
-    eng = ZOEngine(
-        list(zip(names, params)), mu, v, ZOConfig(two_sided=two_sided, n_perturbations=3), total_steps=10
-    )
+    eng = ZOEngine(list(zip(names, params)), mu, v, ZOConfig(two_sided=two_sided, n_perturbations=3), total_steps=10)
     eng.directions()  # drawn once per update (host-side seeds)
 
     def loss():
