@@ -1,10 +1,10 @@
 # Paths and input functions shared by every stage. The results layout is documented in README.md.
 from workflow.rerun import code_hash, stage_settings
+from workflow.schema import METHODS, ZO_METHODS
 
-METHODS = ["ppo", "dpo", "rloo", "zorloo", "zorloo_reference"]
-# ZOPrO methods: iteration 0 is first-order RLOO, the same job as rloo's iteration 0 (same seed and
-# settings), so they share rloo's iteration 0 and the reward model refined from it (reward model 1)
-ZO_METHODS = ["zorloo", "zorloo_reference"]
+# ZOPrO methods share rloo's iteration 0 (the same job: same seed and settings) and the reward
+# model refined from it (reward model 1)
+LOOP_ITERATIONS = int(config["loop"]["iterations"])
 DATASET = config["dataset"]["name"]
 SPLITS = ["train", "test"]
 
@@ -126,7 +126,6 @@ def _embedded_rows(wildcards):
 
 
 # Plots (rules/plots.smk)
-N_ITERATIONS = int(config["loop"]["iterations"])
 # files of a plots folder shown in the report (the 3D HTML stay beside them: each embeds plotly.js)
 REPORT_PLOT_FILES = ["{name}.png", "{name}.csv"]
 

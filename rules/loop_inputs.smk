@@ -1,6 +1,5 @@
 # Input functions and constants of rules/loop.smk (kept apart: Snakemake lint wants rules and
 # functions in separate files).
-LOOP_ITERATIONS = int(config["loop"]["iterations"])
 SFT_ADAPTER = "results/sft/adapter"
 SFT_SAMPLES = "results/sft/evaluation.parquet"  # the SFT policy's evaluation answers (rule evaluate_policy)
 

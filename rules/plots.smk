@@ -6,7 +6,7 @@ wildcard_constraints:
 
 rule plot_trajectories:
     input:
-        unpack(lambda wc: trajectory_inputs(wc.method, N_ITERATIONS)),
+        unpack(lambda wc: trajectory_inputs(wc.method, LOOP_ITERATIONS)),
     output:
         plots=report(
             directory("results/{method}/plots"),

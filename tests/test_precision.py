@@ -16,6 +16,7 @@ from test_policy import CFG
 
 from workflow import policy, runtime
 from workflow.models import FP32Head, load_policy, load_reward_model, load_sequence_classifier, load_tokenizer
+from workflow.schema import SCHEMA
 
 # |score(bf16) - score(fp32)|: both load the frozen reward model in fp32 (0 measured on CPU; a bf16
 # reward model was off by up to 12% of the scores' spread, benchmarks/precision.py)
@@ -49,7 +50,7 @@ def test_precision_comes_from_the_job_config_with_the_schema_default(monkeypatch
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
         run({"precision": "fp16"})
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
-    validate(config, str(runtime.SCHEMA))
+    validate(config, str(SCHEMA))
     assert config["precision"] == "auto"
 
 

@@ -72,11 +72,7 @@ import pandas as pd
 import torch
 
 from workflow.models import last_user_text
-
-METHODS = ("ppo", "dpo", "rloo", "zorloo", "zorloo_reference")
-# ZOPrO: iteration 0 is first-order RLOO, iterations >= 1 zeroth-order (zorloo: the configured
-# zopro.variant; zorloo_reference: always the paper's algorithm, for comparison)
-ZO_METHODS = ("zorloo", "zorloo_reference")
+from workflow.schema import METHODS, ZO_METHODS
 
 
 def zopro_variant(method: str, cfg: dict[str, Any]) -> str:

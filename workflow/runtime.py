@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-SCHEMA = Path(__file__).with_name("schemas") / "config.schema.yaml"
+from workflow.schema import schema_property
 
 _precision: str | None = None  # config "precision" of this process (set_precision); None: not set yet
 _tracking: dict[str, Any] = {"report_to": "none"}  # trainer arguments of config "tracking" (set_tracking)
@@ -105,15 +103,6 @@ def processes():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
-
-
-@functools.cache
-def schema_property(key: str) -> dict[str, Any]:
-    """The schema of top-level config key ``key`` (its ``enum``, ``default``, ...)."""
-    import yaml
-
-    with open(SCHEMA) as handle:
-        return yaml.safe_load(handle)["properties"][key]
 
 
 def set_precision(precision: str | None) -> None:
