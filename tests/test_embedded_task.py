@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from workflow import embedded_task as et
-from workflow.embedded_task import generate_split, gold_prefers, gold_score, last_user_text
+from workflow.chat import last_user_text
+from workflow.embedded_task import generate_split, gold_prefers, gold_score
 
 P = "Tell me about the garden."
 

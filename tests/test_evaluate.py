@@ -269,8 +269,8 @@ def test_every_policy_is_evaluated_with_the_same_sampling_seeds(tiny_base, adapt
     assert (t.loc[0, "gold_gain_vs_iter0"], t.loc[0, "gold_gain_vs_iter0_stderr"]) == (0.0, 0.0)
     assert (t.loc[-1, "gold_gain_vs_sft"], t.loc[-1, "gold_gain_vs_sft_stderr"]) == (0.0, 0.0)
     # win rates by the rule judge (gold, in both orders): by hand, and the SFT adapter ties with SFT
+    from workflow.chat import last_user_text
     from workflow.embedded_task import gold_prefers
-    from workflow.models import last_user_text
 
     def by_hand(prompt, a, b):
         verdicts = (gold_prefers(last_user_text(prompt), a, b), gold_prefers(last_user_text(prompt), b, a))

@@ -248,8 +248,3 @@ def generate_split(split: str, n_rows: int, seed: int) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows, columns=["prompt", "chosen", "rejected"])
-
-
-def last_user_text(prompt: list[dict[str, str]]) -> str:
-    """The content of the last user message of a prompt (the ``prompt`` argument of the gold function)."""
-    return next(m["content"] for m in reversed(list(prompt)) if m["role"] == "user")

@@ -29,8 +29,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from workflow.chat import last_user_text
 from workflow.io import write_csv, write_parquet
-from workflow.models import last_user_text, load_policy, load_reward_model, load_tokenizer, read_rows
+from workflow.models import load_policy, load_reward_model, load_tokenizer, read_rows
 from workflow.reward import reward_scores
 
 

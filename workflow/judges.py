@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from workflow.chat import as_messages, conversation_text, last_user_text
+
 Prompt = Sequence[dict[str, str]] | str
 
 JUDGE_QUESTION = (
@@ -46,26 +48,6 @@ JUDGE_QUESTION = (
 
 class JudgeError(RuntimeError):
     """The judge's output cannot be used (too many unparseable verdicts, bad configuration)."""
-
-
-def as_messages(prompt: Prompt) -> list[dict[str, str]]:
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
-
-
-def last_user_text(prompt: Prompt) -> str:
-    messages = as_messages(prompt)
-    for message in reversed(messages):
-        if message["role"] == "user":
-            return message["content"]
-    return messages[-1]["content"] if messages else ""
-
-
-def conversation_text(prompt: Prompt) -> str:
-    """Plain-text rendering of a chat prompt for a judge's question."""
-    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
-    return "\n".join(f"{names.get(m['role'], m['role'])}: {m['content']}" for m in as_messages(prompt))
 
 
 def parse_verdict(text: str) -> int | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from workflow import runtime
+from workflow.chat import as_messages
 from workflow.io import read_table, reading
 
 # the columns of a preference-rows file (workflow.extract), and of the judged pairs (workflow.pairs)
@@ -156,33 +156,16 @@ def add_adapter(model, adapter_path: str, adapter_name: str) -> None:
         model.load_adapter(adapter_path, adapter_name=adapter_name, is_trainable=False)
 
 
-def as_messages(value: Any) -> list[dict[str, str]]:
-    """A list of ``{"role", "content"}`` dicts from a parquet cell (numpy arrays of dicts)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [{"role": "assistant", "content": value}]
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in list(value)]
-
-
 def read_rows(path: str, columns: Sequence[str] = ROW_COLUMNS) -> pd.DataFrame:
     """Preference rows of ``path`` with plain-Python message lists; an error naming the file and
     the column when one of ``columns`` is missing (``workflow.io.read_table``)."""
     rows = read_table(path, columns)
     for column in ("prompt", "chosen", "rejected"):
         if column in rows:
-            rows[column] = [as_messages(v) for v in rows[column]]
+            rows[column] = [as_messages(v, role="assistant") for v in rows[column]]
     if "score" in rows:
         rows["score"] = rows["score"].astype(float)
     return rows.reset_index(drop=True)
-
-
-def last_user_text(prompt: list[dict[str, str]]) -> str:
-    """Text of the last user message of a prompt (what gold scorers take)."""
-    for message in reversed(prompt):
-        if message["role"] == "user":
-            return message["content"]
-    return prompt[-1]["content"] if prompt else ""
 
 
 def answer_text(answer: list[dict[str, str]]) -> str:

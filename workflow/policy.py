@@ -71,7 +71,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workflow.models import last_user_text
+from workflow.chat import last_user_text
 from workflow.schema import METHODS, ZO_METHODS
 
 
