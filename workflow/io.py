@@ -124,3 +124,22 @@ def reading(path: str | os.PathLike, what: str) -> Iterator[None]:
             f"{path}: damaged {what} ({type(err).__name__}: {err}); a killed job or a full disk leaves "
             'such files: delete it and rerun the stage that wrote it (README, "Rerun semantics")'
         ) from err
+
+
+SNAPSHOT_INDEX = "index.csv"  # the snapshot index of a snapshots folder (workflow/snapshots.py)
+
+
+def read_snapshot_index(directory: str | os.PathLike) -> pd.DataFrame:
+    """The snapshot index of ``directory`` (empty when there is none yet); an error naming the
+    file when it is damaged or lacks a column."""
+    path = Path(directory) / SNAPSHOT_INDEX
+    if not path.exists():
+        return pd.DataFrame(
+            {"snapshot": pd.Series(dtype=int), "step": pd.Series(dtype=int), "file": pd.Series(dtype=str)}
+        )
+    with reading(path, "snapshot index"):
+        index = pd.read_csv(path)
+    missing = [c for c in ("snapshot", "step", "file") if c not in index.columns]
+    if missing:
+        raise DataFileError(f"{path}: damaged snapshot index, missing column(s) {', '.join(missing)}")
+    return index

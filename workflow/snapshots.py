@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from workflow.io import DataFileError, atomic_path, reading, write_csv
+from workflow.io import SNAPSHOT_INDEX as INDEX
+from workflow.io import atomic_path, reading, write_csv
+from workflow.io import read_snapshot_index as read_index
 
-INDEX = "index.csv"
 _ADAPTER_SEGMENT = re.compile(r"\.(modules_to_save|original_module)\.[^.]+(?=\.)")
 _LORA_ADAPTER = re.compile(r"\.(lora_[A-Za-z_]+)\.[^.]+(?=\.)")
 
@@ -52,22 +53,6 @@ def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if param.requires_grad:
             state[normalise_key(name)] = param.detach().to("cpu", torch.float32).clone().contiguous()
     return state
-
-
-def read_index(directory: str | os.PathLike) -> pd.DataFrame:
-    """The snapshot index of ``directory`` (empty when there is none yet); an error naming the
-    file when it is damaged or lacks a column."""
-    path = Path(directory) / INDEX
-    if not path.exists():
-        return pd.DataFrame(
-            {"snapshot": pd.Series(dtype=int), "step": pd.Series(dtype=int), "file": pd.Series(dtype=str)}
-        )
-    with reading(path, "snapshot index"):
-        index = pd.read_csv(path)
-    missing = [c for c in ("snapshot", "step", "file") if c not in index.columns]
-    if missing:
-        raise DataFileError(f"{path}: damaged snapshot index, missing column(s) {', '.join(missing)}")
-    return index
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -49,9 +49,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from workflow.io import reading
+from workflow.io import SNAPSHOT_INDEX as INDEX
+from workflow.io import read_snapshot_index, reading
 
-INDEX = "index.csv"
 #: elements of one flattened tensor per streamed chunk; part of the projection's definition
 #: (the random block of chunk c is seeded by (seed, key, c)), so never change it silently.
 CHUNK = 32768
@@ -71,11 +71,6 @@ def snapshots_dir(path: str | os.PathLike) -> Path:
     if p.name == "snapshots" or (p / INDEX).exists():
         return p
     return p / "snapshots"
-
-
-def read_index(directory: str | os.PathLike) -> pd.DataFrame:
-    """``index.csv`` of a snapshots folder (read directly: the plotting jobs never import torch)."""
-    return pd.read_csv(Path(directory) / INDEX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,13 +187,9 @@ def validate(dirs: Sequence[str | os.PathLike], label: str, check_headers: bool 
             problems.append(f"{where}: {INDEX} is missing")
             continue
         try:
-            index = read_index(sd)
-        except Exception as err:  # noqa: BLE001 - reported with its cause
+            index = read_snapshot_index(sd)
+        except Exception as err:  # noqa: BLE001 - reported with its cause (a missing column included)
             problems.append(f"{where}: {INDEX} is unreadable ({err})")
-            continue
-        missing_cols = {"snapshot", "step", "file"} - set(index.columns)
-        if missing_cols:
-            problems.append(f"{where}: {INDEX} lacks columns {sorted(missing_cols)}")
             continue
         if len(index) < 2:
             problems.append(f"{where}: partial index, {len(index)} snapshot(s) (need >= 2)")
@@ -249,7 +240,7 @@ def load_trajectory(
     per_iter = None if max_snapshots is None else max(2, int(max_snapshots) // max(1, len(sdirs)))
     files, steps, iters, snaps = [], [], [], []
     for i, sd in enumerate(sdirs):
-        index = read_index(sd)
+        index = read_snapshot_index(sd)
         keep = subsample(len(index), per_iter)
         for j in keep:
             files.append(sd / str(index["file"].iloc[j]))
