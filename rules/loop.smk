@@ -96,7 +96,7 @@ rule refine_reward:
             "snapshots",
             *MODEL_SETTINGS,
         ),
-        code=stage_code("workflow.pairs"),
+        code=stage_code("workflow.reward"),
     script:
         "../scripts/refine_reward.py"
 

@@ -16,7 +16,6 @@ from peft import get_peft_model
 from workflow.evaluate import (
     evaluate,
     evaluation_prompts,
-    gold_scorer,
     paired_difference,
     reward_gold_accuracy,
     run,
@@ -26,6 +25,7 @@ from workflow.evaluate import (
 from workflow.job import Job
 from workflow.lora import lora_config
 from workflow.models import load_policy, load_sequence_classifier, load_tokenizer, read_rows
+from workflow.scoring import gold_scorer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,8 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from workflow import datasets as ds
 from workflow import extract as ex
-from workflow.extract import ASSISTANT, ExtractionError, extract, render_hh, task_of
+from workflow.datasets import ASSISTANT, ExtractionError, render_hh, task_of
+from workflow.extract import extract
 from workflow.job import Job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -265,11 +267,11 @@ def test_registry_matches_config_schema():
 
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
     enum = schema["properties"]["dataset"]["properties"]["name"]["enum"]
-    assert set(enum) == set(ex.REGISTRY)
+    assert set(enum) == set(ds.REGISTRY)
 
 
 def test_task_of():
-    assert {n: task_of(n) for n in ex.REGISTRY} == {
+    assert {n: task_of(n) for n in ds.REGISTRY} == {
         "embedded": "chat",
         "hh-rlhf": "chat",
         "rlhf-trojan": "chat",
@@ -374,7 +376,7 @@ def test_row_builder(tmp_path, case):
 
 def test_hh_split_and_render_are_inverse():
     for record, row in zip(HH_RECORDS, HH_ROWS):
-        prompt, chosen, rejected = ex.split_hh(record["chosen"], record["rejected"])
+        prompt, chosen, rejected = ds.split_hh(record["chosen"], record["rejected"])
         assert prompt == row["prompt"]
         assert render_hh(prompt, chosen) == record["chosen"]
         assert render_hh(prompt, rejected) == record["rejected"]

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from workflow import policy, runtime
+from workflow import policy, runtime, scoring
 
 CFG = {
     "seed": 0,
@@ -72,7 +72,7 @@ def test_reward_function_raises_on_nan(tiny_base, adapters):
 
     tok = load_tokenizer(adapters["reward"], "chat")
     model = load_reward_model(tiny_base, adapters["reward"])
-    fn = policy.RewardFunction(model, tok, name="rm-test")
+    fn = scoring.RewardFunction(model, tok, name="rm-test")
     prompt = [{"role": "user", "content": "Tell me about the garden."}]
     scores = fn([prompt, prompt], [[{"role": "assistant", "content": "The garden is calm."}], "Nice."])
     assert len(scores) == 2 and np.isfinite(scores).all()
@@ -81,7 +81,7 @@ def test_reward_function_raises_on_nan(tiny_base, adapters):
         for name, p in model.named_parameters():
             if "score" in name:
                 p.fill_(float("nan"))
-    with pytest.raises(policy.RewardNaNError, match="rm-test"):
+    with pytest.raises(scoring.RewardNaNError, match="rm-test"):
         fn([prompt], ["x"])
 
 
@@ -109,7 +109,7 @@ def test_rloo_reference_is_the_sft_adapter(tiny_base, adapters, tmp_path):
     tok = load_tokenizer(tiny_base, "chat")
     model = load_policy(tiny_base, adapters["sft2"], trainable=True)  # "policy i-1"
     rm = load_reward_model(tiny_base, adapters["reward"])
-    fn = policy.RewardFunction(rm, load_tokenizer(adapters["reward"], "chat"), name="rm")
+    fn = scoring.RewardFunction(rm, load_tokenizer(adapters["reward"], "chat"), name="rm")
     prompts = [[{"role": "user", "content": f"Tell me about the river {k}."}] for k in range(4)]
     trainer = policy.build_rloo(model, tok, fn, prompts, CFG, str(tmp_path), 0, [], adapters["sft"])
     ids = torch.tensor([tok.encode("Tell me about the river.")], device=runtime.device())
@@ -220,7 +220,7 @@ def _pair_inputs(tiny_base, adapters):
     tok = load_tokenizer(adapters["sft"], "chat")
     model = load_policy(tiny_base, adapters["sft"])
     rm = load_reward_model(tiny_base, adapters["reward"])
-    return model, tok, policy.RewardFunction(rm, load_tokenizer(adapters["reward"], "chat"), name="rm0")
+    return model, tok, scoring.RewardFunction(rm, load_tokenizer(adapters["reward"], "chat"), name="rm0")
 
 
 def test_collect_pairs_keeps_the_uncertain_and_orders_by_the_judge(tiny_base, adapters, embedded_frames):
@@ -273,14 +273,14 @@ def test_collect_pairs_errors_name_the_file(tiny_base, adapters, embedded_frames
 
 
 def test_refine_reward_with_keep_rm_close(tiny_base, adapters, embedded_frames, tmp_path):
-    from workflow import pairs as pairs_mod
+    from workflow import reward as reward_mod
     from workflow.io import write_parquet
     from workflow.snapshots import read_index
 
     rows = embedded_frames["train"].iloc[:8].copy()
     write_parquet(rows, tmp_path / "pairs.parquet")
     cfg = copy.deepcopy(CFG)
-    plain = pairs_mod.refine_reward(
+    plain = reward_mod.refine_reward(
         tiny_base,
         adapters["reward"],
         str(tmp_path / "pairs.parquet"),
@@ -292,7 +292,7 @@ def test_refine_reward_with_keep_rm_close(tiny_base, adapters, embedded_frames, 
         "w",
     )
     cfg["loop"].update(keep_rm_close=True, keep_rm_alpha=0.25)
-    close = pairs_mod.refine_reward(
+    close = reward_mod.refine_reward(
         tiny_base,
         adapters["reward"],
         str(tmp_path / "pairs.parquet"),
@@ -313,8 +313,8 @@ def test_refine_reward_with_keep_rm_close(tiny_base, adapters, embedded_frames, 
     assert not list(tmp_path.glob(".*refine*"))  # scratch removed
     empty = rows.iloc[:0]
     write_parquet(empty, tmp_path / "empty.parquet")
-    with pytest.raises(pairs_mod.PairsError, match="no pairs"):
-        pairs_mod.refine_reward(
+    with pytest.raises(reward_mod.RefineError, match="no pairs"):
+        reward_mod.refine_reward(
             tiny_base,
             adapters["reward"],
             str(tmp_path / "empty.parquet"),
@@ -395,7 +395,7 @@ def test_ppo_and_dpo_references_are_the_sft_adapter(tiny_base, adapters, tmp_pat
     # online DPO: an explicit frozen base + SFT model
     model = load_policy(tiny_base, adapters["sft2"], trainable=True)
     ref_model = load_policy(tiny_base, adapters["sft"])
-    fn = policy.RewardFunction(
+    fn = scoring.RewardFunction(
         load_reward_model(tiny_base, adapters["reward"]), load_tokenizer(adapters["reward"], "chat"), name="rm"
     )
     trainer = policy.build_dpo(model, ref_model, tok, fn, prompts, CFG, str(tmp_path / "dpo"), 0, [])

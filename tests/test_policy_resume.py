@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_policy import CFG, stage_inputs
 
-from workflow import policy
+from workflow import policy, scoring
 from workflow.snapshots import read_index
 
 
@@ -50,7 +50,7 @@ def _run(method, tiny_base, adapters, prompts, out, checkpoints, cfg):
 
 def _kill_at_step(monkeypatch, step: int) -> None:
     """Make the reward function raise while the trainer computes step ``step + 1``."""
-    original = policy.RewardFunction.__call__
+    original = scoring.RewardFunction.__call__
 
     def call(self, prompts, completions, step_=None, **kwargs):
         state = kwargs.get("trainer_state")
@@ -58,7 +58,7 @@ def _kill_at_step(monkeypatch, step: int) -> None:
             raise Killed(f"killed during step {step + 1}")
         return original(self, prompts, completions, step_, **kwargs)
 
-    monkeypatch.setattr(policy.RewardFunction, "__call__", call)
+    monkeypatch.setattr(scoring.RewardFunction, "__call__", call)
 
 
 @pytest.mark.parametrize("method", ["rloo", "zorloo", "zorloo_reference", "dpo"])

@@ -14,7 +14,7 @@ import torch
 import yaml
 from test_policy import CFG
 
-from workflow import policy, runtime
+from workflow import policy, runtime, scoring
 from workflow.models import FP32Head, load_policy, load_reward_model, load_sequence_classifier, load_tokenizer
 from workflow.schema import SCHEMA
 
@@ -99,7 +99,7 @@ def test_rloo_first_update_ratio_is_one_under_bf16(set_precision, tiny_base, ada
     tokenizer.padding_side = "left"
     model = load_policy(tiny_base, adapters["sft2"], trainable=True)
     reward = load_reward_model(tiny_base, adapters["reward"])
-    reward_fn = policy.RewardFunction(reward, load_tokenizer(adapters["reward"], "chat"), name="rm")
+    reward_fn = scoring.RewardFunction(reward, load_tokenizer(adapters["reward"], "chat"), name="rm")
     prompts = policy.iteration_prompts(embedded_frames["train"], 0, CFG, seed=0)[:4]
     trainer = policy.build_rloo(model, tokenizer, reward_fn, prompts, CFG, str(tmp_path), 0, [], adapters["sft"])
     assert trainer.args.bf16 and model.get_input_embeddings().weight.dtype == torch.bfloat16
@@ -124,7 +124,7 @@ def test_rloo_first_update_ratio_is_one_under_bf16(set_precision, tiny_base, ada
 
 
 def test_reward_scores_under_bf16_match_fp32(set_precision, tiny_base, adapters, embedded_frames):
-    from workflow.reward import reward_scores
+    from workflow.scoring import reward_scores
 
     rows = embedded_frames["test"].head(8)
     tokenizer = load_tokenizer(adapters["reward"], "chat")

@@ -32,20 +32,7 @@ import torch
 from workflow.chat import last_user_text
 from workflow.io import write_csv, write_parquet
 from workflow.models import load_policy, load_reward_model, load_tokenizer, read_rows
-from workflow.reward import reward_scores
-
-
-def gold_scorer(config: dict[str, Any]) -> Callable[[str, str], float] | None:
-    """The gold judge ``(prompt_text, answer_text) -> float`` of the configured dataset, or ``None``.
-
-    The embedded task has an exact gold function. Other datasets have no gold judge here, so
-    their gold scores are NaN; a configured external judge can be plugged in at this hook.
-    """
-    if config.get("dataset", {}).get("name") == "embedded":
-        from workflow.embedded_task import gold_score
-
-        return gold_score
-    return None
+from workflow.scoring import gold_scorer, reward_scores
 
 
 @torch.no_grad()
@@ -271,7 +258,7 @@ def run(job) -> None:
     Inputs: ``test`` rows, ``reward`` adapter, optional ``adapter`` (the policy; absent = the
     bare base model). Params: ``base`` path. Outputs: ``samples`` parquet, ``summary`` CSV.
     """
-    from workflow.extract import task_of
+    from workflow.datasets import task_of
 
     cfg = job.config
     task = task_of(cfg["dataset"]["name"])

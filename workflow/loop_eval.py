@@ -127,8 +127,8 @@ def run(job) -> None:
     Outputs: ``samples`` (parquet, one row per answer, with ``kl``, ``win_vs_sft`` and
     ``win_vs_previous``) and ``summary`` (CSV, one row).
     """
+    from workflow.datasets import task_of
     from workflow.evaluate import evaluate, evaluation_prompts, require_finite_rewards, summarise
-    from workflow.extract import task_of
     from workflow.io import write_csv, write_parquet
     from workflow.models import load_policy, load_reward_model, load_tokenizer, read_rows
 

@@ -97,10 +97,10 @@ def collect_pairs(
 ) -> pd.DataFrame:
     """Uncertain samples -> second answers -> judged pairs (see module docstring).
 
-    ``reward_fn``: a :class:`workflow.policy.RewardFunction` of reward model ``i`` (raises on NaN);
+    ``reward_fn``: a :class:`workflow.scoring.RewardFunction` of reward model ``i`` (raises on NaN);
     ``where``: the output file and iteration, used in error messages.
     """
-    from workflow.policy import sample_completions
+    from workflow.sampling import sample_completions
 
     if samples.empty:
         raise PairsError(f"{where}: the policy wrote no samples to collect pairs from")
@@ -136,11 +136,11 @@ def collect_pairs(
 
 def run(job) -> None:
     """Stage function of rule ``collect_pairs``."""
-    from workflow.extract import task_of
+    from workflow.datasets import task_of
     from workflow.io import read_table, write_parquet
     from workflow.judges import make_judge
     from workflow.models import load_policy, load_reward_model, load_tokenizer
-    from workflow.policy import RewardFunction
+    from workflow.scoring import RewardFunction
 
     cfg = job.config
     method, iteration = job.wildcards["method"], int(job.wildcards["i"])
@@ -167,136 +167,3 @@ def run(job) -> None:
         f"{where}: {len(pairs)} pairs, judge drop rate {pairs['judge_drop_rate'].iloc[0]:.3f}, "
         f"chosen == policy sample in {float((pairs['verdict'] == 0).mean()):.2f}"
     )
-
-
-# --------------------------------------------------------------------------------------------
-# reward refinement: reward model i + pairs i -> reward model i+1
-# --------------------------------------------------------------------------------------------
-HELDOUT_ROWS = 256
-
-
-def average_adapters(previous: str, new: str, alpha: float, out_file: str) -> None:
-    """``alpha * previous + (1 - alpha) * new`` on every tensor of two saved adapters (same keys)."""
-    from safetensors.torch import save_file
-
-    from workflow.io import atomic_path
-    from workflow.snapshots import load_tensors
-
-    prev = load_tensors(f"{previous}/adapter_model.safetensors")
-    cur = load_tensors(f"{new}/adapter_model.safetensors")
-    if set(prev) != set(cur):
-        raise ValueError(f"keep_rm_close: adapters {previous} and {new} have different tensors")
-    mixed = {
-        k: (float(alpha) * prev[k].float() + (1.0 - float(alpha)) * cur[k].float()).to(cur[k].dtype).contiguous()
-        for k in cur
-    }
-    with atomic_path(out_file) as tmp:
-        save_file(mixed, str(tmp), metadata={"format": "pt"})
-
-
-def refine_reward(
-    base: str,
-    reward_adapter: str,
-    pairs_path: str,
-    test_path: str | None,
-    out_dir: str,
-    cfg: dict[str, Any],
-    seed: int,
-    task: str,
-    where: str,
-) -> dict[str, Any]:
-    """Continue reward model ``i`` on pairs ``i`` (``workflow.reward.train_reward``); with
-    ``loop.keep_rm_close`` the saved adapter is ``alpha * previous + (1 - alpha) * refined``
-    (``loop.keep_rm_alpha``). Snapshots and metrics are those of the refinement itself."""
-    import os
-    import shutil
-    from pathlib import Path
-
-    from workflow.models import read_rows
-    from workflow.reward import train_reward
-
-    pairs = read_rows(pairs_path)
-    if pairs.empty:
-        raise PairsError(f"{where}: {pairs_path} holds no pairs to refine the reward model on")
-    rows = pairs[["prompt", "chosen", "rejected"]].reset_index(drop=True)
-    heldout = read_rows(test_path).head(HELDOUT_ROWS) if test_path else None
-    rcfg = cfg["reward"]
-    out = Path(out_dir)
-    loop = cfg["loop"]
-    if not loop.get("keep_rm_close", False):
-        summary = train_reward(
-            base,
-            reward_adapter,
-            rows,
-            heldout,
-            out,
-            cfg,
-            rcfg["refine_epochs"],
-            rcfg["refine_learning_rate"],
-            seed,
-            task,
-            batch_size=rcfg.get("batch_size"),
-            source=pairs_path,
-        )
-        return summary
-    scratch = out.parent / f".{out.name}.refine"
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        summary = train_reward(
-            base,
-            reward_adapter,
-            rows,
-            heldout,
-            scratch,
-            cfg,
-            rcfg["refine_epochs"],
-            rcfg["refine_learning_rate"],
-            seed,
-            task,
-            batch_size=rcfg.get("batch_size"),
-            source=pairs_path,
-        )
-        alpha = float(loop.get("keep_rm_alpha", 0.5))
-        average_adapters(
-            reward_adapter, str(scratch / "adapter"), alpha, str(scratch / "adapter" / "adapter_model.safetensors")
-        )
-        out.mkdir(parents=True, exist_ok=True)
-        from workflow.io import atomic_dir
-
-        for name in ("snapshots", "adapter"):
-            with atomic_dir(out / name) as tmp:
-                os.rmdir(tmp)
-                os.replace(scratch / name, tmp)
-        summary["keep_rm_alpha"] = alpha
-        import pandas as pd
-
-        metrics = pd.read_csv(scratch / "metrics.csv")
-        metrics["keep_rm_alpha"] = alpha
-        from workflow.io import write_csv
-
-        write_csv(metrics, out / "metrics.csv")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return summary
-
-
-def run_refine(job) -> None:
-    """Stage function of rule ``refine_reward``."""
-    from workflow.extract import task_of
-
-    cfg = job.config
-    method, iteration = job.wildcards["method"], int(job.wildcards["i"])
-    out_dir = job.stage_dir
-    where = f"{out_dir} ({method} reward model {iteration})"
-    summary = refine_reward(
-        job.params["base"],
-        job.input["reward"],
-        job.input["pairs"],
-        job.input.get("test"),
-        str(out_dir),
-        cfg,
-        job.seed + 1009 * iteration + 31,
-        task_of(cfg["dataset"]["name"]),
-        where,
-    )
-    print(summary)

@@ -24,7 +24,7 @@ frozen, and snapshots hold trainable tensors only).
 Reward
 ------
 ``rloo``, ``zorloo`` and ``dpo`` get a :class:`RewardFunction` callable: it scores
-``prompt + completion`` with the LoRA reward model ``i`` (``workflow.reward.reward_scores``, the
+``prompt + completion`` with the LoRA reward model ``i`` (``workflow.scoring.reward_scores``, the
 same text rendering the reward model was trained on), **raises** on a NaN score (trl would
 otherwise turn NaN into 0 silently) and records every scored rollout. Those records are the
 trainer's own rollouts and become ``samples.parquet``. ``ppo`` needs a sequence-classification
@@ -63,7 +63,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workflow.chat import last_user_text
+from workflow.sampling import sample_completions
 from workflow.schema import METHODS, ZO_METHODS
+from workflow.scoring import RewardFunction, gold_scorer
 
 
 def zopro_variant(method: str, cfg: dict[str, Any]) -> str:
@@ -82,10 +83,6 @@ def zopro_variant(method: str, cfg: dict[str, Any]) -> str:
 
 class PolicyConfigError(ValueError):
     """The loop/policy configuration cannot be run."""
-
-
-class RewardNaNError(FloatingPointError):
-    """The reward model produced a non-finite score."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,74 +107,9 @@ def iteration_prompts(rows: pd.DataFrame, iteration: int, cfg: dict[str, Any], s
     return [list(rows["prompt"].iloc[int(k)]) for k in idx]
 
 
-def completion_text(completion: Any) -> str:
-    """Text of a trl completion (a string or a list of assistant messages)."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(str(m["content"]) for m in completion)
-
-
 # --------------------------------------------------------------------------------------------
 # reward
 # --------------------------------------------------------------------------------------------
-class RewardFunction:
-    """Reward callable for trl: LoRA reward model scores, NaN check, rollout recording."""
-
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        name: str,
-        batch_size: int = 32,
-        max_length: int | None = None,
-        gold: Callable[[str, str], float] | None = None,
-    ):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.name = name
-        self.batch_size = int(batch_size)
-        self.max_length = max_length
-        self.gold = gold  # the task's gold judge (prompt text, answer) -> float, recorded beside the score
-        self.records: list[dict[str, Any]] = []
-        self.__name__ = "reward_model"
-
-    def score(self, prompts: Sequence[Sequence[dict]], completions: Sequence[str]) -> np.ndarray:
-        from workflow.reward import reward_scores
-
-        if not len(prompts):
-            return np.zeros(0)
-        scores = reward_scores(
-            self.model,
-            self.tokenizer,
-            [list(p) for p in prompts],
-            list(completions),
-            batch_size=self.batch_size,
-            max_length=self.max_length,
-        )
-        bad = ~np.isfinite(scores)
-        if bad.any():
-            k = int(np.flatnonzero(bad)[0])
-            raise RewardNaNError(
-                f"reward model {self.name} produced a non-finite score ({scores[k]}) for {int(bad.sum())} of "
-                f"{len(scores)} completions, e.g. prompt {list(prompts[k])[-1]['content']!r} -> "
-                f"{completions[k]!r}; the reward adapter is broken (diverged training?): retrain it"
-            )
-        return scores
-
-    def __call__(self, prompts, completions, step: int | None = None, **kwargs) -> list[float]:
-        texts = [completion_text(c) for c in completions]
-        scores = self.score(prompts, texts)
-        state = kwargs.get("trainer_state")
-        step = int(getattr(state, "global_step", 0)) if state is not None else (step or 0)
-        for p, c, s in zip(prompts, texts, scores):
-            gold = float(self.gold(last_user_text(list(p)), c.strip())) if self.gold else math.nan
-            self.records.append({"prompt": list(p), "completion": c, "score": float(s), "gold": gold, "step": step})
-        return [float(s) for s in scores]
-
-    def samples(self) -> pd.DataFrame:
-        return pd.DataFrame(self.records, columns=["prompt", "completion", "score", "gold", "step"])
-
-
 # --------------------------------------------------------------------------------------------
 # adapters
 # --------------------------------------------------------------------------------------------
@@ -228,47 +160,6 @@ def load_adapter_weights(model, adapter_name: str, adapter_dir: str | os.PathLik
 # generation
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_completions(
-    model,
-    tokenizer,
-    prompts: Sequence[Sequence[dict]],
-    max_new_tokens: int,
-    temperature: float,
-    seed: int,
-    batch_size: int = 32,
-) -> list[str]:
-    """One sampled completion (text, special tokens removed) per prompt."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(int(seed))
-    out: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = [
-                tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True)
-                for p in prompts[start : start + batch_size]
-            ]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            generated = model.generate(
-                **enc,
-                do_sample=True,
-                temperature=float(temperature),
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=int(max_new_tokens),
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            out.extend(tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
-    finally:
-        torch.random.set_rng_state(generator_state)
-        model.train(was_training)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # trainers
 # --------------------------------------------------------------------------------------------
@@ -288,7 +179,7 @@ class PolicySnapshotCallback:
 def _common_args(scratch: str, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     """Trainer arguments of every method; ``scratch`` (the Trainer's output folder) receives a
     checkpoint every ``policy.checkpoint_every`` of the steps (0: none), see :mod:`workflow.resume`."""
-    from workflow.sft import trainer_kwargs
+    from workflow.training import trainer_kwargs
 
     pcfg = cfg["policy"]
     every = float(pcfg.get("checkpoint_every", 0) or 0)
@@ -621,11 +512,10 @@ def train_policy(
     """
     from transformers import set_seed
 
-    from workflow.evaluate import gold_scorer
     from workflow.io import atomic_dir, write_parquet
     from workflow.models import add_adapter, load_policy, load_reward_model, load_tokenizer
     from workflow.resume import StageCheckpoints, fingerprint
-    from workflow.sft import write_metrics
+    from workflow.training import write_metrics
 
     if method not in METHODS:
         raise PolicyConfigError(f"unknown policy method {method!r}; expected one of {', '.join(METHODS)}")
@@ -752,7 +642,7 @@ def train_policy(
 def run(job) -> None:
     """Stage function of rule ``train_policy``."""
     from workflow.accounting import usable_rows
-    from workflow.extract import task_of
+    from workflow.datasets import task_of
     from workflow.models import load_tokenizer, read_rows
 
     cfg = job.config

@@ -26,8 +26,9 @@ from workflow.accounting import usable_rows
 from workflow.io import atomic_dir
 from workflow.lora import lora_config
 from workflow.models import has_scores, load_reward_model, load_sequence_classifier, load_tokenizer, read_rows
-from workflow.sft import scratch_dir, trainer_kwargs, write_metrics
+from workflow.scoring import reward_scores
 from workflow.snapshots import SnapshotCallback
+from workflow.training import scratch_dir, trainer_kwargs, write_metrics
 
 
 def _trl():
@@ -86,43 +87,6 @@ def reward_dataset(rows: pd.DataFrame, objective: str | None = None) -> Dataset:
         scores = rows["score"].astype(float).fillna(0.0).tolist()
         data["score" if objective == "regression" else "margin"] = scores
     return Dataset.from_dict(data)
-
-
-def _texts(tokenizer, prompts, answers) -> list[str]:
-    return [tokenizer.apply_chat_template(list(p) + list(a), tokenize=False) for p, a in zip(prompts, answers)]
-
-
-@torch.no_grad()
-def reward_scores(
-    model, tokenizer, prompts: list, answers: list, batch_size: int = 32, max_length: int | None = None
-) -> np.ndarray:
-    """Reward of each ``prompt + answer`` (message lists; a string answer is one assistant message)."""
-    answers = [[{"role": "assistant", "content": a}] if isinstance(a, str) else a for a in answers]
-    texts = _texts(tokenizer, prompts, answers)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    out = []
-    try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[start : start + batch_size],
-                add_special_tokens=False,
-                padding=True,
-                truncation=max_length is not None,
-                max_length=max_length,
-                return_tensors="pt",
-            )
-            logits = model(
-                input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)
-            ).logits
-            out.append(logits.squeeze(-1).float().cpu())
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 def pairwise_accuracy(model, tokenizer, rows: pd.DataFrame, batch_size: int = 32) -> float:
@@ -228,7 +192,7 @@ def train_reward(
 
 def run(job) -> None:
     """Stage function of rule ``reward_initial`` (reward model of iteration 0)."""
-    from workflow.extract import task_of
+    from workflow.datasets import task_of
 
     cfg = job.config
     out_dir = job.stage_dir
@@ -246,5 +210,121 @@ def run(job) -> None:
         task_of(cfg["dataset"]["name"]),
         batch_size=rcfg["batch_size"],
         source=job.input["train"],
+    )
+    print(summary)
+
+
+# --------------------------------------------------------------------------------------------
+# refinement (rule refine_reward): reward model i + pairs i -> reward model i+1
+# --------------------------------------------------------------------------------------------
+HELDOUT_ROWS = 256
+
+
+class RefineError(ValueError):
+    """The pairs cannot refine the reward model (none left)."""
+
+
+def average_adapters(previous: str, new: str, alpha: float, out_file: str) -> None:
+    """``alpha * previous + (1 - alpha) * new`` on every tensor of two saved adapters (same keys)."""
+    from safetensors.torch import save_file
+
+    from workflow.io import atomic_path
+    from workflow.snapshots import load_tensors
+
+    prev = load_tensors(f"{previous}/adapter_model.safetensors")
+    cur = load_tensors(f"{new}/adapter_model.safetensors")
+    if set(prev) != set(cur):
+        raise ValueError(f"keep_rm_close: adapters {previous} and {new} have different tensors")
+    mixed = {
+        k: (float(alpha) * prev[k].float() + (1.0 - float(alpha)) * cur[k].float()).to(cur[k].dtype).contiguous()
+        for k in cur
+    }
+    with atomic_path(out_file) as tmp:
+        save_file(mixed, str(tmp), metadata={"format": "pt"})
+
+
+def refine_reward(
+    base: str,
+    reward_adapter: str,
+    pairs_path: str,
+    test_path: str | None,
+    out_dir: str,
+    cfg: dict[str, Any],
+    seed: int,
+    task: str,
+    where: str,
+) -> dict[str, Any]:
+    """Continue reward model ``i`` on pairs ``i`` (:func:`train_reward`); with
+    ``loop.keep_rm_close`` the saved adapter is ``alpha * previous + (1 - alpha) * refined``
+    (``loop.keep_rm_alpha``). Snapshots and metrics are those of the refinement itself."""
+    import shutil
+
+    from workflow.io import atomic_dir, write_csv
+
+    pairs = read_rows(pairs_path)
+    if pairs.empty:
+        raise RefineError(f"{where}: {pairs_path} holds no pairs to refine the reward model on")
+    rows = pairs[["prompt", "chosen", "rejected"]].reset_index(drop=True)
+    heldout = read_rows(test_path).head(HELDOUT_ROWS) if test_path else None
+    rcfg, loop = cfg["reward"], cfg["loop"]
+    out = Path(out_dir)
+    keep_close = bool(loop.get("keep_rm_close", False))
+    target = out.parent / f".{out.name}.refine" if keep_close else out  # mixed before it is moved in place
+    if keep_close:
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        summary = train_reward(
+            base,
+            reward_adapter,
+            rows,
+            heldout,
+            target,
+            cfg,
+            rcfg["refine_epochs"],
+            rcfg["refine_learning_rate"],
+            seed,
+            task,
+            batch_size=rcfg.get("batch_size"),
+            source=pairs_path,
+        )
+        if not keep_close:
+            return summary
+        alpha = float(loop.get("keep_rm_alpha", 0.5))
+        average_adapters(
+            reward_adapter, str(target / "adapter"), alpha, str(target / "adapter" / "adapter_model.safetensors")
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("snapshots", "adapter"):
+            with atomic_dir(out / name) as tmp:
+                os.rmdir(tmp)
+                os.replace(target / name, tmp)
+        summary["keep_rm_alpha"] = alpha
+        metrics = pd.read_csv(target / "metrics.csv")
+        metrics["keep_rm_alpha"] = alpha
+        write_csv(metrics, out / "metrics.csv")
+        return summary
+    finally:
+        if keep_close:
+            shutil.rmtree(target, ignore_errors=True)
+
+
+def run_refine(job) -> None:
+    """Stage function of rule ``refine_reward``."""
+    from workflow.datasets import task_of
+
+    cfg = job.config
+    method, iteration = job.wildcards["method"], int(job.wildcards["i"])
+    out_dir = job.stage_dir
+    where = f"{out_dir} ({method} reward model {iteration})"
+    summary = refine_reward(
+        job.params["base"],
+        job.input["reward"],
+        job.input["pairs"],
+        job.input.get("test"),
+        str(out_dir),
+        cfg,
+        job.seed + 1009 * iteration + 31,
+        task_of(cfg["dataset"]["name"]),
+        where,
     )
     print(summary)

@@ -7,66 +7,21 @@ answer tokens only (the chat template's assistant header belongs to the prompt).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from datasets import Dataset
 from transformers import set_seed
 
-from workflow import runtime
 from workflow.accounting import usable_rows
-from workflow.io import atomic_dir, write_csv
-from workflow.io import scratch_dir as io_scratch_dir
+from workflow.io import atomic_dir
 from workflow.lora import lora_config
 from workflow.models import load_causal_lm, load_tokenizer, read_rows
 from workflow.snapshots import SnapshotCallback
-
-
-def trainer_kwargs(
-    output_dir: str, epochs: float, learning_rate: float, batch_size: int, seed: int, **extra: Any
-) -> dict[str, Any]:
-    """Arguments every training stage gives its trl config: no checkpoints, reporting as config
-    ``tracking`` says (``runtime.tracking_args()``; none by default), bf16 autocast when
-    ``runtime.use_bf16()`` (config ``precision``; the CPU included), else fp32, CPU when no GPU,
-    seeded, tqdm progress, frequent logging."""
-    kwargs = dict(
-        output_dir=output_dir,
-        num_train_epochs=float(epochs),
-        learning_rate=float(learning_rate),
-        per_device_train_batch_size=int(batch_size),
-        per_device_eval_batch_size=int(batch_size),
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        seed=int(seed),
-        data_seed=int(seed),
-        save_strategy="no",
-        eval_strategy="no",
-        **runtime.tracking_args(),
-        logging_strategy="steps",
-        logging_steps=0.02,  # a ratio: about 50 log rows per run
-        logging_first_step=True,
-        disable_tqdm=False,
-        bf16=runtime.use_bf16(),
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        remove_unused_columns=True,
-    )
-    kwargs.update(extra)
-    return kwargs
-
-
-@contextlib.contextmanager
-def scratch_dir(near: str | os.PathLike) -> Iterator[str]:
-    """The Trainer's ``output_dir``: ``.trainer.tmp`` beside ``near`` (``workflow.io.scratch_dir``:
-    a fixed name, so a killed run's folder is removed by the next run), always removed."""
-    with io_scratch_dir(Path(near).with_name("trainer")) as path:
-        yield str(path)
+from workflow.training import scratch_dir, trainer_kwargs, write_metrics
 
 
 def sft_dataset(rows: pd.DataFrame) -> Dataset:
@@ -113,16 +68,6 @@ def build_sft_trainer(
         peft_config=peft_config,
         callbacks=callbacks,
     )
-
-
-def write_metrics(log_history: list[dict[str, Any]], summary: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write a stage's ``metrics.csv``: the Trainer's log history (one row per logged step) plus
-    one final row holding ``summary`` at step ``summary["steps"]``."""
-    rows = pd.DataFrame(log_history)
-    if "step" in rows:
-        rows.insert(0, "step", rows.pop("step"))
-    rows = pd.concat([rows, pd.DataFrame([{"step": summary["steps"], **summary}])], ignore_index=True)
-    write_csv(rows, path)
 
 
 def train_sft(
@@ -186,7 +131,7 @@ def train_sft(
 
 def run(job) -> None:
     """Stage function of rule ``sft``."""
-    from workflow.extract import task_of
+    from workflow.datasets import task_of
 
     cfg = job.config
     out_dir = job.stage_dir
