@@ -18,7 +18,7 @@ measures
    first, so the PPO-clip ratio ``exp(new - old)`` must be 1; and on the first batch (policy = policy
    i-1 exactly) the error of the rollout ("old") log-probs and of the sequence KL estimate
    ``sum(old - ref)`` against the fp32 model on the same tokens;
-3. reward scores (``workflow.reward.reward_scores`` with the frozen reward model, as scoring stages
+3. reward scores (``workflow.scoring.reward_scores`` with the frozen reward model, as scoring stages
    load it) of held-out prompt + chosen / rejected answers against fp32: error, error / spread of
    the scores, and pairs whose order flips.
 
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from workflow import models, policy, runtime  # noqa: E402
+from workflow import models, policy, runtime, scoring  # noqa: E402
 
 VARIANTS = ("fp32", "bf16 plain", "bf16")
 BASE_CFG = {
@@ -179,7 +179,7 @@ def rloo_run(
     tokenizer.padding_side = "left"
     model = models.load_policy(base, adapters["prev"], trainable=True)
     reward = models.load_reward_model(base, adapters["reward"])
-    reward_fn = policy.RewardFunction(reward, models.load_tokenizer(adapters["reward"], "chat"), name="reward")
+    reward_fn = scoring.RewardFunction(reward, models.load_tokenizer(adapters["reward"], "chat"), name="reward")
     cfg = stage_cfg(generation_length)
     prompts = prompts[: steps * cfg["policy"]["batch_size"] // cfg["policy"]["rloo_k"]]  # one epoch: `steps` updates
     torch.manual_seed(0)
@@ -255,7 +255,7 @@ def rloo_run(
 def reward_run(base: str, adapter: str, rows) -> tuple[dict[str, np.ndarray], str]:
     """Scores of ``prompt + chosen`` and ``prompt + rejected`` by the frozen reward model, and the
     dtypes of its weights."""
-    from workflow.reward import reward_scores
+    from workflow.scoring import reward_scores
 
     tokenizer = models.load_tokenizer(adapter, "chat")
     model = models.load_reward_model(base, adapter, pad_token_id=tokenizer.pad_token_id)

@@ -50,10 +50,8 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def probe_step(trainer, inputs, step: int) -> list[dict]:
     """Alignment and finite-difference rows of one rollout batch (parameters are left unchanged)."""
-    from workflow.zopro_direction import perturb
-
     engine = trainer.build_engine()
-    params = engine.params
+    params, direction = engine.params, engine.direction
 
     def loss_fn():
         with trainer.compute_loss_context_manager():
@@ -61,30 +59,23 @@ def probe_step(trainer, inputs, step: int) -> list[dict]:
 
     with torch.enable_grad():
         grad = _flat(torch.autograd.grad(loss_fn(), params))
-    rows = [
-        {
-            "step": step,
-            "setting": "cos_mu",
-            "value": _cos(
-                -grad, _flat(m if m is not None else torch.zeros_like(p) for m, p in zip(engine.direction.mu, params))
-            ),
-        }
-    ]
+    rows = [{"step": step, "setting": "cos_mu", "value": _cos(-grad, direction.mu.double())}]
     seed, update_step = engine.config.seed, engine.state.step
     for gamma in GAMMAS:
-        zs = [_flat(z for _, z in engine.direction.iter_z(params, seed, update_step, j, gamma)) for j in range(max(QS))]
+        zs = [direction.z(seed, update_step, j, gamma).double() for j in range(max(QS))]
         for q in QS:
             update = -sum(float(grad @ z) * z for z in zs[:q]) / q
             rows.append({"step": step, "setting": f"cos_est gamma={gamma} q={q}", "value": _cos(-grad, update)})
     # direction 0 at gamma 0 (pure noise), the hardest case for a finite difference
-    exact = float(grad @ _flat(z for _, z in engine.direction.iter_z(params, seed, update_step, 0, 0.0)))
+    z0 = direction.z(seed, update_step, 0, 0.0)
+    exact = float(grad @ z0.double())
     with torch.no_grad():
         for eps in EPSILONS:
-            perturb(params, eps, engine.direction, seed, update_step, 0, 0.0)
+            engine.flat.add_(z0, eps)
             plus = float(loss_fn())
-            perturb(params, -2 * eps, engine.direction, seed, update_step, 0, 0.0)
+            engine.flat.add_(z0, -2 * eps)
             minus = float(loss_fn())
-            perturb(params, eps, engine.direction, seed, update_step, 0, 0.0)
+            engine.flat.add_(z0, eps)
             estimate = (plus - minus) / (2 * eps)
             rows.append(
                 {
@@ -97,7 +88,7 @@ def probe_step(trainer, inputs, step: int) -> list[dict]:
 
 
 def main() -> None:
-    from workflow import policy, runtime
+    from workflow import policy, runtime, scoring
     from workflow.models import load_policy, load_reward_model, load_tokenizer, read_rows
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,7 +119,7 @@ def main() -> None:
     reward_tokenizer = load_tokenizer(inputs["reward_i"], "chat")
     model = load_policy(base, inputs["policy_prev"], trainable=True)
     reward = load_reward_model(base, inputs["reward_i"], pad_token_id=reward_tokenizer.pad_token_id)
-    reward_fn = policy.RewardFunction(reward, reward_tokenizer, "reward 1", max_length=cfg["model"]["max_length"])
+    reward_fn = scoring.RewardFunction(reward, reward_tokenizer, "reward 1", max_length=cfg["model"]["max_length"])
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
         trainer = policy.build_zorloo(

@@ -410,7 +410,7 @@ def test_ppo_scores_rollouts_where_the_reward_model_was_trained(tiny_base, adapt
     from trl.experimental.utils import get_reward
 
     from workflow.models import load_policy, load_reward_model, load_tokenizer
-    from workflow.reward import reward_scores
+    from workflow.scoring import reward_scores
 
     tok = load_tokenizer(tiny_base, "chat")
     tok.padding_side = "left"
