@@ -27,54 +27,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from workflow.chat import last_user_text
 from workflow.io import write_csv, write_parquet
 from workflow.models import load_policy, load_reward_model, load_tokenizer, read_rows
+from workflow.sampling import sample_completions
 from workflow.scoring import gold_scorer, reward_scores
-
-
-@torch.no_grad()
-def generate(
-    policy_model,
-    tokenizer,
-    prompts: list[list[dict[str, str]]],
-    max_new_tokens: int,
-    temperature: float,
-    seed: int,
-    batch_size: int = 64,
-) -> list[str]:
-    """Sample one answer per prompt (message lists) with the tokenizer's chat template; seeded."""
-    device = next(policy_model.parameters()).device
-    was_training = policy_model.training
-    policy_model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    torch.manual_seed(int(seed))
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    answers: list[str] = []
-    try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[start : start + batch_size], add_special_tokens=False, padding=True, return_tensors="pt"
-            ).to(device)
-            out = policy_model.generate(
-                **enc,
-                do_sample=True,
-                temperature=float(temperature),
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=int(max_new_tokens),
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new = out[:, enc["input_ids"].shape[1] :]
-            answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
-        policy_model.train(was_training)
-    return answers
 
 
 def sampling_seed(seed: int, s: int) -> int:
@@ -106,14 +64,16 @@ def evaluate(
     expanded = per_seed * n_seeds
     answers: list[str] = []
     for s in range(n_seeds):
-        answers += generate(
+        sampled = sample_completions(
             policy_model,
             tokenizer,
             per_seed,
             cfg["model"]["generation_length"],
             ecfg.get("temperature", 1.0),
             sampling_seed(seed, s),
+            batch_size=64,
         )
+        answers += [a.strip() for a in sampled]
     gold = gold if gold is not None else gold_scorer(cfg)
     texts = [last_user_text(p) for p in expanded]
     gold_values = [float(gold(t, a)) if gold else math.nan for t, a in zip(texts, answers)]

@@ -1,4 +1,6 @@
-"""Sampling completions from a policy: one seeded answer per prompt, the caller's RNG left as it was."""
+"""Sampling completions from a policy: one seeded answer per prompt, the caller's RNG left as it was.
+The one sampler of the workflow: pairs (a second answer per prompt), PPO's rollout records and the
+evaluations (``workflow.evaluate``) all sample through it."""
 
 from __future__ import annotations
 
