@@ -30,6 +30,10 @@ from workflow import runtime
 RUNTIME_KEYS = ("cache_dir", "resources", "tracking")
 
 
+# the random-number streams of a loop iteration (Job.stage_seed); never change an offset silently
+SEED_OFFSETS = {"policy": 0, "pairs": 17, "refine": 31, "ppo_records": 7919}
+
+
 @dataclasses.dataclass
 class Job:
     """Inputs, outputs, params and resources of one rule instance."""
@@ -74,6 +78,12 @@ class Job:
     @property
     def seed(self) -> int:
         return int(self.config.get("seed", 0))
+
+    def stage_seed(self, purpose: str) -> int:
+        """The seed of ``purpose`` (:data:`SEED_OFFSETS`) in this job's loop iteration (wildcard ``i``):
+        config ``seed`` + 1009 x iteration + the purpose's offset, so that no two stages or
+        iterations draw the same random numbers."""
+        return self.seed + 1009 * int(self.wildcards.get("i", 0)) + SEED_OFFSETS[purpose]
 
     @property
     def stage_dir(self) -> str:

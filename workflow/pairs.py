@@ -148,7 +148,7 @@ def run(job) -> None:
     base = job.params["base"]
     out = job.output["pairs"]
     where = f"{out} ({method} iteration {iteration})"
-    seed = job.seed + 1009 * iteration + 17
+    seed = job.stage_seed("pairs")
     tokenizer = load_tokenizer(job.input["policy"], task)
     policy_model = load_policy(base, job.input["policy"], trainable=False)
     reward_tokenizer = load_tokenizer(job.input["reward"], task)

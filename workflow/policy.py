@@ -71,6 +71,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from workflow.job import SEED_OFFSETS
 from workflow.sampling import sample_completions
 from workflow.schema import METHODS, ZO_METHODS
 from workflow.scoring import RewardFunction, gold_scorer
@@ -610,7 +611,12 @@ def train_policy(
             k = int(pcfg["rloo_k"])
             rep = [p for p in prompts for _ in range(k)]
             texts = sample_completions(
-                policy, tokenizer, rep, cfg["model"]["generation_length"], pcfg["temperature"], seed + 7919
+                policy,
+                tokenizer,
+                rep,
+                cfg["model"]["generation_length"],
+                pcfg["temperature"],
+                seed + SEED_OFFSETS["ppo_records"],
             )
             reward_fn(rep, texts, step=int(trainer.state.global_step))
         samples = reward_fn.samples()
@@ -672,7 +678,7 @@ def run(job) -> None:
         prompts,
         out_dir,
         cfg,
-        job.seed + 1009 * iteration,
+        job.stage_seed("policy"),
         task_of(cfg["dataset"]["name"]),
         direction_inputs=direction,
         checkpoint_dir=job.params.get("checkpoints"),

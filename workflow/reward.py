@@ -323,7 +323,7 @@ def run_refine(job) -> None:
         job.input.get("test"),
         str(out_dir),
         cfg,
-        job.seed + 1009 * iteration + 31,
+        job.stage_seed("refine"),
         task_of(cfg["dataset"]["name"]),
         where,
     )
