@@ -13,7 +13,7 @@ measures
 
 1. dtypes of the base, LoRA and reward-head weights and of the AdamW states, as the stages load
    the models (policy: the RLOO trainer's optimizer after its updates; reward: one AdamW step);
-2. log-probs: an RLOO run built as the stage builds it (``workflow.policy.build_rloo``, one update
+2. log-probs: an RLOO run built as the stage builds it (``workflow.policy_trainers.build_rloo``, one update
    per rollout batch): ``|new - old|`` sequence log-prob at every update, which is that batch's
    first, so the PPO-clip ratio ``exp(new - old)`` must be 1; and on the first batch (policy = policy
    i-1 exactly) the error of the rollout ("old") log-probs and of the sequence KL estimate
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from workflow import models, policy, runtime, scoring  # noqa: E402
+from workflow import models, policy_trainers, runtime, scoring  # noqa: E402
 
 VARIANTS = ("fp32", "bf16 plain", "bf16")
 BASE_CFG = {
@@ -183,7 +183,7 @@ def rloo_run(
     cfg = stage_cfg(generation_length)
     prompts = prompts[: steps * cfg["policy"]["batch_size"] // cfg["policy"]["rloo_k"]]  # one epoch: `steps` updates
     torch.manual_seed(0)
-    trainer = policy.build_rloo(model, tokenizer, reward_fn, prompts, cfg, scratch, 0, [], adapters["sft"])
+    trainer = policy_trainers.build_rloo(model, tokenizer, reward_fn, prompts, cfg, scratch, 0, [], adapters["sft"])
     calls: list[dict[str, Any]] = []
     spreads: list[torch.Tensor] = []
     logps_of, loss_of = trainer._get_per_token_logps_and_entropies, trainer._compute_loss

@@ -88,7 +88,7 @@ def probe_step(trainer, inputs, step: int) -> list[dict]:
 
 
 def main() -> None:
-    from workflow import policy, runtime, scoring
+    from workflow import policy, policy_trainers, runtime, scoring
     from workflow.models import load_policy, load_reward_model, load_tokenizer, read_rows
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,7 +122,7 @@ def main() -> None:
     reward_fn = scoring.RewardFunction(reward, reward_tokenizer, "reward 1", max_length=cfg["model"]["max_length"])
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = policy.build_zorloo(
+        trainer = policy_trainers.build_zorloo(
             model, tokenizer, reward_fn, prompts, cfg, scratch, seed, [], str(res / "sft/adapter"), inputs, "reference"
         )
         trainer.args.max_steps = args.steps

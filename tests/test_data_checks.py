@@ -226,7 +226,7 @@ def _truncated_copy(adapter: str, tmp_path: Path) -> Path:
 
 
 def test_truncated_adapter_names_the_file(tiny_base, adapters, tmp_path):
-    from workflow.policy import adapter_state
+    from workflow.lora import adapter_state
     from workflow.zopro import load_adapter_tensors
 
     policy = _truncated_copy(adapters["sft"], tmp_path / "policy")

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from test_policy import CFG, stage_inputs
 
-from workflow import policy
+from workflow import policy, policy_trainers
 from workflow.kl_control import KLTarget, previous_coefficient, sequence_kl
 
 
@@ -44,8 +44,8 @@ def test_zeroth_order_stages_keep_the_configured_coefficient(tmp_path):
     ZOPrO methods is first-order RLOO and keeps it."""
     cfg = copy.deepcopy(CFG)
     cfg["policy"].update(kl_target=1.0, kl_horizon=2)
-    assert policy.kl_controller("zopro", cfg, str(tmp_path / "adapter")) is None
-    assert policy.kl_controller("rloo", cfg, str(tmp_path / "adapter")) is not None
+    assert policy_trainers.kl_controller("zopro", cfg, str(tmp_path / "adapter")) is None
+    assert policy_trainers.kl_controller("rloo", cfg, str(tmp_path / "adapter")) is not None
 
 
 @pytest.mark.parametrize("method", ["rloo", "ppo", "dpo"])
@@ -116,13 +116,13 @@ def test_callback_sets_the_coefficient_each_trainer_reads():
 
 def test_fixed_coefficient_has_no_controller_and_budget_needs_a_positive_one(adapters):
     cfg = copy.deepcopy(CFG)
-    assert policy.kl_controller("rloo", cfg, adapters["sft"]) is None
+    assert policy_trainers.kl_controller("rloo", cfg, adapters["sft"]) is None
     cfg["policy"].update(kl_target=1.0, kl_horizon=10)
     for method in ("rloo", "ppo", "dpo"):
-        assert policy.kl_controller(method, cfg, adapters["sft"]) is not None
+        assert policy_trainers.kl_controller(method, cfg, adapters["sft"]) is not None
     cfg["policy"]["dpo_beta_max"] = 0.3
-    assert policy.kl_controller("dpo", cfg, adapters["sft"]).control.ceiling == 0.3
-    assert policy.kl_controller("rloo", cfg, adapters["sft"]).control.ceiling == float("inf")
+    assert policy_trainers.kl_controller("dpo", cfg, adapters["sft"]).control.ceiling == 0.3
+    assert policy_trainers.kl_controller("rloo", cfg, adapters["sft"]).control.ceiling == float("inf")
     cfg["policy"]["kl_coef"] = 0.0
     with pytest.raises(policy.PolicyConfigError, match="policy.kl_coef"):
-        policy.kl_controller("rloo", cfg, adapters["sft"])
+        policy_trainers.kl_controller("rloo", cfg, adapters["sft"])

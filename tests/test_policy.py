@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from workflow import policy, runtime, scoring
+from workflow import lora, policy, policy_trainers, runtime, scoring
 
 CFG = {
     "seed": 0,
@@ -111,7 +111,7 @@ def test_rloo_reference_is_the_sft_adapter(tiny_base, adapters, tmp_path):
     rm = load_reward_model(tiny_base, adapters["reward"])
     fn = scoring.RewardFunction(rm, load_tokenizer(adapters["reward"], "chat"), name="rm")
     prompts = [[{"role": "user", "content": f"Tell me about the river {k}."}] for k in range(4)]
-    trainer = policy.build_rloo(model, tok, fn, prompts, CFG, str(tmp_path), 0, [], adapters["sft"])
+    trainer = policy_trainers.build_rloo(model, tok, fn, prompts, CFG, str(tmp_path), 0, [], adapters["sft"])
     ids = torch.tensor([tok.encode("Tell me about the river.")], device=runtime.device())
     with torch.no_grad():
         trainer.model.set_adapter("ref")
@@ -144,8 +144,8 @@ def test_one_policy_iteration(method, tiny_base, adapters, embedded_frames, tmp_
 
     iteration, prev, reward, direction = stage_inputs(method, adapters)
     prompts = policy.iteration_prompts(embedded_frames["train"], iteration, CFG, seed=0)[:8]
-    before = policy.adapter_state(prev)
-    rm_before = policy.adapter_state(reward)
+    before = lora.adapter_state(prev)
+    rm_before = lora.adapter_state(reward)
     summary = policy.train_policy(
         method,
         iteration,
@@ -164,11 +164,11 @@ def test_one_policy_iteration(method, tiny_base, adapters, embedded_frames, tmp_
     assert summary["trainer"] == ("zopro" if method in policy.ZO_METHODS else method)
     if method in policy.ZO_METHODS:
         assert summary["zopro_variant"] == {"zorloo": "guarded", "zorloo_reference": "reference"}[method]
-    after = policy.adapter_state(tmp_path / "adapter")
+    after = lora.adapter_state(tmp_path / "adapter")
     assert set(after) == set(before)  # only the policy adapter is saved
     assert any(not torch.equal(after[k], before[k]) for k in after)
     # the reward model is never changed by policy training
-    assert all(torch.equal(v, policy.adapter_state(reward)[k]) for k, v in rm_before.items())
+    assert all(torch.equal(v, lora.adapter_state(reward)[k]) for k, v in rm_before.items())
     index = read_index(tmp_path / "snapshots")
     assert len(index) >= 2 and index["step"].iloc[0] == 0
     from safetensors.torch import load_file
@@ -304,9 +304,9 @@ def test_refine_reward_with_keep_rm_close(tiny_base, adapters, embedded_frames, 
         "w",
     )
     assert plain["steps"] == close["steps"] >= 1
-    prev = policy.adapter_state(adapters["reward"])
-    new = policy.adapter_state(tmp_path / "plain" / "adapter")
-    mixed = policy.adapter_state(tmp_path / "close" / "adapter")
+    prev = lora.adapter_state(adapters["reward"])
+    new = lora.adapter_state(tmp_path / "plain" / "adapter")
+    mixed = lora.adapter_state(tmp_path / "close" / "adapter")
     for k in prev:
         assert torch.allclose(mixed[k], 0.25 * prev[k] + 0.75 * new[k], atol=1e-6)
     assert len(read_index(tmp_path / "close" / "snapshots")) >= 2
@@ -386,7 +386,7 @@ def test_ppo_and_dpo_references_are_the_sft_adapter(tiny_base, adapters, tmp_pat
     model.load_adapter(adapters["sft"], adapter_name="ref", is_trainable=False)
     model.set_adapter("default")
     rm = load_reward_model(tiny_base, adapters["reward"]).merge_and_unload()
-    trainer = policy.build_ppo(model, tok, rm, copy.deepcopy(rm), prompts, CFG, str(tmp_path / "ppo"), 0, [])
+    trainer = policy_trainers.build_ppo(model, tok, rm, copy.deepcopy(rm), prompts, CFG, str(tmp_path / "ppo"), 0, [])
     with torch.no_grad(), trainer.null_ref_context():
         ref = trainer.model.policy.eval()(ids).logits
     with torch.no_grad():
@@ -398,7 +398,7 @@ def test_ppo_and_dpo_references_are_the_sft_adapter(tiny_base, adapters, tmp_pat
     fn = scoring.RewardFunction(
         load_reward_model(tiny_base, adapters["reward"]), load_tokenizer(adapters["reward"], "chat"), name="rm"
     )
-    trainer = policy.build_dpo(model, ref_model, tok, fn, prompts, CFG, str(tmp_path / "dpo"), 0, [])
+    trainer = policy_trainers.build_dpo(model, ref_model, tok, fn, prompts, CFG, str(tmp_path / "dpo"), 0, [])
     with torch.no_grad():
         assert _is_sft(trainer.ref_model(ids).logits, tiny_base, adapters["sft"], ids)
     assert not any(p.requires_grad for p in trainer.ref_model.parameters())
@@ -423,7 +423,7 @@ def test_ppo_scores_rollouts_where_the_reward_model_was_trained(tiny_base, adapt
     model = load_policy(tiny_base, adapters["sft2"], trainable=True)
     model.load_adapter(adapters["sft"], adapter_name="ref", is_trainable=False)
     model.set_adapter("default")
-    trainer = policy.build_ppo(model, tok, rm, copy.deepcopy(rm), prompts, CFG, str(tmp_path / "ppo"), 0, [])
+    trainer = policy_trainers.build_ppo(model, tok, rm, copy.deepcopy(rm), prompts, CFG, str(tmp_path / "ppo"), 0, [])
     queries = [
         tok.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=False) for p in prompts
     ]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_policy import CFG, stage_inputs
 
-from workflow import policy, scoring
+from workflow import lora, policy, scoring
 from workflow.snapshots import read_index
 
 
@@ -87,7 +87,7 @@ def test_killed_stage_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     assert resumed["resumed_from_step"] == 2 * every
     assert resumed["steps"] == steps
     assert not ckpt.exists()  # the resumable state is removed once the outputs are written
-    a, b = policy.adapter_state(tmp_path / "whole" / "adapter"), policy.adapter_state(out / "adapter")
+    a, b = lora.adapter_state(tmp_path / "whole" / "adapter"), lora.adapter_state(out / "adapter")
     assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 
+@torch.no_grad()
 def sample_completions(
     model,
     tokenizer,
