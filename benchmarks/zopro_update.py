@@ -4,7 +4,7 @@ Each method runs in a fresh subprocess (``--worker``) on the same randomly initi
 (built from a ``LlamaConfig``, seed 0) with the same LoRA and the same synthetic rollout batch:
 
 * ``fo``: RLOO/PPO-clip loss forward + backward + ``torch.optim.AdamW`` step;
-* ``zo``: ZOPrO's reference variant (``workflow.zopro_direction.ZOEngine``): two forwards under
+* ``zo``: ZOPrO's reference variant (``workflow.zopro_engine.ZOEngine``): two forwards under
   ``torch.no_grad`` at ``theta +/- eps z`` + in-place perturb/restore/update (no grads, no optimizer state);
 * ``zo_one_sided``: the same engine one-sided with the known base (``zopro.reference.two_sided:
   false``, ``known_base: true``): at the rollout policy the loss is ``-mean(advantages)``, so one
@@ -261,7 +261,8 @@ def make_update(method, model, params, dtype="fp32"):
         return update
 
     from workflow.snapshots import normalise_key
-    from workflow.zopro_direction import ZOConfig, ZOEngine
+    from workflow.zopro_direction import ZOConfig
+    from workflow.zopro_engine import ZOEngine
 
     named = [(normalise_key(n), p) for n, p in model.named_parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(3)

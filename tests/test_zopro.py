@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from workflow.zopro_direction import Direction, ZOConfig, ZOEngine, ZOOptimizer, decays, gamma_at, tensor_seed
+from workflow.zopro_direction import Direction, ZOConfig, decays, gamma_at, tensor_seed
+from workflow.zopro_engine import ZOEngine, ZOOptimizer
 
 SHAPES = {
     "layers.0.q.lora_A.weight": (4, 16),

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from workflow.zopro_direction import ZOConfig, ZOEngine
+from workflow.zopro_direction import ZOConfig
+from workflow.zopro_engine import ZOEngine
 
 STEPS = 4
 

@@ -19,7 +19,7 @@ Reference variant:
   ``torch.no_grad``, evaluates the parent's loss (``RLOOTrainer._compute_loss``) at
   ``theta +/- eps z`` (see :mod:`workflow.zopro_direction` for ``z``), restoring the parameters in
   place; the projected gradients accumulate over the gradient-accumulation micro-batches;
-* the Trainer's optimizer is a stateless :class:`~workflow.zopro_direction.ZOOptimizer` whose
+* the Trainer's optimizer is a stateless :class:`~workflow.zopro_engine.ZOOptimizer` whose
   ``step()`` applies ``theta <- theta - lr * (g z + wd theta)`` once per update (``g`` averaged
   over micro-batches and, in data-parallel runs, over processes with one all-reduce), so the
   Trainer's own optimizer step is the ZO update and nothing else moves the parameters. Gradient
@@ -61,7 +61,8 @@ import torch
 from trl import RLOOTrainer
 
 from workflow.snapshots import load_tensors, normalise_key
-from workflow.zopro_direction import ZOConfig, ZOEngine, ZOOptimizer
+from workflow.zopro_direction import ZOConfig
+from workflow.zopro_engine import ZOEngine, ZOOptimizer
 from workflow.zopro_guarded import GuardedConfig, GuardedEngine
 
 ADAPTER_FILE = "adapter_model.safetensors"
