@@ -83,6 +83,6 @@ rule compare_methods:
     params:
         methods=list(config["loop"]["methods"]),
         settings=settings(),
-        code=stage_code("workflow.plots"),
+        code=stage_code("workflow.compare"),
     script:
         "../scripts/compare_methods.py"

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow import plots
+from workflow import compare, plots
 from workflow import trajectories as tj
 from workflow.job import Job
 
@@ -127,7 +127,7 @@ def test_compare_methods_reads_defensively(tmp_path):
         config={"loop": {"methods": ["ppo", "dpo"]}},
         wildcards={},
     )
-    plots.compare(j)
+    compare.run(j)
     assert {"gold.png", "interplay.png", "summary.csv"} <= {p.name for p in out.iterdir()}
     summary = pd.read_csv(out / "summary.csv")
     assert set(summary["method"]) == {"ppo"} and {"gold_mean", "cosine"} <= set(summary.columns)

@@ -143,3 +143,8 @@ def read_snapshot_index(directory: str | os.PathLike) -> pd.DataFrame:
     if missing:
         raise DataFileError(f"{path}: damaged snapshot index, missing column(s) {', '.join(missing)}")
     return index
+
+
+def as_paths(value: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """A rule input that is one path or a list of paths, as a list of strings."""
+    return [str(value)] if isinstance(value, (str, os.PathLike)) else [str(v) for v in value]

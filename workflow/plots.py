@@ -19,10 +19,8 @@ Command line (used by benchmarks/plots_memory.py)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ import pandas as pd  # noqa: E402
 
 from workflow import interplay as ip  # noqa: E402
 from workflow import trajectories as tj  # noqa: E402
-from workflow.io import atomic_dir  # noqa: E402
+from workflow.io import as_paths, atomic_dir  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +56,6 @@ def options(config: dict[str, Any]) -> dict[str, Any]:
     opts.update({k: v for k, v in (config.get("plots") or {}).items()})
     opts["keep_rm_alpha"] = float((config.get("loop") or {}).get("keep_rm_alpha", 0.5))
     return opts
-
-
-def _as_list(value: Any) -> list[str]:
-    return [str(value)] if isinstance(value, (str, os.PathLike)) else [str(v) for v in value]
 
 
 # --------------------------------------------------------------------------- analysis
@@ -365,8 +359,8 @@ def write_outputs(res: dict[str, Any], out: Path, opts: dict[str, Any], label: s
 def run(job: Any) -> None:
     """Stage function of ``plot_trajectories`` and ``plot_trajectories_upto``."""
     opts = options(job.config)
-    policy_dirs = _as_list(job.input["policy"])
-    reward_dirs = _as_list(job.input["reward"])
+    policy_dirs = as_paths(job.input["policy"])
+    reward_dirs = as_paths(job.input["reward"])
     label = job.wildcards.get("method", "trajectories")
     if "k" in job.wildcards:
         label += f" (iterations 0..{int(job.wildcards['k']) - 1})"
@@ -374,155 +368,3 @@ def run(job: Any) -> None:
     with atomic_dir(job.output["plots"]) as out:
         write_outputs(res, out, opts, label)
     log.info("wrote %s", job.output["plots"])
-
-
-def _read_csv(path: str | os.PathLike) -> pd.DataFrame | None:
-    try:
-        return pd.read_csv(path)
-    except Exception as err:  # noqa: BLE001 - a method without results is shown as missing
-        log.warning("cannot read %s: %s", path, err)
-        return None
-
-
-def _plot_per_iteration(
-    path: Path,
-    table: pd.DataFrame,
-    column: str,
-    stderr_column: str,
-    width: float,
-    ylabel: str,
-    title: str,
-    reference: float | None = None,
-) -> None:
-    """One line per method of ``column`` over the iterations (SFT = -1), with error bars of
-    ``width`` standard errors; a note instead where no method has a value."""
-    rows = table.dropna(subset=[column]) if column in table.columns else table.iloc[0:0]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if len(rows):
-        for m, df in rows.groupby("method", sort=False):
-            df = df.sort_values("iteration")
-            err = width * df[stderr_column] if stderr_column in df.columns else None
-            ax.errorbar(df["iteration"], df[column], yerr=err, marker="o", capsize=3, label=m)
-        ticks = sorted(rows["iteration"].unique())
-        ax.set_xticks(ticks)
-        ax.set_xticklabels(["SFT" if i == -1 else str(i) for i in ticks])
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, f"no {column} in the evaluation tables", ha="center", transform=ax.transAxes)
-    if reference is not None:
-        ax.axhline(reference, color="black", lw=0.6)
-    ax.set_xlabel("iteration (SFT = before policy learning)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def compare(job: Any) -> None:
-    """Stage function of ``compare_methods`` (inputs ``evaluation`` and ``plots``: lists in the
-    order of ``params.methods``)."""
-    methods = [str(m) for m in job.params.get("methods") or job.config["loop"]["methods"]]
-    evaluations = _as_list(job.input["evaluation"])
-    plots = _as_list(job.input.get("plots", []))
-    gold, inter = [], []
-    for j, m in enumerate(methods):
-        ev = _read_csv(evaluations[j]) if j < len(evaluations) else None
-        if ev is not None and {"iteration", "gold_mean"} <= set(ev.columns):
-            ev = ev.assign(method=m)
-            gold.append(ev)
-        elif ev is not None:
-            log.warning("%s lacks iteration/gold_mean columns", evaluations[j])
-        mt = _read_csv(Path(plots[j]) / "metrics.csv") if j < len(plots) else None
-        if mt is not None and "iteration" in mt.columns:
-            keep = [
-                c
-                for c in ("cosine", "obi_wan_cosine", "pearson", "policy_consecutive_cosine", "angle_deg")
-                if c in mt.columns
-            ]
-            agg = mt.groupby("iteration")[keep].mean().reset_index().assign(method=m)
-            inter.append(agg)
-    with atomic_dir(job.output["plots"]) as out:
-        from workflow.io import write_csv
-
-        g = pd.concat(gold, ignore_index=True) if gold else pd.DataFrame(columns=["method", "iteration", "gold_mean"])
-        _plot_per_iteration(
-            out / "gold.png",
-            g,
-            "gold_mean",
-            "gold_stderr",
-            1.0,
-            "gold score (mean +- stderr)",
-            "Gold score per iteration",
-        )
-        _plot_per_iteration(
-            out / "win_rate.png",
-            g,
-            "win_rate_vs_sft",
-            "win_rate_vs_sft_stderr",
-            1.96,
-            "win rate against SFT (95% interval)",
-            "Judge's win rate against SFT per iteration (ties count 1/2)",
-            reference=0.5,
-        )
-
-        panels = ["cosine", "obi_wan_cosine", "pearson", "policy_consecutive_cosine"]
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), sharey=True)
-        it = pd.concat(inter, ignore_index=True) if inter else pd.DataFrame(columns=["method", "iteration"])
-        for ax, col in zip(axes, panels):
-            if col in it.columns:
-                for m, df in it.groupby("method", sort=False):
-                    ax.plot(df["iteration"], df[col], "-o", label=m)
-            ax.set_title(col, fontsize=10)
-            ax.set_xlabel("iteration")
-            ax.axhline(0, color="black", lw=0.6)
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("mean over the iteration's steps")
-        if inter:
-            axes[0].legend(fontsize=8)
-        fig.suptitle("Policy-reward interplay per iteration")
-        fig.tight_layout()
-        fig.savefig(out / "interplay.png", dpi=120)
-        plt.close(fig)
-
-        summary = g.merge(it, on=["method", "iteration"], how="outer") if len(it) else g
-        write_csv(summary, out / "summary.csv")
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="trajectory plots and interplay metrics")
-    p.add_argument("--policy", nargs="+", required=True, help="policy stage/snapshots folders, one per iteration")
-    p.add_argument("--reward", nargs="+", required=True, help="reward stage/snapshots folders, one per iteration")
-    p.add_argument("--out", required=True)
-    p.add_argument("--projections", nargs="+", default=DEFAULTS["projections"])
-    p.add_argument("--reduce-dim", type=int, default=DEFAULTS["reduce_dim"])
-    p.add_argument("--layer", type=int, default=None)
-    p.add_argument("--max-snapshots", type=int, default=None)
-    p.add_argument("--extrapolate", type=int, default=DEFAULTS["extrapolate"])
-    p.add_argument("--obi-wan", action="store_true")
-    p.add_argument("--keep-rm", action="store_true")
-    p.add_argument("--keep-rm-alpha", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    opts = dict(
-        projections=a.projections,
-        reduce_dim=a.reduce_dim,
-        layer=a.layer,
-        obi_wan=a.obi_wan,
-        keep_rm=a.keep_rm,
-        max_snapshots=a.max_snapshots,
-        extrapolate=a.extrapolate,
-        keep_rm_alpha=a.keep_rm_alpha,
-    )
-    res = analyse(a.policy, a.reward, opts, seed=a.seed)
-    with atomic_dir(a.out) as out:
-        write_outputs(res, out, opts, "trajectories")
-
-
-if __name__ == "__main__":
-    main()
