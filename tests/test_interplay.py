@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from synthetic import write_stage
 
 from workflow import interplay as ip
 from workflow import trajectories as tj
@@ -12,7 +13,7 @@ KEYS = ("layers.0.a.lora_A.weight", "layers.0.a.lora_B.weight")
 def stage(root, name, points, steps=None):
     """A stage whose snapshot j holds ``points[j]`` split over two 2-element tensors."""
     snaps = [{KEYS[0]: np.asarray(p[:2], float), KEYS[1]: np.asarray(p[2:], float)} for p in points]
-    return str(tj.write_stage(root / name, snaps, steps))
+    return str(write_stage(root / name, snaps, steps))
 
 
 def walk(updates, start=(0, 0, 0, 0)):

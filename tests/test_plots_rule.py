@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import write_stage
 
 from workflow import compare, plots
 from workflow import trajectories as tj
@@ -37,8 +38,8 @@ def fake_run(root, method="ppo", iterations=2, n=6, seed=0):
             rs.append({k: v + 0.1 * rng.normal(size=v.shape) for k, v in rs[-1].items()})
         p, r = ps[-1], {k: v for k, v in rs[-1].items() if k != "score.weight"}
         rdir = root / ("results/reward/iter_0" if i == 0 else f"results/{method}/iter_{i}/reward")
-        pol.append(str(tj.write_stage(root / f"results/{method}/iter_{i}/policy", ps, range(0, 4 * n, 4))))
-        rew.append(str(tj.write_stage(rdir, rs, range(0, 2 * n, 2))))
+        pol.append(str(write_stage(root / f"results/{method}/iter_{i}/policy", ps, range(0, 4 * n, 4))))
+        rew.append(str(write_stage(rdir, rs, range(0, 2 * n, 2))))
     return pol, rew
 
 

@@ -2,7 +2,9 @@
 
 import numpy as np
 import pytest
+from synthetic import write_stage
 
+from workflow import projections as proj
 from workflow import trajectories as tj
 
 SHAPES = {"layers.0.q.lora_A.weight": (3, 5), "layers.0.q.lora_B.weight": (5, 3), "layers.1.v.lora_A.weight": (2, 7)}
@@ -17,7 +19,7 @@ def make_run(root, n_iter=2, n_snap=(5, 4), seed=0, reward_extra=True):
             if name == "reward" and reward_extra:
                 for s in snaps:
                     s["score.weight"] = rng.normal(size=(1, 4))
-            dirs.append(str(tj.write_stage(root / f"iter_{i}" / name, snaps, steps=range(0, 3 * n, 3))))
+            dirs.append(str(write_stage(root / f"iter_{i}" / name, snaps, steps=range(0, 3 * n, 3))))
     return pol, rew
 
 
@@ -48,7 +50,7 @@ def test_streaming_projection_matches_in_memory(tmp_path):
 def test_projection_roughly_preserves_distances(tmp_path):
     rng = np.random.default_rng(1)
     snaps = [{"layers.0.w": rng.normal(size=(40, 100))} for _ in range(12)]
-    d = str(tj.write_stage(tmp_path / "a", snaps))
+    d = str(write_stage(tmp_path / "a", snaps))
     t = tj.load_trajectory("a", [d])
     keys = tj.shared_keys([t])
     y = tj.stream({"a": t}, keys, dim=200, seed=0)["a"]
@@ -75,7 +77,7 @@ def test_keep_rm_replay(tmp_path):
     s = [{"layers.0.w": np.full((2,), v, dtype=float)} for v in (0.0, 2.0)]
     s1 = [{"layers.0.w": np.full((2,), v, dtype=float)} for v in (2.0, 6.0)]
     s2 = [{"layers.0.w": np.full((2,), v, dtype=float)} for v in (4.0, 8.0)]
-    dirs = [str(tj.write_stage(tmp_path / f"r{i}", x)) for i, x in enumerate((s, s1, s2))]
+    dirs = [str(write_stage(tmp_path / f"r{i}", x)) for i, x in enumerate((s, s1, s2))]
     t = tj.load_trajectory("reward", dirs)
     keys = tj.shared_keys([t])
     x = tj.read_chunk(t, "layers.0.w", 0, 2, keep_rm_alpha=0.5)[:, 0]
@@ -102,9 +104,9 @@ def test_embed_few_points():
     x = np.random.default_rng(0).normal(size=(7, 10))
     for method in ("pca", "tsne"):
         for k in (2, 3):
-            assert tj.embed(x, method, k).shape == (7, k)
-    assert tj.embed(x[:2, :1], "pca", 3).shape == (2, 3)
-    assert "umap" not in tj.available_projections(["pca"])
+            assert proj.embed(x, method, k).shape == (7, k)
+    assert proj.embed(x[:2, :1], "pca", 3).shape == (2, 3)
+    assert "umap" not in proj.available_projections(["pca"])
 
 
 def test_reads_files_written_by_workflow_snapshots(tmp_path):

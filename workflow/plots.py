@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from workflow import interplay as ip  # noqa: E402
+from workflow import projections as proj  # noqa: E402
 from workflow import trajectories as tj  # noqa: E402
 from workflow.io import as_paths, atomic_dir  # noqa: E402
 
@@ -103,9 +104,9 @@ def analyse(policy_dirs: list[str], reward_dirs: list[str], opts: dict[str, Any]
     joint = np.vstack([reduced["policy"], reduced["reward"]])
     n_p = len(trajs["policy"])
     embeddings = {}
-    for method in ["pca"] + [m for m in tj.available_projections(opts["projections"]) if m != "pca"]:
+    for method in ["pca"] + [m for m in proj.available_projections(opts["projections"]) if m != "pca"]:
         for k in (2, 3):
-            y = tj.embed(joint, method, k, seed=seed)
+            y = proj.embed(joint, method, k, seed=seed)
             embeddings[(method, k)] = {"policy": y[:n_p], "reward": y[n_p:]}
     steps = ip.step_table(acc, trajs["policy"], trajs["reward"], reduced, embeddings[("pca", 3)])
     iters = ip.iteration_table(steps, acc, reduced)
@@ -117,7 +118,7 @@ def analyse(policy_dirs: list[str], reward_dirs: list[str], opts: dict[str, Any]
         embeddings=embeddings,
         steps=steps,
         iterations=iters,
-        projections=[m for m in tj.available_projections(opts["projections"])],
+        projections=[m for m in proj.available_projections(opts["projections"])],
         stream_seconds=t_stream,
     )
 
@@ -368,3 +369,30 @@ def run(job: Any) -> None:
     with atomic_dir(job.output["plots"]) as out:
         write_outputs(res, out, opts, label)
     log.info("wrote %s", job.output["plots"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line (``python -m workflow.plots``; benchmarks/plots_memory.py): the plots of stage
+    folders with config.yaml's ``plots`` settings, ``--reduce-dim`` and ``--projections`` overriding."""
+    import argparse
+
+    import yaml
+
+    p = argparse.ArgumentParser(description="trajectory plots and interplay metrics")
+    p.add_argument("--policy", nargs="+", required=True, help="policy stage/snapshots folders, one per iteration")
+    p.add_argument("--reward", nargs="+", required=True, help="reward stage/snapshots folders, one per iteration")
+    p.add_argument("--out", required=True)
+    p.add_argument("--reduce-dim", type=int)
+    p.add_argument("--projections", nargs="+")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    opts = options(yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text()))
+    opts.update({k: v for k, v in (("reduce_dim", a.reduce_dim), ("projections", a.projections)) if v is not None})
+    res = analyse(a.policy, a.reward, opts, seed=a.seed)
+    with atomic_dir(a.out) as out:
+        write_outputs(res, out, opts, "trajectories")
+
+
+if __name__ == "__main__":
+    main()
