@@ -18,10 +18,10 @@ from workflow.evaluate import (
     evaluation_prompts,
     paired_difference,
     reward_gold_accuracy,
-    run,
     sampling_seed,
     summarise,
 )
+from workflow.evaluate_policy import run
 from workflow.job import Job
 from workflow.lora import lora_config
 from workflow.models import load_policy, load_sequence_classifier, load_tokenizer, read_rows

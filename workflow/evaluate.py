@@ -29,8 +29,6 @@ import numpy as np
 import pandas as pd
 
 from workflow.chat import last_user_text
-from workflow.io import write_csv, write_parquet
-from workflow.models import load_policy, load_reward_model, load_tokenizer, read_rows
 from workflow.sampling import sample_completions
 from workflow.scoring import gold_scorer, reward_scores
 
@@ -210,28 +208,3 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
 def evaluation_prompts(test_rows: pd.DataFrame, n_prompts: int) -> list[list[dict[str, str]]]:
     """The fixed evaluation set: the first ``n_prompts`` held-out prompts."""
     return [list(p) for p in test_rows["prompt"].iloc[: int(n_prompts)]]
-
-
-def run(job) -> None:
-    """Stage function of ``evaluate_policy`` / ``evaluate_base``.
-
-    Inputs: ``test`` rows, ``reward`` adapter, optional ``adapter`` (the policy; absent = the
-    bare base model). Params: ``base`` path. Outputs: ``samples`` parquet, ``summary`` CSV.
-    """
-    from workflow.datasets import task_of
-
-    cfg = job.config
-    task = task_of(cfg["dataset"]["name"])
-    base = job.params["base"]
-    adapter = job.input.get("adapter") or None
-    tokenizer = load_tokenizer(adapter or base, task)
-    policy = load_policy(base, adapter, trainable=False)
-    reward_tokenizer = load_tokenizer(job.input["reward"], task)
-    reward = load_reward_model(base, job.input["reward"], pad_token_id=reward_tokenizer.pad_token_id)
-    prompts = evaluation_prompts(read_rows(job.input["test"]), cfg["evaluation"]["n_prompts"])
-    rows = evaluate(policy, tokenizer, reward, prompts, cfg, job.seed, reward_tokenizer=reward_tokenizer)
-    require_finite_rewards(rows, job.input["reward"], job.output["samples"])
-    write_parquet(rows, job.output["samples"])
-    summary = summarise(rows)
-    write_csv(summary, job.output["summary"])
-    print(summary.to_string(index=False))
