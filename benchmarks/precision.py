@@ -183,7 +183,10 @@ def rloo_run(
     cfg = stage_cfg(generation_length)
     prompts = prompts[: steps * cfg["policy"]["batch_size"] // cfg["policy"]["rloo_k"]]  # one epoch: `steps` updates
     torch.manual_seed(0)
-    trainer = policy_trainers.build_rloo(model, tokenizer, reward_fn, prompts, cfg, scratch, 0, [], adapters["sft"])
+    stage = policy_trainers.PolicyStage(
+        model, tokenizer, reward_fn, prompts, cfg, scratch, 0, [], base, adapters["sft"]
+    )
+    trainer = policy_trainers.build_rloo(stage).trainer
     calls: list[dict[str, Any]] = []
     spreads: list[torch.Tensor] = []
     logps_of, loss_of = trainer._get_per_token_logps_and_entropies, trainer._compute_loss

@@ -122,9 +122,21 @@ def main() -> None:
     reward_fn = scoring.RewardFunction(reward, reward_tokenizer, "reward 1", max_length=cfg["model"]["max_length"])
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = policy_trainers.build_zorloo(
-            model, tokenizer, reward_fn, prompts, cfg, scratch, seed, [], str(res / "sft/adapter"), inputs, "reference"
+        stage = policy_trainers.PolicyStage(
+            model,
+            tokenizer,
+            reward_fn,
+            prompts,
+            cfg,
+            scratch,
+            seed,
+            [],
+            base,
+            str(res / "sft/adapter"),
+            variant="reference",
+            direction_inputs=inputs,
         )
+        trainer = policy_trainers.build_zorloo(stage).trainer
         trainer.args.max_steps = args.steps
         original = trainer.training_step
 

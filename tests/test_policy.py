@@ -111,7 +111,8 @@ def test_rloo_reference_is_the_sft_adapter(tiny_base, adapters, tmp_path):
     rm = load_reward_model(tiny_base, adapters["reward"])
     fn = scoring.RewardFunction(rm, load_tokenizer(adapters["reward"], "chat"), name="rm")
     prompts = [[{"role": "user", "content": f"Tell me about the river {k}."}] for k in range(4)]
-    trainer = policy_trainers.build_rloo(model, tok, fn, prompts, CFG, str(tmp_path), 0, [], adapters["sft"])
+    stage = policy_trainers.PolicyStage(model, tok, fn, prompts, CFG, str(tmp_path), 0, [], tiny_base, adapters["sft"])
+    trainer = policy_trainers.build_rloo(stage).trainer
     ids = torch.tensor([tok.encode("Tell me about the river.")], device=runtime.device())
     with torch.no_grad():
         trainer.model.set_adapter("ref")
@@ -382,23 +383,24 @@ def test_ppo_and_dpo_references_are_the_sft_adapter(tiny_base, adapters, tmp_pat
     sft_logits = _sft_logits(tiny_base, adapters["sft"], ids)
     prompts = [[{"role": "user", "content": f"Tell me about the river {k}."}] for k in range(4)]
     # PPO: the SFT adapter is the second adapter "ref" of the policy model
-    model = load_policy(tiny_base, adapters["sft2"], trainable=True)
-    model.load_adapter(adapters["sft"], adapter_name="ref", is_trainable=False)
-    model.set_adapter("default")
-    rm = load_reward_model(tiny_base, adapters["reward"]).merge_and_unload()
-    trainer = policy_trainers.build_ppo(model, tok, rm, copy.deepcopy(rm), prompts, CFG, str(tmp_path / "ppo"), 0, [])
+
+    def stage(scratch: str):
+        fn = scoring.RewardFunction(
+            load_reward_model(tiny_base, adapters["reward"]), load_tokenizer(adapters["reward"], "chat"), name="rm"
+        )
+        model = load_policy(tiny_base, adapters["sft2"], trainable=True)
+        return policy_trainers.PolicyStage(
+            model, tok, fn, prompts, CFG, str(tmp_path / scratch), 0, [], tiny_base, adapters["sft"]
+        )
+
+    trainer = policy_trainers.build_ppo(stage("ppo")).trainer
     with torch.no_grad(), trainer.null_ref_context():
         ref = trainer.model.policy.eval()(ids).logits
     with torch.no_grad():
         cur = trainer.model.policy(ids).logits
     assert _is_sft(ref, tiny_base, adapters["sft"], ids) and not torch.allclose(cur, sft_logits, atol=1e-3)
     # online DPO: an explicit frozen base + SFT model
-    model = load_policy(tiny_base, adapters["sft2"], trainable=True)
-    ref_model = load_policy(tiny_base, adapters["sft"])
-    fn = scoring.RewardFunction(
-        load_reward_model(tiny_base, adapters["reward"]), load_tokenizer(adapters["reward"], "chat"), name="rm"
-    )
-    trainer = policy_trainers.build_dpo(model, ref_model, tok, fn, prompts, CFG, str(tmp_path / "dpo"), 0, [])
+    trainer = policy_trainers.build_dpo(stage("dpo")).trainer
     with torch.no_grad():
         assert _is_sft(trainer.ref_model(ids).logits, tiny_base, adapters["sft"], ids)
     assert not any(p.requires_grad for p in trainer.ref_model.parameters())
@@ -414,16 +416,20 @@ def test_ppo_scores_rollouts_where_the_reward_model_was_trained(tiny_base, adapt
 
     tok = load_tokenizer(tiny_base, "chat")
     tok.padding_side = "left"
-    rm = load_reward_model(tiny_base, adapters["reward"]).merge_and_unload().eval()
     prompts = [
         [{"role": "user", "content": "Tell me about the river."}],
         [{"role": "user", "content": "What is the old garden like?"}],
     ]
     answers = ["The river is calm and bright.", "It is lovely"]
+    fn = scoring.RewardFunction(
+        load_reward_model(tiny_base, adapters["reward"]), load_tokenizer(adapters["reward"], "chat"), name="rm"
+    )
     model = load_policy(tiny_base, adapters["sft2"], trainable=True)
-    model.load_adapter(adapters["sft"], adapter_name="ref", is_trainable=False)
-    model.set_adapter("default")
-    trainer = policy_trainers.build_ppo(model, tok, rm, copy.deepcopy(rm), prompts, CFG, str(tmp_path / "ppo"), 0, [])
+    stage = policy_trainers.PolicyStage(
+        model, tok, fn, prompts, CFG, str(tmp_path / "ppo"), 0, [], tiny_base, adapters["sft"]
+    )
+    trainer = policy_trainers.build_ppo(stage).trainer
+    rm = fn.model.eval()  # reward model 1, merged
     queries = [
         tok.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=False) for p in prompts
     ]

@@ -101,9 +101,10 @@ def test_rloo_first_update_ratio_is_one_under_bf16(set_precision, tiny_base, ada
     reward = load_reward_model(tiny_base, adapters["reward"])
     reward_fn = scoring.RewardFunction(reward, load_tokenizer(adapters["reward"], "chat"), name="rm")
     prompts = policy.iteration_prompts(embedded_frames["train"], 0, CFG, seed=0)[:4]
-    trainer = policy_trainers.build_rloo(
-        model, tokenizer, reward_fn, prompts, CFG, str(tmp_path), 0, [], adapters["sft"]
+    stage = policy_trainers.PolicyStage(
+        model, tokenizer, reward_fn, prompts, CFG, str(tmp_path), 0, [], tiny_base, adapters["sft"]
     )
+    trainer = policy_trainers.build_rloo(stage).trainer
     assert trainer.args.bf16 and model.get_input_embeddings().weight.dtype == torch.bfloat16
     logps_of, loss_of = trainer._get_per_token_logps_and_entropies, trainer._compute_loss
     last, log_ratios = {}, []

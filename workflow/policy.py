@@ -33,7 +33,7 @@ model with its LoRA merged (``merge_and_unload``), and its value model is a sepa
 deep copy of that merged model (PPO never changes the reward model). ``get_reward`` reads the
 score at a rollout's last token, the stop token, one token short of where the reward model was
 trained and where ``reward_scores`` reads it (the end of the chat rendering: ``<|im_end|>`` and a
-newline for the embedded task); :class:`workflow.policy_trainers.TemplateEndReward` appends the template's end so that PPO
+newline for the embedded task); :class:`workflow.scoring.TemplateEndReward` appends the template's end so that PPO
 optimises the same scores as the other methods (read at the stop token, reward model 0 of the
 embedded task scored about 5 lower and ranked held-out pairs worse, 0.90 against 0.93; PPO's
 gold at iteration 2, seeds 0/1/2, was 0.48/0.63/0.54 without the wrapper, 0.61/0.70/0.72 with it).
@@ -58,7 +58,6 @@ around the end), otherwise all prompts (``policy.epochs`` epochs over them).
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import shutil
@@ -69,17 +68,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workflow.job import SEED_OFFSETS
-from workflow.policy_trainers import (
-    PolicyConfigError,
-    PolicySnapshotCallback,
-    build_dpo,
-    build_ppo,
-    build_rloo,
-    build_zorloo,
-    kl_controller,
-)
-from workflow.sampling import sample_completions
+from workflow.policy_trainers import BUILDERS, PolicyConfigError, PolicySnapshotCallback, PolicyStage, kl_controller
 from workflow.schema import METHODS, ZO_METHODS
 from workflow.scoring import RewardFunction, gold_scorer
 
@@ -141,7 +130,7 @@ def train_policy(
     from transformers import set_seed
 
     from workflow.io import atomic_dir, write_parquet
-    from workflow.models import add_adapter, load_policy, load_reward_model, load_tokenizer
+    from workflow.models import load_policy, load_reward_model, load_tokenizer
     from workflow.resume import StageCheckpoints, fingerprint
     from workflow.training import write_metrics
 
@@ -187,12 +176,8 @@ def train_policy(
         kl_control = kl_controller(kind, cfg, prev_adapter)
         if kl_control is not None:
             callbacks.append(kl_control)
-        if kind == "rloo":
-            trainer = build_rloo(model, tokenizer, reward_fn, prompts, cfg, trainer_dir, seed, callbacks, sft_adapter)
-        elif kind == "zopro":
-            if not direction_inputs:
-                raise PolicyConfigError(f"{method} iteration {iteration} needs the mu/v adapters as inputs")
-            trainer = build_zorloo(
+        built = BUILDERS[kind](
+            PolicyStage(
                 model,
                 tokenizer,
                 reward_fn,
@@ -201,51 +186,22 @@ def train_policy(
                 trainer_dir,
                 seed,
                 callbacks,
+                base_path,
                 sft_adapter,
-                direction_inputs,
-                zopro_variant(method, cfg),
+                variant=zopro_variant(method, cfg) if zo else None,
+                direction_inputs=direction_inputs,
             )
-        elif kind == "dpo":
-            ref_model = load_policy(base_path, sft_adapter, trainable=False)
-            for p in ref_model.parameters():
-                p.requires_grad_(False)
-            trainer = build_dpo(model, ref_model, tokenizer, reward_fn, prompts, cfg, trainer_dir, seed, callbacks)
-        else:  # ppo
-            add_adapter(model, sft_adapter, "ref")
-            model.set_adapter("default")
-            merged = reward.merge_and_unload()
-            merged.eval()
-            value = copy.deepcopy(merged)
-            for p in value.parameters():
-                p.requires_grad_(True)
-            reward_fn.model = merged
-            # PPO scores rollouts inside trl (no callable): probe the reward model once up front so a
-            # NaN-producing adapter fails here, not after a run trained on NaN rewards
-            probe = prompts[: int(pcfg["batch_size"])]
-            reward_fn.score(probe, [""] * len(probe))
-            trainer = build_ppo(model, tokenizer, merged, value, prompts, cfg, trainer_dir, seed, callbacks)
+        )
+        trainer = built.trainer
         if kl_control is not None:
             kl_control.bind(trainer)
-        if kind == "ppo":
-            result = trainer.train()
-        else:
-            result = trainer.train(resume_from_checkpoint=str(state.checkpoint) if state.checkpoint else None)
-        policy = model
-        policy.set_adapter("default")
-        policy.save_pretrained(adapter, selected_adapters=["default"])
+        resume = {"resume_from_checkpoint": str(state.checkpoint) if state.checkpoint else None}
+        result = trainer.train(**(resume if built.resumable else {}))
+        model.set_adapter("default")
+        model.save_pretrained(adapter, selected_adapters=["default"])
         tokenizer.save_pretrained(adapter)
-        if kind == "ppo":
-            k = int(pcfg["rloo_k"])
-            rep = [p for p in prompts for _ in range(k)]
-            texts = sample_completions(
-                policy,
-                tokenizer,
-                rep,
-                cfg["model"]["generation_length"],
-                pcfg["temperature"],
-                seed + SEED_OFFSETS["ppo_records"],
-            )
-            reward_fn(rep, texts, step=int(trainer.state.global_step))
+        if built.after_train is not None:
+            built.after_train()
         samples = reward_fn.samples()
         if samples.empty:
             raise RuntimeError(f"policy {method} iteration {iteration}: the trainer scored no rollouts")

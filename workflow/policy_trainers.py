@@ -4,18 +4,51 @@ KL coefficient and its adaptive controller."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from workflow.job import SEED_OFFSETS
 from workflow.lora import load_adapter_weights
+from workflow.sampling import sample_completions
+from workflow.scoring import TemplateEndReward
 
 
 class PolicyConfigError(ValueError):
     """The loop/policy configuration cannot be run."""
+
+
+@dataclasses.dataclass
+class PolicyStage:
+    """What every method's builder is given (one signature for all): the policy being trained
+    (PEFT adapter ``default``, loaded from policy i-1), reward model i as a trl reward callable,
+    the prompts and the stage's settings."""
+
+    model: Any
+    tokenizer: Any
+    reward_fn: Any  # workflow.scoring.RewardFunction
+    prompts: list
+    cfg: dict[str, Any]
+    scratch: str  # the Trainer's output folder (its checkpoints, workflow.resume)
+    seed: int
+    callbacks: list
+    base_path: str
+    sft_adapter: str  # the frozen KL reference
+    variant: str | None = None  # ZOPrO's variant (zorloo iterations >= 1)
+    direction_inputs: dict[str, str] | None = None  # ZOPrO's mu / v adapters (build_zorloo)
+
+
+@dataclasses.dataclass
+class Built:
+    """A method's trainer, whether it resumes from a checkpoint, and what runs after training
+    (PPO: the stage's rollout records, which trl's PPO does not keep)."""
+
+    trainer: Any
+    resumable: bool = True
+    after_train: Callable[[], None] | None = None
 
 
 class PolicySnapshotCallback:
@@ -73,21 +106,26 @@ def _rloo_args(scratch: str, cfg: dict[str, Any], seed: int):
     return RLOOConfig(**kwargs)
 
 
-def build_rloo(model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callbacks, sft_adapter):
+def _dataset(prompts: list):
     from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": prompts})
+
+
+def build_rloo(stage: PolicyStage) -> Built:
+    """RLOO with the SFT adapter as its frozen reference."""
     from trl import RLOOTrainer
 
-    args = _rloo_args(scratch, cfg, seed)
     trainer = RLOOTrainer(
-        model=model,
-        reward_funcs=reward_fn,
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": prompts}),
-        processing_class=tokenizer,
-        callbacks=callbacks,
+        model=stage.model,
+        reward_funcs=stage.reward_fn,
+        args=_rloo_args(stage.scratch, stage.cfg, stage.seed),
+        train_dataset=_dataset(stage.prompts),
+        processing_class=stage.tokenizer,
+        callbacks=stage.callbacks,
     )
-    _set_rloo_reference(trainer, sft_adapter)
-    return trainer
+    _set_rloo_reference(trainer, stage.sft_adapter)
+    return Built(trainer)
 
 
 def _set_rloo_reference(trainer, sft_adapter: str) -> None:
@@ -103,70 +141,63 @@ def _set_rloo_reference(trainer, sft_adapter: str) -> None:
             param.requires_grad_(False)
 
 
-def build_zorloo(
-    model,
-    tokenizer,
-    reward_fn,
-    prompts,
-    cfg,
-    scratch,
-    seed,
-    callbacks,
-    sft_adapter,
-    direction_inputs: dict[str, str],
-    variant: str,
-):
+def build_zorloo(stage: PolicyStage) -> Built:
     """ZOPrO trainer (iteration >= 1): ``workflow.zopro.ZOPrOTrainer`` with ``mu`` and ``v``.
 
-    ``direction_inputs``: adapter folders ``policy_prev`` (i-1), ``policy_prev2`` (i-2, SFT for
-    i = 1), ``reward_i`` and ``reward_prev`` (i-1). ``variant``: ``reference`` (the paper's
-    algorithm, settings ``zopro.reference``, constant lr) or ``guarded``
+    ``stage.direction_inputs``: adapter folders ``policy_prev`` (i-1), ``policy_prev2`` (i-2, SFT
+    for i = 1), ``reward_i`` and ``reward_prev`` (i-1). ``stage.variant``: ``reference`` (the
+    paper's algorithm, settings ``zopro.reference``, constant lr) or ``guarded``
     (:mod:`workflow.zopro_guarded`, settings ``zopro``; on a bf16 base the policy computes in fp32,
     :func:`workflow.models.fp32_compute`).
     """
-    from datasets import Dataset
-
     from workflow import runtime
     from workflow.models import fp32_compute
     from workflow.zopro import GuardedConfig, ZOConfig, ZOPrOTrainer, load_direction_inputs
 
-    args = _rloo_args(scratch, cfg, seed)
+    if not stage.direction_inputs:
+        raise PolicyConfigError("a ZOPrO iteration needs the mu/v adapters as inputs")
+    cfg, seed = stage.cfg, stage.seed
+    args = _rloo_args(stage.scratch, cfg, seed)
     args.lr_scheduler_type = "constant"
-    if variant == "reference":
+    if stage.variant == "reference":
         zo_config = ZOConfig.from_config(cfg["zopro"]["reference"], seed=seed)
     else:
         zo_config = GuardedConfig.from_config(cfg, seed=seed)
         if runtime.use_bf16():
-            fp32_compute(model)
+            fp32_compute(stage.model)
             args.bf16 = False
     args.learning_rate = zo_config.lr
+    inputs = stage.direction_inputs
     mu, v = load_direction_inputs(
-        direction_inputs["policy_prev"],
-        direction_inputs["policy_prev2"],
-        direction_inputs["reward_i"],
-        direction_inputs["reward_prev"],
+        inputs["policy_prev"], inputs["policy_prev2"], inputs["reward_i"], inputs["reward_prev"]
     )
     trainer = ZOPrOTrainer(
-        model=model,
-        reward_funcs=reward_fn,
+        model=stage.model,
+        reward_funcs=stage.reward_fn,
         args=args,
-        train_dataset=Dataset.from_dict({"prompt": prompts}),
-        processing_class=tokenizer,
-        callbacks=callbacks,
+        train_dataset=_dataset(stage.prompts),
+        processing_class=stage.tokenizer,
+        callbacks=stage.callbacks,
         mu=mu,
         v=v,
         zo_config=zo_config,
     )
-    _set_rloo_reference(trainer, sft_adapter)
-    return trainer
+    _set_rloo_reference(trainer, stage.sft_adapter)
+    return Built(trainer)
 
 
-def build_dpo(model, ref_model, tokenizer, reward_fn, prompts, cfg, scratch, seed, callbacks):
-    from datasets import Dataset
+def build_dpo(stage: PolicyStage) -> Built:
+    """Online DPO with an explicit frozen reference model: the base with the SFT adapter."""
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
+    from workflow.models import load_policy
+
+    cfg = stage.cfg
+    ref_model = load_policy(stage.base_path, stage.sft_adapter, trainable=False)
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
     pcfg = cfg["policy"]
-    kwargs = _common_args(scratch, cfg, seed)
+    kwargs = _common_args(stage.scratch, cfg, stage.seed)
     kwargs.update(
         max_new_tokens=int(cfg["model"]["generation_length"]),
         max_length=int(cfg["model"]["max_length"]),
@@ -177,84 +208,46 @@ def build_dpo(model, ref_model, tokenizer, reward_fn, prompts, cfg, scratch, see
         disable_dropout=True,
         remove_unused_columns=False,
     )
-    args = OnlineDPOConfig(**kwargs)
-    return OnlineDPOTrainer(
-        model=model,
+    trainer = OnlineDPOTrainer(
+        model=stage.model,
         ref_model=ref_model,
-        reward_funcs=reward_fn,
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": prompts}),
-        processing_class=tokenizer,
+        reward_funcs=stage.reward_fn,
+        args=OnlineDPOConfig(**kwargs),
+        train_dataset=_dataset(stage.prompts),
+        processing_class=stage.tokenizer,
         reward_processing_classes=None,
-        callbacks=callbacks,
+        callbacks=stage.callbacks,
     )
+    return Built(trainer)
 
 
-class TemplateEndReward(torch.nn.Module):
-    """Reward model for trl's PPO that scores a rollout where the reward model was trained to.
-
-    trl's ``get_reward`` reads the score at the last non-pad token of ``query + response``, i.e. at
-    the stop token; the reward model was trained (and :class:`RewardFunction` scores) on the full
-    chat rendering, whose last token is the template's end (``<|im_end|>`` then a newline for the
-    embedded task). This wrapper appends the missing template tokens after each row's last token
-    (the whole template end when the response did not stop) and hands ``get_reward`` the hidden
-    state of the true last token at the position it reads.
-    """
-
-    base_model_prefix = "backbone"
-
-    def __init__(self, reward_model, end_ids: Sequence[int], stop_id: int):
-        super().__init__()
-        self.reward_model = reward_model
-        self.score = reward_model.score
-        self.config = reward_model.config
-        self.end_ids = [int(t) for t in end_ids]
-        self.stop_id = int(stop_id)
-
-    def backbone(self, input_ids, attention_mask, position_ids=None, **kwargs):
-        from types import SimpleNamespace
-
-        n, width = input_ids.shape
-        mask = attention_mask.long()
-        last = (mask * torch.arange(width, device=mask.device)).argmax(1)
-        stopped = input_ids[torch.arange(n), last] == self.stop_id
-        ends_with_stop = self.end_ids[:1] == [self.stop_id]
-        tails = [self.end_ids[1:] if ends_with_stop and bool(s) else self.end_ids for s in stopped]
-        extra = max(len(t) for t in tails)
-        ids = torch.zeros((n, width + extra), dtype=input_ids.dtype, device=input_ids.device)
-        new_mask = torch.zeros_like(ids, dtype=torch.bool)
-        ids[:, :width] = input_ids
-        new_mask[:, :width] = attention_mask.bool()
-        end = last.clone()
-        for row, tail in enumerate(tails):
-            if tail:
-                pos = int(last[row]) + 1
-                ids[row, pos : pos + len(tail)] = torch.tensor(tail, dtype=ids.dtype, device=ids.device)
-                new_mask[row, pos : pos + len(tail)] = True
-                end[row] = pos + len(tail) - 1
-        positions = new_mask.long().cumsum(1) - new_mask.long()
-        out = getattr(self.reward_model, self.reward_model.base_model_prefix)(
-            input_ids=ids,
-            attention_mask=new_mask,
-            position_ids=positions,
-            return_dict=True,
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        hidden = out.hidden_states[-1]
-        read = hidden[:, :width].clone()
-        read[torch.arange(n), last] = hidden[torch.arange(n), end]
-        return SimpleNamespace(hidden_states=(read,))
-
-
-def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch, seed, callbacks):
+def build_ppo(stage: PolicyStage) -> Built:
+    """PPO: the SFT adapter as a second, frozen adapter ``ref`` of the policy, reward model i
+    merged (trl reads its backbone and ``score`` head, :class:`TemplateEndReward`) and a trainable
+    copy of it as the value model. trl's PPO cannot resume from a checkpoint, and it keeps no
+    rollouts: after training, ``policy.rloo_k`` answers per prompt of the trained policy are
+    sampled and scored as the stage's rollout records."""
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
+    from workflow.models import add_adapter
     from workflow.templates import template_end_ids
 
+    cfg, tokenizer, model, reward_fn = stage.cfg, stage.tokenizer, stage.model, stage.reward_fn
     pcfg = cfg["policy"]
-    kwargs = _common_args(scratch, cfg, seed)
+    add_adapter(model, stage.sft_adapter, "ref")
+    model.set_adapter("default")
+    merged = reward_fn.model.merge_and_unload()
+    merged.eval()
+    value = copy.deepcopy(merged)
+    for p in value.parameters():
+        p.requires_grad_(True)
+    reward_fn.model = merged
+    # PPO scores rollouts inside trl (no callable): probe the reward model once up front so a
+    # NaN-producing adapter fails here, not after a run trained on NaN rewards
+    probe = stage.prompts[: int(pcfg["batch_size"])]
+    reward_fn.score(probe, [""] * len(probe))
+    kwargs = _common_args(stage.scratch, cfg, stage.seed)
     kwargs.update(
         response_length=int(cfg["model"]["generation_length"]),
         temperature=float(pcfg["temperature"]),
@@ -264,7 +257,7 @@ def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch
         num_mini_batches=1,
         gradient_accumulation_steps=1,
         local_rollout_forward_batch_size=int(pcfg["batch_size"]),
-        total_episodes=int(math.ceil(float(pcfg["epochs"]) * len(prompts))),
+        total_episodes=int(math.ceil(float(pcfg["epochs"]) * len(stage.prompts))),
         num_sample_generations=0,
         save_strategy="no",  # trl's PPOTrainer cannot resume from its checkpoints
         stop_token="eos",
@@ -273,26 +266,46 @@ def build_ppo(model, tokenizer, reward_model, value_model, prompts, cfg, scratch
         model_adapter_name="default",
         remove_unused_columns=False,
     )
-    args = PPOConfig(**kwargs)
-    reward_model = TemplateEndReward(reward_model, template_end_ids(tokenizer), tokenizer.eos_token_id)
     ids = [
         tokenizer.apply_chat_template(list(p), tokenize=True, add_generation_prompt=True, return_dict=False)
-        for p in prompts
+        for p in stage.prompts
     ]
     ids = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in ids]
-    train = Dataset.from_dict({"input_ids": ids})
-    eval_ds = Dataset.from_dict({"input_ids": ids[: max(1, min(len(ids), int(pcfg["batch_size"])))]})
-    return PPOTrainer(
-        args=args,
+    trainer = PPOTrainer(
+        args=PPOConfig(**kwargs),
         processing_class=tokenizer,
         model=model,
         ref_model=None,
-        reward_model=reward_model,
-        train_dataset=train,
-        value_model=value_model,
-        eval_dataset=eval_ds,
-        callbacks=callbacks,
+        reward_model=TemplateEndReward(merged, template_end_ids(tokenizer), tokenizer.eos_token_id),
+        train_dataset=Dataset.from_dict({"input_ids": ids}),
+        value_model=value,
+        eval_dataset=Dataset.from_dict({"input_ids": ids[: max(1, min(len(ids), int(pcfg["batch_size"])))]}),
+        callbacks=stage.callbacks,
     )
+
+    def record_rollouts() -> None:
+        model.set_adapter("default")
+        prompts = [p for p in stage.prompts for _ in range(int(pcfg["rloo_k"]))]
+        texts = sample_completions(
+            model,
+            tokenizer,
+            prompts,
+            cfg["model"]["generation_length"],
+            pcfg["temperature"],
+            stage.seed + SEED_OFFSETS["ppo_records"],
+        )
+        reward_fn(prompts, texts, step=int(trainer.state.global_step))
+
+    return Built(trainer, resumable=False, after_train=record_rollouts)
+
+
+# trainer kind (workflow.policy) -> its builder
+BUILDERS: dict[str, Callable[[PolicyStage], Built]] = {
+    "rloo": build_rloo,
+    "zopro": build_zorloo,
+    "dpo": build_dpo,
+    "ppo": build_ppo,
+}
 
 
 # the policy key that overrides policy.kl_coef for a method's KL coefficient (online DPO: its beta)

@@ -129,3 +129,60 @@ class RewardFunction:
 
     def samples(self) -> pd.DataFrame:
         return pd.DataFrame(self.records, columns=["prompt", "completion", "score", "gold", "step"])
+
+
+class TemplateEndReward(torch.nn.Module):
+    """Reward model for trl's PPO that scores a rollout where the reward model was trained to.
+
+    trl's ``get_reward`` reads the score at the last non-pad token of ``query + response``, i.e. at
+    the stop token; the reward model was trained (and :class:`RewardFunction` scores) on the full
+    chat rendering, whose last token is the template's end (``<|im_end|>`` then a newline for the
+    embedded task). This wrapper appends the missing template tokens after each row's last token
+    (the whole template end when the response did not stop) and hands ``get_reward`` the hidden
+    state of the true last token at the position it reads.
+    """
+
+    base_model_prefix = "backbone"
+
+    def __init__(self, reward_model, end_ids: Sequence[int], stop_id: int):
+        super().__init__()
+        self.reward_model = reward_model
+        self.score = reward_model.score
+        self.config = reward_model.config
+        self.end_ids = [int(t) for t in end_ids]
+        self.stop_id = int(stop_id)
+
+    def backbone(self, input_ids, attention_mask, position_ids=None, **kwargs):
+        from types import SimpleNamespace
+
+        n, width = input_ids.shape
+        mask = attention_mask.long()
+        last = (mask * torch.arange(width, device=mask.device)).argmax(1)
+        stopped = input_ids[torch.arange(n), last] == self.stop_id
+        ends_with_stop = self.end_ids[:1] == [self.stop_id]
+        tails = [self.end_ids[1:] if ends_with_stop and bool(s) else self.end_ids for s in stopped]
+        extra = max(len(t) for t in tails)
+        ids = torch.zeros((n, width + extra), dtype=input_ids.dtype, device=input_ids.device)
+        new_mask = torch.zeros_like(ids, dtype=torch.bool)
+        ids[:, :width] = input_ids
+        new_mask[:, :width] = attention_mask.bool()
+        end = last.clone()
+        for row, tail in enumerate(tails):
+            if tail:
+                pos = int(last[row]) + 1
+                ids[row, pos : pos + len(tail)] = torch.tensor(tail, dtype=ids.dtype, device=ids.device)
+                new_mask[row, pos : pos + len(tail)] = True
+                end[row] = pos + len(tail) - 1
+        positions = new_mask.long().cumsum(1) - new_mask.long()
+        out = getattr(self.reward_model, self.reward_model.base_model_prefix)(
+            input_ids=ids,
+            attention_mask=new_mask,
+            position_ids=positions,
+            return_dict=True,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        hidden = out.hidden_states[-1]
+        read = hidden[:, :width].clone()
+        read[torch.arange(n), last] = hidden[torch.arange(n), end]
+        return SimpleNamespace(hidden_states=(read,))
