@@ -201,12 +201,10 @@ def benchmark_numbers(path: str | None) -> tuple[float, float]:
     return float(pd.to_numeric(bench["s"], errors="coerce").iloc[-1]), float(rss.iloc[-1])
 
 
-def paired_gains(samples: dict[int, str]) -> dict[int, dict[str, float]]:
-    """:data:`PAIRED_COLUMNS` per iteration from the evaluation samples (parquet paths) of SFT
-    (``-1``) and of each iteration; a gain whose reference has no samples is NaN."""
+def paired_gains(rows: dict[int, pd.DataFrame]) -> dict[int, dict[str, float]]:
+    """:data:`PAIRED_COLUMNS` per iteration from the evaluation samples of SFT (``-1``) and of each
+    iteration; a gain whose reference has no samples is NaN."""
     from workflow.evaluate import paired_difference
-
-    rows = {i: pd.read_parquet(path) for i, path in samples.items()}
 
     def gain(i: int, reference: int) -> tuple[float, float]:
         if i not in rows or reference not in rows:
@@ -252,8 +250,9 @@ def evaluation_table(
     them the paired columns are NaN.
     """
     bench_by_iter = {int(re.search(r"_(\d+)\.tsv$", str(b)).group(1)): b for b in benchmarks}
-    gains = paired_gains(samples or {})
-    wins = {i: win_rates(pd.read_parquet(path)) for i, path in (samples or {}).items() if i >= 0}
+    frames = {i: pd.read_parquet(path) for i, path in (samples or {}).items()}  # read once
+    gains = paired_gains(frames)
+    wins = {i: win_rates(rows) for i, rows in frames.items() if i >= 0}
     nan_gains = dict.fromkeys(PAIRED_COLUMNS, math.nan)
     nan_wins = dict.fromkeys(WIN_COLUMNS, math.nan)
     sft_wins = {**nan_wins, "win_rate_vs_sft": 0.5, "win_rate_vs_sft_stderr": 0.0, "ties_vs_sft": 1.0}
