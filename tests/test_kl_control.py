@@ -6,7 +6,7 @@ import copy
 
 import pandas as pd
 import pytest
-from test_policy import CFG, stage_inputs
+from test_policy import CFG, stage_inputs, train_stage
 
 from workflow import policy, policy_trainers
 from workflow.kl_control import KLTarget, previous_coefficient, sequence_kl
@@ -53,26 +53,13 @@ def test_stage_steers_the_coefficient(method, tiny_base, adapters, embedded_fram
     """Every logged coefficient is the controller's update of the one before with that step's KL,
     starting from the configured coefficient, which is also its floor: a target far above the
     rollouts' KL keeps the configured value, a target far below raises it."""
-    iteration, prev, reward, direction = stage_inputs(method, adapters)
+    iteration = stage_inputs(method, adapters)[0]
     prompts = policy.iteration_prompts(embedded_frames["train"], iteration, CFG, seed=0)[:8]
     for target in (1e-6, 1e6):
         cfg = copy.deepcopy(CFG)
         cfg["policy"].update(kl_target=target, kl_horizon=2, ppo_kl_coef=None, dpo_beta=None)
         out = tmp_path / f"{target}"
-        policy.train_policy(
-            method,
-            iteration,
-            tiny_base,
-            prev,
-            adapters["sft"],
-            reward,
-            prompts,
-            out,
-            cfg,
-            seed=0,
-            task="chat",
-            direction_inputs=direction,
-        )
+        train_stage(method, tiny_base, adapters, prompts, out, cfg)
         rows = pd.read_csv(out / "metrics.csv")
         rows = rows[rows["kl_coef"].notna()]
         assert len(rows) >= 2

@@ -139,6 +139,26 @@ def stage_inputs(method: str, adapters: dict) -> tuple[int, str, str, dict | Non
     return 1, adapters["sft2"], adapters["reward1"], direction
 
 
+def train_stage(method: str, tiny_base: str, adapters: dict, prompts: list, out, cfg: dict, **kwargs) -> dict:
+    """``policy.train_policy`` of the test stage of ``method`` (:func:`stage_inputs`), seed 0."""
+    iteration, prev, reward, direction = stage_inputs(method, adapters)
+    return policy.train_policy(
+        method,
+        iteration,
+        tiny_base,
+        prev,
+        adapters["sft"],
+        reward,
+        prompts,
+        out,
+        cfg,
+        seed=0,
+        task="chat",
+        direction_inputs=direction,
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("method", ["rloo", "dpo", "ppo", "zorloo", "zorloo_reference"])
 def test_one_policy_iteration(method, tiny_base, adapters, embedded_frames, tmp_path):
     from workflow.snapshots import read_index
@@ -147,20 +167,7 @@ def test_one_policy_iteration(method, tiny_base, adapters, embedded_frames, tmp_
     prompts = policy.iteration_prompts(embedded_frames["train"], iteration, CFG, seed=0)[:8]
     before = lora.adapter_state(prev)
     rm_before = lora.adapter_state(reward)
-    summary = policy.train_policy(
-        method,
-        iteration,
-        tiny_base,
-        prev,
-        adapters["sft"],
-        reward,
-        prompts,
-        tmp_path,
-        copy.deepcopy(CFG),
-        seed=0,
-        task="chat",
-        direction_inputs=direction,
-    )
+    summary = train_stage(method, tiny_base, adapters, prompts, tmp_path, copy.deepcopy(CFG))
     assert summary["steps"] >= 1
     assert summary["trainer"] == ("zopro" if method in policy.ZO_METHODS else method)
     if method in policy.ZO_METHODS:

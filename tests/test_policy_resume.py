@@ -12,7 +12,7 @@ import copy
 import pandas as pd
 import pytest
 import torch
-from test_policy import CFG, stage_inputs
+from test_policy import CFG, train_stage
 
 from workflow import lora, policy, scoring
 from workflow.snapshots import read_index
@@ -30,22 +30,7 @@ def _cfg(**policy_overrides):
 
 
 def _run(method, tiny_base, adapters, prompts, out, checkpoints, cfg):
-    iteration, prev, reward, direction = stage_inputs(method, adapters)
-    return policy.train_policy(
-        method,
-        iteration,
-        tiny_base,
-        prev,
-        adapters["sft"],
-        reward,
-        prompts,
-        out,
-        cfg,
-        seed=0,
-        task="chat",
-        direction_inputs=direction,
-        checkpoint_dir=checkpoints,
-    )
+    return train_stage(method, tiny_base, adapters, prompts, out, cfg, checkpoint_dir=checkpoints)
 
 
 def _kill_at_step(monkeypatch, step: int) -> None:
