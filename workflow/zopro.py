@@ -287,8 +287,8 @@ class ZOPrOTrainer(RLOOTrainer):
         """The batch loss at the current parameters without a forward pass, where it is exact
         (``zopro.known_base``): on the first update after a generation the policy is the one that
         scored the rollouts, every ratio is 1 and the PPO-clip loss is ``-mean(advantages)``.
-        None elsewhere: later updates on buffered rollouts, active dropout (the training forward is
-        then random, LoRA's default dropout 0.1 included), an auxiliary loss, the switch off."""
+        None elsewhere: later updates on buffered rollouts, dropout still active after trl's
+        ``disable_dropout`` (the training forward is then random), an auxiliary loss, the switch off."""
         if not self.zo_config.known_base or self._stochastic_forward or self.aux_loss_enabled:
             return None
         generate_every = self.args.steps_per_generation * self.num_iterations
