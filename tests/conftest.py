@@ -110,3 +110,13 @@ def adapters(tiny_base, tmp_path_factory):
         tok.save_pretrained(root / name)
         out[name] = str(root / name)
     return out
+
+
+@pytest.fixture
+def set_precision():
+    """``runtime.set_precision``, with the process's precision restored afterwards."""
+    from workflow import runtime
+
+    before = runtime.precision()
+    yield runtime.set_precision
+    runtime.set_precision(before)

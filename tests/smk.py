@@ -13,6 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pythonpath(*dirs: str | os.PathLike) -> str:
+    """A ``PYTHONPATH`` with ``dirs`` in front of the inherited one, so that a subprocess also finds
+    packages installed on ``PYTHONPATH`` (the GPU machine's wheels, ``--target`` installs)."""
+    return os.pathsep.join([*map(str, dirs), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def snakemake(
     workdir: Path, *args: str, timeout: int = 600, env: dict | None = None, snakefile: Path = REPO / "Snakefile"
 ) -> subprocess.CompletedProcess:

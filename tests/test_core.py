@@ -9,6 +9,7 @@ import textwrap
 
 import pandas as pd
 import pytest
+from smk import REPO, pythonpath
 
 from workflow import io, runtime
 from workflow import job as jobmod
@@ -59,7 +60,7 @@ def test_stale_scratch_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
             print("ready", flush=True)
             time.sleep(60)
     """)
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    env = {**os.environ, "PYTHONPATH": pythonpath(REPO)}
     killed = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert killed.stdout.readline().strip() == "ready"
@@ -122,7 +123,7 @@ def _write_probe_module(tmp_path):
 def test_run_job_launches_data_parallel_processes(tmp_path, monkeypatch, processes):
     _write_probe_module(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.getcwd()]))
+    monkeypatch.setenv("PYTHONPATH", pythonpath(tmp_path, os.getcwd()))
     out = tmp_path / "out"
     out.mkdir()
     job = jobmod.Job(

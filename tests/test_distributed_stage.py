@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from smk import pythonpath
 from test_policy import CFG
 
 from workflow import job as jobmod
@@ -103,7 +104,7 @@ def _assert_ranks_identical(outputs, scratch) -> list[dict]:
 
 
 def _env(monkeypatch, tmp_path):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.getcwd(), str(os.path.dirname(__file__))]))
+    monkeypatch.setenv("PYTHONPATH", pythonpath(os.getcwd(), os.path.dirname(__file__)))
     scratch = tmp_path / "scratch"
     monkeypatch.setenv("ZOPRO_RANK_SCRATCH", str(scratch))
     return scratch

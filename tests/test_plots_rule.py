@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from smk import pythonpath
 from synthetic import write_stage
 
 from workflow import compare, plots
@@ -146,7 +147,7 @@ def test_snakemake_rules_run_upto_and_report(tmp_path):
     (tmp_path / "Snakefile").write_text(
         f'configfile: "config.yaml"\ninclude: "{ROOT}/rules/common.smk"\ninclude: "{ROOT}/rules/plots.smk"\n'
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=pythonpath(ROOT))
     smk = [sys.executable, "-m", "snakemake", "--cores", "2", "-d", str(tmp_path), "-s", str(tmp_path / "Snakefile")]
     dry = subprocess.run(
         smk + ["-n", "results/ppo/plots", "results/ppo/plots_upto_1"], env=env, capture_output=True, text=True

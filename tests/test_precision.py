@@ -25,14 +25,6 @@ REWARD_TOLERANCE = 1e-5
 RATIO_TOLERANCE = 1e-4
 
 
-@pytest.fixture
-def set_precision():
-    """``runtime.set_precision``, with the process's precision restored afterwards."""
-    before = runtime.precision()
-    yield runtime.set_precision
-    runtime.set_precision(before)
-
-
 def test_precision_comes_from_the_job_config_with_the_schema_default(monkeypatch, set_precision):
     from snakemake.utils import validate
 

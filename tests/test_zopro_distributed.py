@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from smk import pythonpath
 
 from workflow.zopro_direction import ZOConfig
 from workflow.zopro_engine import ZOEngine
@@ -138,7 +139,9 @@ def test_trainer_two_processes_stay_in_sync(tiny_base, tmp_path):
 
     from safetensors.torch import load_file
 
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU processes
+    env = dict(
+        os.environ, PYTHONPATH=pythonpath(os.getcwd()), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""
+    )  # CPU processes
     cmd = [
         sys.executable,
         "-m",
