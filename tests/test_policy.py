@@ -30,6 +30,12 @@ CFG = {
         "temperature": 1.0,
         "rloo_k": 2,
         "clip_range": 0.2,
+        "ppo_epochs": 1,
+        "checkpoint_every": 0,
+        "kl_target": None,  # fixed coefficients (policy.kl_coef for every method)
+        "ppo_kl_coef": None,
+        "dpo_beta": None,
+        "dpo_beta_max": None,
     },
     "zopro": {
         "variant": "guarded",

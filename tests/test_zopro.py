@@ -242,17 +242,15 @@ def test_gamma_schedules():
         ZOConfig(gamma_schedule="cosine")
     cfg = ZOConfig.from_config(
         {
-            "seed": 4,
-            "zopro": {
-                "learning_rate": 2e-4,
-                "eps": 1e-3,
-                "gamma_start": 0.999,
-                "gamma_schedule": "exp",
-                "n_perturbations": 2,
-                "two_sided": False,
-                "weight_decay": 0.1,
-            },
-        }
+            "learning_rate": 2e-4,
+            "eps": 1e-3,
+            "gamma_start": 0.999,
+            "gamma_schedule": "exp",
+            "n_perturbations": 2,
+            "two_sided": False,
+            "weight_decay": 0.1,
+        },
+        seed=4,
     )
     assert (cfg.lr, cfg.seed, cfg.gamma_schedule, cfg.n_perturbations, cfg.two_sided) == (2e-4, 4, "exp", 2, False)
 

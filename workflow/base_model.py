@@ -26,23 +26,12 @@ from tqdm.auto import tqdm
 
 from workflow import runtime
 from workflow.io import atomic_dir, read_table, write_csv
+from workflow.schema import default, section, setting
 
 log = logging.getLogger(__name__)
 
 BOS, EOS, PAD, IM_START = "<s>", "<|im_end|>", "<pad>", "<|im_start|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START]
-DEFAULTS: dict[str, Any] = {
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 192,
-    "num_layers": 2,
-    "num_heads": 4,
-    "epochs": 2,
-    "learning_rate": 3e-3,
-    "batch_size": 32,
-    "max_length": 128,
-}
-
 Message = dict[str, str]
 
 
@@ -96,18 +85,23 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int):
         pad_token=PAD,
         extra_special_tokens=[IM_START],
         padding_side="right",
-        model_max_length=DEFAULTS["max_length"],
+        model_max_length=default("model.max_length"),
     )
     prepare_tokenizer(tokenizer, "chat")
     return tokenizer
 
 
 # -------------------------------------------------------------------------------------- model
+def model_settings(cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """``cfg`` (keys of config ``base_model``, plus ``max_length``) over the schema's defaults."""
+    return {**section({}, "base_model"), "max_length": default("model.max_length"), **(cfg or {})}
+
+
 def build_model(tokenizer: Any, cfg: dict[str, Any]):
     """A randomly initialised ``LlamaForCausalLM`` sized by ``cfg`` (keys of ``config["base_model"]``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = {**DEFAULTS, **(cfg or {})}
+    cfg = model_settings(cfg)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=int(cfg["hidden_size"]),
@@ -135,7 +129,7 @@ def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], cfg: dict[str, An
     AdamW with linear warm-up and cosine decay; padding is masked out of the loss; fp32 on CPU,
     bf16 autocast on a GPU; deterministic for ``seed`` on CPU.
     """
-    cfg = {**DEFAULTS, **(cfg or {})}
+    cfg = model_settings(cfg)
     device = runtime.device()
     model.to(device).train()
     enc = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=int(cfg["max_length"]))
@@ -194,7 +188,7 @@ def build_base_model(
     ``conversations`` are message lists (rendered with the chat template) or already rendered
     transcripts. Writes atomically; returns the metrics also written to ``out_dir/metrics.csv``.
     """
-    cfg = {**DEFAULTS, **(cfg or {})}
+    cfg = model_settings(cfg)
     start = time.perf_counter()
     torch.manual_seed(int(seed))
     plain = [c if isinstance(c, str) else _plain_render(c) for c in conversations]
@@ -224,8 +218,5 @@ def build_base_model(
 def run(job) -> None:
     """Stage ``base_model``: ``job.input['train']`` parquet -> ``job.output['model']`` folder."""
     df = read_table(job.input["train"], ("prompt",))
-    cfg = {
-        **job.config["base_model"],
-        "max_length": job.config.get("model", {}).get("max_length", DEFAULTS["max_length"]),
-    }
+    cfg = {**section(job.config, "base_model"), "max_length": setting(job.config, "model.max_length")}
     build_base_model(dialogues(df), job.output["model"], cfg, job.seed)

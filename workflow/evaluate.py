@@ -30,6 +30,7 @@ import pandas as pd
 
 from workflow.chat import last_user_text
 from workflow.sampling import sample_completions
+from workflow.schema import section, setting
 from workflow.scoring import gold_scorer, reward_scores
 
 
@@ -52,12 +53,12 @@ def evaluate(
     """Sample answers to ``prompts`` and score them; one row per (prompt, sampling seed, sample).
 
     ``seed`` is the config's seed (not a per-policy one): sampling seed ``s`` draws with
-    :func:`sampling_seed` ``(seed, s)``. Without ``evaluation.n_seeds`` one seed is drawn.
+    :func:`sampling_seed` ``(seed, s)``. Settings the config lacks take the schema's defaults.
     ``reward_model=None`` leaves the reward column NaN; ``gold`` defaults to ``gold_scorer(cfg)``.
     """
-    ecfg = cfg.get("evaluation", {})
-    k = int(ecfg.get("samples_per_prompt", 1))
-    n_seeds = int(ecfg.get("n_seeds", 1))
+    ecfg = section(cfg, "evaluation")
+    k = int(ecfg["samples_per_prompt"])
+    n_seeds = int(ecfg["n_seeds"])
     per_seed = [list(p) for p in prompts for _ in range(k)]
     expanded = per_seed * n_seeds
     answers: list[str] = []
@@ -67,7 +68,7 @@ def evaluate(
             tokenizer,
             per_seed,
             cfg["model"]["generation_length"],
-            ecfg.get("temperature", 1.0),
+            ecfg["temperature"],
             sampling_seed(seed, s),
             batch_size=64,
         )
@@ -77,7 +78,7 @@ def evaluate(
     gold_values = [float(gold(t, a)) if gold else math.nan for t, a in zip(texts, answers)]
     if reward_model is not None:
         rewards = reward_scores(
-            reward_model, reward_tokenizer or tokenizer, expanded, answers, max_length=cfg["model"].get("max_length")
+            reward_model, reward_tokenizer or tokenizer, expanded, answers, max_length=setting(cfg, "model.max_length")
         )
     else:
         rewards = np.full(len(answers), np.nan)

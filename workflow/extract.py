@@ -46,6 +46,7 @@ from workflow.datasets import (
     preview,
     spec_of,
 )
+from workflow.schema import setting
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +353,7 @@ def params_from_config(config: Mapping[str, Any], dataset: str, split: str) -> d
         "file": files.get(split),
         "hub_config": section.get("hub_config") if own else None,
         "max_rows": section.get("max_rows") if own else None,
-        "embedded_rows": (config.get("embedded") or {}).get(f"{split}_rows") if dataset == "embedded" else None,
+        "embedded_rows": setting(config, f"embedded.{split}_rows") if dataset == "embedded" else None,
     }
 
 

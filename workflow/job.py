@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from workflow import runtime
+from workflow.schema import setting
 
 # Config keys every job gets besides its settings, and which are not rerun triggers: where caches
 # live, how a job is spread over processes (resources, like those the SLURM profile sets) and where
@@ -77,7 +78,7 @@ class Job:
 
     @property
     def seed(self) -> int:
-        return int(self.config.get("seed", 0))
+        return int(setting(self.config, "seed"))
 
     def stage_seed(self, purpose: str) -> int:
         """The seed of ``purpose`` (:data:`SEED_OFFSETS`) in this job's loop iteration (wildcard ``i``):
@@ -111,7 +112,7 @@ class Job:
         """Data-parallel processes: one per GPU, or ``resources.cpu_processes`` on CPU."""
         if self.gpus > 0:
             return self.gpus
-        return int(self.config.get("resources", {}).get("cpu_processes", 1) or 1)
+        return int(setting(self.config, "resources.cpu_processes") or 1)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from workflow.chat import as_messages, conversation_text, last_user_text
+from workflow.schema import section, setting
 
 Prompt = Sequence[dict[str, str]] | str
 
@@ -223,11 +224,11 @@ class RewardModelJudge(Judge):
 
 def make_judge(cfg: dict[str, Any], seed: int = 0) -> Judge:
     """The judge of the config's ``judge:`` section (``cfg`` is the whole workflow config)."""
-    judge_cfg = cfg.get("judge", {}) or {}
-    kind = judge_cfg.get("kind", "rule")
-    batch_size = int(judge_cfg.get("batch_size", 8))
+    judge_cfg = section(cfg, "judge")
+    kind = judge_cfg["kind"]
+    batch_size = int(judge_cfg["batch_size"])
     if kind == "rule":
-        dataset = cfg.get("dataset", {}).get("name", "embedded")
+        dataset = setting(cfg, "dataset.name")
         if dataset != "embedded":
             raise JudgeError(
                 f"judge.kind 'rule' uses the embedded task's gold function but dataset.name is {dataset!r}; "
@@ -235,12 +236,12 @@ def make_judge(cfg: dict[str, Any], seed: int = 0) -> Judge:
             )
         return RuleJudge()
     if kind in ("llm", "reward_model"):
-        path = judge_cfg.get("model")
+        path = judge_cfg["model"]
         if not path:
             raise JudgeError(f"judge.kind {kind!r} needs judge.model (a hub id or local folder)")
         if kind == "llm":
             return LLMJudge.from_path(str(path), batch_size=batch_size, seed=seed)
-        max_length = cfg.get("model", {}).get("max_length")
+        max_length = setting(cfg, "model.max_length")
         return RewardModelJudge.from_path(
             str(path), batch_size=batch_size, max_length=2 * int(max_length) if max_length else None
         )

@@ -9,27 +9,30 @@ from typing import Any
 import torch
 from peft import LoraConfig
 
+from workflow.schema import section
+
 # Sequence-classification heads that stay fully trainable next to the LoRA matrices.
 REWARD_HEAD = ["score"]
 
 
 def lora_config(cfg: dict[str, Any], task_type: str = "CAUSAL_LM") -> LoraConfig:
-    """Build the ``LoraConfig`` of the config's ``lora:`` section.
+    """Build the ``LoraConfig`` of the config's ``lora:`` section (``cfg`` is the config or that section;
+    keys it lacks take the schema's defaults).
 
     ``alpha: null`` means ``2 * r``; ``target_modules`` is ``"all-linear"`` or a list of module
     names. ``task_type="SEQ_CLS"`` (reward models) keeps the ``score`` head trainable through
     ``modules_to_save`` (``all-linear`` never wraps the head itself).
     """
-    lora = cfg.get("lora", cfg)
-    r = int(lora.get("r", 8))
-    alpha = lora.get("alpha")
-    target = lora.get("target_modules", "all-linear")
+    lora = section({"lora": cfg.get("lora", cfg)}, "lora")
+    r = int(lora["r"])
+    alpha = lora["alpha"]
+    target = lora["target_modules"]
     if not isinstance(target, str):
         target = list(target)
     return LoraConfig(
         r=r,
         lora_alpha=float(alpha) if alpha is not None else 2 * r,
-        lora_dropout=float(lora.get("dropout", 0.0)),
+        lora_dropout=float(lora["dropout"]),
         target_modules=target,
         task_type=task_type,
         modules_to_save=list(REWARD_HEAD) if task_type == "SEQ_CLS" else None,

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from workflow.judges import Judge, check_drop_rate
+from workflow.schema import setting
 
 
 class PairsError(RuntimeError):
@@ -122,7 +123,7 @@ def collect_pairs(
     bad = [v for v in verdicts if v not in (0, 1, None)]
     if bad:
         raise PairsError(f"{where}: the judge returned invalid verdicts {bad[:5]} (expected 0, 1 or None)")
-    rate = check_drop_rate(verdicts, cfg["judge"].get("max_drop_rate", 0.5), where)
+    rate = check_drop_rate(verdicts, setting(cfg, "judge.max_drop_rate"), where)
     pairs = build_pairs(prompts, answers_a, answers_b, kept["score"].to_numpy(), verdicts, judge.kind, rate)
     if pairs.empty:
         identical = sum(a.strip() == b.strip() for a, b in zip(answers_a, answers_b))

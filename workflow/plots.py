@@ -36,27 +36,16 @@ from workflow import interplay as ip  # noqa: E402
 from workflow import projections as proj  # noqa: E402
 from workflow import trajectories as tj  # noqa: E402
 from workflow.io import as_paths, atomic_dir  # noqa: E402
+from workflow.schema import section, setting
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {
-    "projections": ["pca", "tsne"],
-    "reduce_dim": 100,
-    "layer": None,
-    "obi_wan": False,
-    "keep_rm": False,
-    "max_snapshots": None,
-    "extrapolate": 10,
-}
 COLOURS = {"policy": "tab:blue", "reward": "tab:orange"}
 
 
 def options(config: dict[str, Any]) -> dict[str, Any]:
-    """``config["plots"]`` over the defaults, plus ``keep_rm_alpha`` from ``config["loop"]``."""
-    opts = dict(DEFAULTS)
-    opts.update({k: v for k, v in (config.get("plots") or {}).items()})
-    opts["keep_rm_alpha"] = float((config.get("loop") or {}).get("keep_rm_alpha", 0.5))
-    return opts
+    """``config["plots"]`` over the schema's defaults, plus ``keep_rm_alpha`` from ``config["loop"]``."""
+    return {**section(config, "plots"), "keep_rm_alpha": float(setting(config, "loop.keep_rm_alpha"))}
 
 
 # --------------------------------------------------------------------------- analysis
@@ -376,8 +365,6 @@ def main(argv: list[str] | None = None) -> None:
     folders with config.yaml's ``plots`` settings, ``--reduce-dim`` and ``--projections`` overriding."""
     import argparse
 
-    import yaml
-
     p = argparse.ArgumentParser(description="trajectory plots and interplay metrics")
     p.add_argument("--policy", nargs="+", required=True, help="policy stage/snapshots folders, one per iteration")
     p.add_argument("--reward", nargs="+", required=True, help="reward stage/snapshots folders, one per iteration")
@@ -387,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    opts = options(yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text()))
+    opts = options({})
     opts.update({k: v for k, v in (("reduce_dim", a.reduce_dim), ("projections", a.projections)) if v is not None})
     res = analyse(a.policy, a.reward, opts, seed=a.seed)
     with atomic_dir(a.out) as out:

@@ -69,7 +69,7 @@ import numpy as np
 import pandas as pd
 
 from workflow.policy_trainers import BUILDERS, PolicyConfigError, PolicySnapshotCallback, PolicyStage, kl_controller
-from workflow.schema import METHODS, ZO_METHODS
+from workflow.schema import METHODS, ZO_METHODS, section
 from workflow.scoring import RewardFunction, gold_scorer
 
 
@@ -85,9 +85,10 @@ def iteration_indices(n_rows: int, iteration: int, loop_cfg: dict[str, Any], see
     """Row indices of the prompts iteration ``iteration`` trains on (see the module docstring)."""
     if n_rows <= 0:
         raise PolicyConfigError("there are no training prompts")
-    if not loop_cfg.get("intraepoch", False):
+    loop = section({"loop": loop_cfg}, "loop")
+    if not loop["intraepoch"]:
         return np.arange(n_rows)
-    fraction = float(loop_cfg.get("iteration_fraction", 0.05))
+    fraction = float(loop["iteration_fraction"])
     size = max(1, min(n_rows, math.ceil(fraction * n_rows - 1e-9)))
     order = np.random.default_rng(int(seed)).permutation(n_rows)
     start = int(iteration) * size
@@ -96,7 +97,7 @@ def iteration_indices(n_rows: int, iteration: int, loop_cfg: dict[str, Any], see
 
 def iteration_prompts(rows: pd.DataFrame, iteration: int, cfg: dict[str, Any], seed: int) -> list[list[dict]]:
     """Prompt message lists of iteration ``iteration``."""
-    idx = iteration_indices(len(rows), iteration, cfg.get("loop", {}), seed)
+    idx = iteration_indices(len(rows), iteration, section(cfg, "loop"), seed)
     return [list(rows["prompt"].iloc[int(k)]) for k in idx]
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from workflow.job import SEED_OFFSETS
 from workflow.lora import load_adapter_weights
 from workflow.sampling import sample_completions
+from workflow.schema import section, setting
 from workflow.scoring import TemplateEndReward
 
 
@@ -70,7 +71,7 @@ def _common_args(scratch: str, cfg: dict[str, Any], seed: int) -> dict[str, Any]
     from workflow.training import trainer_kwargs
 
     pcfg = cfg["policy"]
-    every = float(pcfg.get("checkpoint_every", 0) or 0)
+    every = float(setting(cfg, "policy.checkpoint_every") or 0)
     saving = dict(save_strategy="steps", save_steps=every, save_total_limit=1, save_only_model=False) if every else {}
     return trainer_kwargs(
         scratch, pcfg["epochs"], pcfg["learning_rate"], pcfg["batch_size"], seed, logging_steps=1, **saving
@@ -253,7 +254,7 @@ def build_ppo(stage: PolicyStage) -> Built:
         temperature=float(pcfg["temperature"]),
         kl_coef=kl_coefficient("ppo", cfg),
         cliprange=float(pcfg["clip_range"]),
-        num_ppo_epochs=int(pcfg.get("ppo_epochs", 1)),
+        num_ppo_epochs=int(setting(cfg, "policy.ppo_epochs")),
         num_mini_batches=1,
         gradient_accumulation_steps=1,
         local_rollout_forward_batch_size=int(pcfg["batch_size"]),
@@ -315,9 +316,9 @@ OWN_KL_KEY = {"ppo": "ppo_kl_coef", "dpo": "dpo_beta"}
 def kl_coefficient(kind: str, cfg: dict[str, Any]) -> float:
     """The configured KL coefficient of ``kind``: ``policy.ppo_kl_coef`` for ppo and
     ``policy.dpo_beta`` for dpo unless null, else ``policy.kl_coef``."""
-    pcfg = cfg["policy"]
+    pcfg = section(cfg, "policy")
     own = OWN_KL_KEY.get(kind)
-    if own and pcfg.get(own) is not None:
+    if own and pcfg[own] is not None:
         return float(pcfg[own])
     return float(pcfg["kl_coef"])
 
@@ -327,8 +328,8 @@ def kl_controller(kind: str, cfg: dict[str, Any], prev_adapter: str):
     iteration's last coefficient; else None."""
     from workflow.kl_control import AdaptiveKLCallback, KLTarget, previous_coefficient
 
-    pcfg = cfg["policy"]
-    if pcfg.get("kl_target") is None or kind == "zopro":
+    pcfg = section(cfg, "policy")
+    if pcfg["kl_target"] is None or kind == "zopro":
         # ZOPrO keeps policy.kl_coef fixed: a zeroth-order policy cannot answer a growing
         # coefficient fast enough, and the controller grew it by 1.5x per step (beta 1e7 after 40
         # steps, advantages swamped by the penalty); the guarded variant bounds its moves itself
@@ -341,7 +342,7 @@ def kl_controller(kind: str, cfg: dict[str, Any], prev_adapter: str):
         )
     # online DPO's beta is not a penalty: far above its configured value DPO's loss saturates and
     # the policy stops learning instead of coming back (seed 2: beta 104, gold -0.043 at KL 0.09)
-    ceiling = pcfg.get("dpo_beta_max") if kind == "dpo" else None
+    ceiling = pcfg["dpo_beta_max"] if kind == "dpo" else None
     target = KLTarget(
         float(pcfg["kl_target"]),
         float(pcfg["kl_horizon"]),

@@ -26,6 +26,7 @@ from workflow.accounting import usable_rows
 from workflow.io import atomic_dir
 from workflow.lora import lora_config
 from workflow.models import has_scores, load_reward_model, load_sequence_classifier, load_tokenizer, read_rows
+from workflow.schema import section
 from workflow.scoring import reward_scores
 from workflow.snapshots import SnapshotCallback
 from workflow.training import scratch_dir, trainer_kwargs, write_metrics
@@ -123,9 +124,9 @@ def train_reward(
     ``initial_heldout_accuracy`` and the accounting of ``train_rows``.
     """
     out = Path(out_dir)
-    rcfg = cfg.get("reward", {})
-    batch_size = int(batch_size or rcfg.get("batch_size", 16))
-    objective = rcfg.get("score_objective", "regression") if has_scores(train_rows) else None
+    rcfg = section(cfg, "reward")
+    batch_size = int(batch_size or rcfg["batch_size"])
+    objective = rcfg["score_objective"] if has_scores(train_rows) else None
     set_seed(int(seed))
     tokenizer = load_tokenizer(init_adapter or base_path, task)
     train_rows, data = usable_rows(
@@ -266,9 +267,9 @@ def refine_reward(
         raise RefineError(f"{where}: {pairs_path} holds no pairs to refine the reward model on")
     rows = pairs[["prompt", "chosen", "rejected"]].reset_index(drop=True)
     heldout = read_rows(test_path).head(HELDOUT_ROWS) if test_path else None
-    rcfg, loop = cfg["reward"], cfg["loop"]
+    rcfg, loop = section(cfg, "reward"), section(cfg, "loop")
     out = Path(out_dir)
-    keep_close = bool(loop.get("keep_rm_close", False))
+    keep_close = bool(loop["keep_rm_close"])
     target = out.parent / f".{out.name}.refine" if keep_close else out  # mixed before it is moved in place
     if keep_close:
         shutil.rmtree(target, ignore_errors=True)
@@ -284,12 +285,12 @@ def refine_reward(
             rcfg["refine_learning_rate"],
             seed,
             task,
-            batch_size=rcfg.get("batch_size"),
+            batch_size=rcfg["batch_size"],
             source=pairs_path,
         )
         if not keep_close:
             return summary
-        alpha = float(loop.get("keep_rm_alpha", 0.5))
+        alpha = float(loop["keep_rm_alpha"])
         average_adapters(
             reward_adapter, str(target / "adapter"), alpha, str(target / "adapter" / "adapter_model.safetensors")
         )

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workflow.schema import schema_property
+from workflow.schema import schema_property, section
 
 _precision: str | None = None  # config "precision" of this process (set_precision); None: not set yet
 _tracking: dict[str, Any] = {"report_to": "none"}  # trainer arguments of config "tracking" (set_tracking)
@@ -73,8 +73,8 @@ def set_tracking(tracking: dict[str, Any] | None, run_name: str) -> None:
     (trackio's ``project``, ``WANDB_PROJECT`` unless set); tensorboard writes its event files to
     ``logs/tensorboard/<run_name>`` (``TENSORBOARD_LOGGING_DIR``, set per job)."""
     global _tracking
-    tracking = tracking or {}
-    report_to = tracking.get("report_to", "none")
+    tracking = section({"tracking": tracking}, "tracking")
+    report_to = tracking["report_to"]
     _tracking = {
         "report_to": list(report_to) if isinstance(report_to, (list, tuple)) else str(report_to),
         "run_name": run_name,

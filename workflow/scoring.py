@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from workflow.chat import last_user_text
+from workflow.schema import setting
 
 
 class RewardNaNError(FloatingPointError):
@@ -24,7 +25,7 @@ def gold_scorer(config: dict[str, Any]) -> Callable[[str, str], float] | None:
     The embedded task has an exact gold function. Other datasets have no gold judge here, so
     their gold scores are NaN; a configured external judge can be plugged in at this hook.
     """
-    if config.get("dataset", {}).get("name") == "embedded":
+    if setting(config, "dataset.name") == "embedded":
         from workflow.embedded_task import gold_score
 
         return gold_score

@@ -36,7 +36,7 @@ How the policy stage calls it (drop-in for ``RLOOTrainer`` plus three keyword ar
     mu, v = load_direction_inputs(policy_prev, policy_prev2, reward_i, reward_prev)
     trainer = ZOPrOTrainer(model=peft_policy, reward_funcs=reward_fn, args=rloo_config,
                            train_dataset=ds, processing_class=tok, callbacks=[...],
-                           mu=mu, v=v, zo_config=ZOConfig.from_config(job.config))
+                           mu=mu, v=v, zo_config=ZOConfig.from_config(cfg["zopro"]["reference"], seed))
     trainer.train(resume_from_checkpoint=...)
 
 ``mu``/``v`` are dicts keyed by LoRA keys (normalised with :func:`workflow.snapshots.normalise_key`;

@@ -58,6 +58,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from workflow.schema import default, section
+
 GAMMA_SCHEDULES = ("linear", "exp", "constant")
 # Parameters never weight-decayed (name-based): biases and normalisation layers.
 NO_DECAY = re.compile(r"(^|[._])(bias|[a-z_]*norm[a-z_0-9]*|ln_?[a-z0-9_]*)([._]|$)", re.IGNORECASE)
@@ -65,17 +67,18 @@ NO_DECAY = re.compile(r"(^|[._])(bias|[a-z_]*norm[a-z_0-9]*|ln_?[a-z0-9_]*)([._]
 
 @dataclasses.dataclass
 class ZOConfig:
-    """Hyper-parameters of the zeroth-order optimiser (config.yaml ``zopro:``)."""
+    """Hyper-parameters of the reference variant's optimiser (config ``zopro.reference``; the
+    defaults are the schema's)."""
 
-    lr: float = 1e-4
-    eps: float = 1e-3
-    gamma_start: float = 1 - 1e-3
-    gamma_schedule: str = "linear"
-    n_perturbations: int = 1
-    two_sided: bool = True
-    known_base: bool = True
-    weight_decay: float = 0.0
-    seed: int = 0
+    lr: float = default("zopro.reference.learning_rate")
+    eps: float = default("zopro.reference.eps")
+    gamma_start: float = default("zopro.reference.gamma_start")
+    gamma_schedule: str = default("zopro.reference.gamma_schedule")
+    n_perturbations: int = default("zopro.reference.n_perturbations")
+    two_sided: bool = default("zopro.reference.two_sided")
+    known_base: bool = default("zopro.reference.known_base")
+    weight_decay: float = default("zopro.reference.weight_decay")
+    seed: int = default("seed")
 
     def __post_init__(self) -> None:
         if self.gamma_schedule not in GAMMA_SCHEDULES:
@@ -86,20 +89,18 @@ class ZOConfig:
             raise ValueError("eps must be > 0 and n_perturbations >= 1")
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], seed: int | None = None) -> ZOConfig:
-        """From the whole config (or its ``zopro:`` section); ``seed`` defaults to config ``seed``."""
-        section = dict(config.get("zopro", config))
-        if seed is None:
-            seed = int(config.get("seed", 0))
+    def from_config(cls, reference: Mapping[str, Any], seed: int) -> ZOConfig:
+        """From config section ``zopro.reference`` (keys it lacks at the schema's defaults)."""
+        ref = {**section({}, "zopro.reference"), **reference}
         return cls(
-            lr=float(section.get("learning_rate", cls.lr)),
-            eps=float(section.get("eps", cls.eps)),
-            gamma_start=float(section.get("gamma_start", cls.gamma_start)),
-            gamma_schedule=str(section.get("gamma_schedule", cls.gamma_schedule)),
-            n_perturbations=int(section.get("n_perturbations", cls.n_perturbations)),
-            two_sided=bool(section.get("two_sided", cls.two_sided)),
-            known_base=bool(section.get("known_base", cls.known_base)),
-            weight_decay=float(section.get("weight_decay", cls.weight_decay)),
+            lr=float(ref["learning_rate"]),
+            eps=float(ref["eps"]),
+            gamma_start=float(ref["gamma_start"]),
+            gamma_schedule=str(ref["gamma_schedule"]),
+            n_perturbations=int(ref["n_perturbations"]),
+            two_sided=bool(ref["two_sided"]),
+            known_base=bool(ref["known_base"]),
+            weight_decay=float(ref["weight_decay"]),
             seed=int(seed),
         )
 

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from workflow.schema import default, section, setting
 from workflow.zopro_direction import FlatParams, loss_tensor, mean_across_processes, tensor_seed
 
 MOMENTUM_GRID = tuple(k / 8 for k in range(1, 9))  # multiples of mu tried, smallest first
@@ -56,7 +57,7 @@ MOMENTUM_GRID = tuple(k / 8 for k in range(1, 9))  # multiples of mu tried, smal
 
 @dataclasses.dataclass
 class GuardedConfig:
-    """Hyper-parameters of the guarded variant (config.yaml ``zopro:``, help there)."""
+    """Hyper-parameters of the guarded variant (config ``zopro``; its descriptions are the schema's)."""
 
     step_size: float
     eps: float
@@ -64,8 +65,8 @@ class GuardedConfig:
     updates_per_batch: int
     momentum_kl: float
     momentum_prompts: int
-    known_base: bool = True
-    seed: int = 0
+    known_base: bool = default("zopro.known_base")
+    seed: int = default("seed")
 
     @property
     def lr(self) -> float:
@@ -80,17 +81,17 @@ class GuardedConfig:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], seed: int | None = None) -> GuardedConfig:
-        """From the whole config; ``seed`` defaults to config ``seed``."""
-        section = config["zopro"]
+        """From the whole config (keys it lacks at the schema's defaults); ``seed`` defaults to config ``seed``."""
+        zo = section(config, "zopro")
         return cls(
-            step_size=float(section["step_size"]),
-            eps=float(section["eps"]),
-            n_perturbations=int(section["n_perturbations"]),
-            updates_per_batch=int(section["updates_per_batch"]),
-            momentum_kl=float(section["momentum_kl"]),
-            momentum_prompts=int(section["momentum_prompts"]),
-            known_base=bool(section["known_base"]),
-            seed=int(config.get("seed", 0) if seed is None else seed),
+            step_size=float(zo["step_size"]),
+            eps=float(zo["eps"]),
+            n_perturbations=int(zo["n_perturbations"]),
+            updates_per_batch=int(zo["updates_per_batch"]),
+            momentum_kl=float(zo["momentum_kl"]),
+            momentum_prompts=int(zo["momentum_prompts"]),
+            known_base=bool(zo["known_base"]),
+            seed=int(setting(config, "seed") if seed is None else seed),
         )
 
 
