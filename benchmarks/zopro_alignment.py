@@ -105,7 +105,7 @@ def main() -> None:
     inputs = {
         "policy_prev": res / "rloo/iter_0/policy/adapter",
         "policy_prev2": res / "sft/adapter",
-        "reward_i": res / "rloo/iter_1/reward/adapter",
+        "reward": res / "rloo/iter_1/reward/adapter",
         "reward_prev": res / "reward/iter_0/adapter",
     }
     missing = [str(p) for p in inputs.values() if not p.exists()]
@@ -116,9 +116,9 @@ def main() -> None:
     prompts = policy.iteration_prompts(read_rows(str(res / "data/embedded/train.parquet")), 1, cfg, int(cfg["seed"]))
     tokenizer = load_tokenizer(base, "chat")
     tokenizer.padding_side = "left"
-    reward_tokenizer = load_tokenizer(inputs["reward_i"], "chat")
+    reward_tokenizer = load_tokenizer(inputs["reward"], "chat")
     model = load_policy(base, inputs["policy_prev"], trainable=True)
-    reward = load_reward_model(base, inputs["reward_i"], pad_token_id=reward_tokenizer.pad_token_id)
+    reward = load_reward_model(base, inputs["reward"], pad_token_id=reward_tokenizer.pad_token_id)
     reward_fn = scoring.RewardFunction(reward, reward_tokenizer, "reward 1", max_length=cfg["model"]["max_length"])
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:

@@ -27,7 +27,7 @@ def train_policy_inputs(wildcards):
     i = _check_iteration(wildcards.i)
     _check_owner(wildcards.method, i, f"results/{wildcards.method}/iter_{i}/policy")
     inputs = dict(
-        prev_policy=f"{policy_dir(wildcards.method, i - 1)}/adapter",
+        policy_prev=f"{policy_dir(wildcards.method, i - 1)}/adapter",
         sft=SFT_ADAPTER,
         reward=f"{reward_dir(wildcards.method, i)}/adapter",
         train=data_path("train"),

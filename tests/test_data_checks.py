@@ -191,7 +191,7 @@ def test_policy_metrics_account_for_too_long_prompts(tiny_base, adapters, embedd
     out = tmp_path / "results" / "rloo" / "iter_0" / "policy"
     job = Job(
         input={
-            "prev_policy": adapters["sft"],
+            "policy_prev": adapters["sft"],
             "sft": adapters["sft"],
             "reward": adapters["reward"],
             "train": str(train),

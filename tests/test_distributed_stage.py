@@ -77,7 +77,7 @@ def _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, method="zorloo"
     }
     return jobmod.Job(
         input={
-            "prev_policy": adapters["sft2"],
+            "policy_prev": adapters["sft2"],
             "sft": adapters["sft"],
             "reward": adapters["reward1"],
             "policy_prev2": adapters["sft"],

@@ -131,6 +131,20 @@ def test_reward_model_judge_prefers_the_higher_score(tiny_seq_cls):
     assert judge.judge([PROMPT], [GOOD], [BAD]) == [None]
 
 
+def test_reward_model_without_a_chat_template_reads_the_conversation_as_plain_text(tiny_seq_cls):
+    from workflow.chat import as_messages, conversation_text
+
+    judge = judges.RewardModelJudge.from_path(tiny_seq_cls, batch_size=2)
+    judge.tokenizer.chat_template = None  # an external reward model's tokenizer
+    scores = judge.scores([PROMPT] * 2, [GOOD, BAD])
+    device = next(judge.model.parameters()).device
+    for answer, score in zip([GOOD, BAD], scores):
+        text = conversation_text(as_messages(PROMPT) + [{"role": "assistant", "content": answer}])
+        enc = judge.tokenizer([text], return_tensors="pt", add_special_tokens=True).to(device)
+        with torch.no_grad():
+            assert score == pytest.approx(float(judge.model(**enc).logits[0, 0]), abs=1e-5)
+
+
 class _ScriptedJudge(judges.Judge):
     """Answers with the verdicts it was given, in call order."""
 

@@ -139,7 +139,7 @@ def stage_inputs(method: str, adapters: dict) -> tuple[int, str, str, dict | Non
     direction = {
         "policy_prev": adapters["sft2"],
         "policy_prev2": adapters["sft"],
-        "reward_i": adapters["reward1"],
+        "reward": adapters["reward1"],
         "reward_prev": adapters["reward"],
     }
     return 1, adapters["sft2"], adapters["reward1"], direction

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from workflow.chat import as_messages, conversation_text, last_user_text
+from workflow.chat import conversation_text, last_user_text
 from workflow.schema import section, setting
+from workflow.scoring import reward_scores
 
 Prompt = Sequence[dict[str, str]] | str
 
@@ -191,30 +192,8 @@ class RewardModelJudge(Judge):
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).to(runtime.device())
         return cls(model, tokenizer, batch_size=batch_size, max_length=max_length)
 
-    def text(self, prompt: Prompt, answer: str) -> str:
-        messages = as_messages(prompt) + [{"role": "assistant", "content": answer}]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return conversation_text(messages)
-
-    @torch.no_grad()
     def scores(self, prompts: Sequence[Prompt], answers: Sequence[str]) -> np.ndarray:
-        texts = [self.text(p, a) for p, a in zip(prompts, answers)]
-        device = next(self.model.parameters()).device
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[start : start + self.batch_size],
-                return_tensors="pt",
-                padding=True,
-                padding_side="right",
-                truncation=self.max_length is not None,
-                max_length=self.max_length,
-                add_special_tokens=not getattr(self.tokenizer, "chat_template", None),
-            )
-            enc = {k: v.to(device) for k, v in enc.items()}
-            out.append(self.model(**enc).logits[:, 0].float().cpu())
-        return torch.cat(out).numpy() if out else np.zeros(0)
+        return reward_scores(self.model, self.tokenizer, list(prompts), list(answers), self.batch_size, self.max_length)
 
     def judge(self, prompts, answers_a, answers_b):
         self._check_lengths(prompts, answers_a, answers_b)

@@ -246,17 +246,12 @@ def run(job) -> None:
     prompts = iteration_prompts(rows, iteration, cfg, job.seed)
     direction = None
     if method in ZO_METHODS and iteration >= 1:
-        direction = {
-            "policy_prev": job.input["prev_policy"],
-            "policy_prev2": job.input["policy_prev2"],
-            "reward_i": job.input["reward"],
-            "reward_prev": job.input["reward_prev"],
-        }
+        direction = {name: job.input[name] for name in ("policy_prev", "policy_prev2", "reward", "reward_prev")}
     summary = train_policy(
         method,
         iteration,
         job.params["base"],
-        job.input["prev_policy"],
+        job.input["policy_prev"],
         job.input["sft"],
         job.input["reward"],
         prompts,

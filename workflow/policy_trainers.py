@@ -146,7 +146,7 @@ def build_zorloo(stage: PolicyStage) -> Built:
     """ZOPrO trainer (iteration >= 1): ``workflow.zopro.ZOPrOTrainer`` with ``mu`` and ``v``.
 
     ``stage.direction_inputs``: adapter folders ``policy_prev`` (i-1), ``policy_prev2`` (i-2, SFT
-    for i = 1), ``reward_i`` and ``reward_prev`` (i-1). ``stage.variant``: ``reference`` (the
+    for i = 1), ``reward`` (i) and ``reward_prev`` (i-1), as the rule names them. ``stage.variant``: ``reference`` (the
     paper's algorithm, settings ``zopro.reference``, constant lr) or ``guarded``
     (:mod:`workflow.zopro_guarded`, settings ``zopro``; on a bf16 base the policy computes in fp32,
     :func:`workflow.models.fp32_compute`).
@@ -170,7 +170,7 @@ def build_zorloo(stage: PolicyStage) -> Built:
     args.learning_rate = zo_config.lr
     inputs = stage.direction_inputs
     mu, v = load_direction_inputs(
-        inputs["policy_prev"], inputs["policy_prev2"], inputs["reward_i"], inputs["reward_prev"]
+        inputs["policy_prev"], inputs["policy_prev2"], inputs["reward"], inputs["reward_prev"]
     )
     trainer = ZOPrOTrainer(
         model=stage.model,

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workflow.chat import last_user_text
+from workflow.chat import as_messages, conversation_text, last_user_text
 from workflow.schema import setting
 
 
@@ -33,16 +33,22 @@ def gold_scorer(config: dict[str, Any]) -> Callable[[str, str], float] | None:
 
 
 def _texts(tokenizer, prompts, answers) -> list[str]:
-    return [tokenizer.apply_chat_template(list(p) + list(a), tokenize=False) for p, a in zip(prompts, answers)]
+    """The chat template's rendering of each conversation, else ``Human: ... / Assistant: ...`` lines."""
+    conversations = [as_messages(p) + as_messages(a, role="assistant") for p, a in zip(prompts, answers)]
+    if getattr(tokenizer, "chat_template", None):
+        return [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    return [conversation_text(c) for c in conversations]
 
 
 @torch.no_grad()
 def reward_scores(
     model, tokenizer, prompts: list, answers: list, batch_size: int = 32, max_length: int | None = None
 ) -> np.ndarray:
-    """Reward of each ``prompt + answer`` (message lists; a string answer is one assistant message)."""
-    answers = [[{"role": "assistant", "content": a}] if isinstance(a, str) else a for a in answers]
+    """Reward of each ``prompt + answer`` (message lists or strings: a string prompt is one user
+    message, a string answer one assistant message). A tokenizer without a chat template (an
+    external reward model) reads the conversation as plain text with its own special tokens."""
     texts = _texts(tokenizer, prompts, answers)
+    special = not getattr(tokenizer, "chat_template", None)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -53,7 +59,7 @@ def reward_scores(
         for start in range(0, len(texts), batch_size):
             enc = tokenizer(
                 texts[start : start + batch_size],
-                add_special_tokens=False,
+                add_special_tokens=special,
                 padding=True,
                 truncation=max_length is not None,
                 max_length=max_length,

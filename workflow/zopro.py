@@ -33,7 +33,7 @@ Reference variant:
 
 How the policy stage calls it (drop-in for ``RLOOTrainer`` plus three keyword arguments)::
 
-    mu, v = load_direction_inputs(policy_prev, policy_prev2, reward_i, reward_prev)
+    mu, v = load_direction_inputs(policy_prev, policy_prev2, reward, reward_prev)
     trainer = ZOPrOTrainer(model=peft_policy, reward_funcs=reward_fn, args=rloo_config,
                            train_dataset=ds, processing_class=tok, callbacks=[...],
                            mu=mu, v=v, zo_config=ZOConfig.from_config(cfg["zopro"]["reference"], seed))
@@ -98,19 +98,19 @@ def _difference(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]
 def load_direction_inputs(
     policy_prev: str | os.PathLike,
     policy_prev2: str | os.PathLike,
-    reward_i: str | os.PathLike,
+    reward: str | os.PathLike,
     reward_prev: str | os.PathLike,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(mu, v)`` from adapter folders.
 
     ``mu = policy_{i-1} - policy_{i-2}`` (pass the SFT adapter as ``policy_prev2`` for i = 1),
-    ``v = reward_i - reward_{i-1}``, on the keys both adapters of a pair share. ``v`` is further
+    ``v = reward - reward_prev`` (reward models i and i-1), on the keys both adapters of a pair share. ``v`` is further
     restricted to the keys of ``mu`` (policy keys): the reward head (``score.weight``) and any
     reward-only tensor are dropped; a policy tensor without a reward counterpart gets plain
     (unprojected) noise, see :mod:`workflow.zopro_direction`.
     """
     mu = _difference(load_adapter_tensors(policy_prev), load_adapter_tensors(policy_prev2))
-    v = _difference(load_adapter_tensors(reward_i), load_adapter_tensors(reward_prev))
+    v = _difference(load_adapter_tensors(reward), load_adapter_tensors(reward_prev))
     v = {k: t for k, t in v.items() if k in mu}
     return mu, v
 
