@@ -29,7 +29,7 @@ from workflow.models import has_scores, load_reward_model, load_sequence_classif
 from workflow.schema import section
 from workflow.scoring import reward_scores
 from workflow.snapshots import SnapshotCallback
-from workflow.training import scratch_dir, trainer_kwargs, write_metrics
+from workflow.training import adapter_stage_dirs, save_adapter_stage, stage_summary, trainer_kwargs
 
 
 def _trl():
@@ -143,11 +143,7 @@ def train_reward(
     RewardConfig, _, _ = _trl()
     trainer_cls = make_trainer_class()
     start = time.time()
-    with (
-        scratch_dir(out / "adapter") as scratch,
-        atomic_dir(out / "snapshots") as snaps,
-        atomic_dir(out / "adapter") as adapter,
-    ):
+    with adapter_stage_dirs(out) as (scratch, snaps, adapter):
         args = RewardConfig(
             **trainer_kwargs(
                 scratch,
@@ -172,22 +168,20 @@ def train_reward(
         initial = pairwise_accuracy(trainer.model, tokenizer, eval_rows) if eval_rows is not None else float("nan")
         result = trainer.train()
         final = pairwise_accuracy(trainer.model, tokenizer, eval_rows) if eval_rows is not None else float("nan")
-        trainer.model.save_pretrained(adapter)
-        tokenizer.save_pretrained(adapter)
-        summary = {
-            "stage": "reward",
-            "objective": objective or "bradley_terry",
-            "init_adapter": init_adapter or "",
-            "rows": len(train_rows),
-            "heldout_rows": 0 if eval_rows is None else len(eval_rows),
-            "steps": int(trainer.state.global_step),
-            "train_loss": float(result.training_loss),
-            "initial_heldout_accuracy": initial,
-            "heldout_accuracy": final,
-            "runtime_s": time.time() - start,
-            **data,
-        }
-        write_metrics(trainer.state.log_history, summary, out / "metrics.csv")
+        summary = stage_summary(
+            "reward",
+            trainer,
+            result,
+            start,
+            data,
+            objective=objective or "bradley_terry",
+            init_adapter=init_adapter or "",
+            rows=len(train_rows),
+            heldout_rows=0 if eval_rows is None else len(eval_rows),
+            initial_heldout_accuracy=initial,
+            heldout_accuracy=final,
+        )
+        save_adapter_stage(trainer, tokenizer, adapter, summary, out)
     return summary
 
 
@@ -195,15 +189,13 @@ def run(job) -> None:
     """Stage function of rule ``reward_initial`` (reward model of iteration 0)."""
     from workflow.datasets import task_of
 
-    cfg = job.config
-    out_dir = job.stage_dir
-    rcfg = cfg["reward"]
+    cfg, rcfg = job.config, job.config["reward"]
     summary = train_reward(
         job.params["base"],
         None,
         read_rows(job.input["train"]),
         read_rows(job.input["test"]),
-        out_dir,
+        job.stage_dir,
         cfg,
         rcfg["epochs"],
         rcfg["learning_rate"],
@@ -260,7 +252,7 @@ def refine_reward(
     (``loop.keep_rm_alpha``). Snapshots and metrics are those of the refinement itself."""
     import shutil
 
-    from workflow.io import atomic_dir, write_csv
+    from workflow.io import write_csv
 
     pairs = read_rows(pairs_path)
     if pairs.empty:

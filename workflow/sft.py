@@ -17,11 +17,10 @@ from datasets import Dataset
 from transformers import set_seed
 
 from workflow.accounting import usable_rows
-from workflow.io import atomic_dir
 from workflow.lora import lora_config
 from workflow.models import load_causal_lm, load_tokenizer, read_rows
 from workflow.snapshots import SnapshotCallback
-from workflow.training import scratch_dir, trainer_kwargs, write_metrics
+from workflow.training import adapter_stage_dirs, save_adapter_stage, stage_summary, trainer_kwargs
 
 
 def sft_dataset(rows: pd.DataFrame) -> Dataset:
@@ -95,11 +94,7 @@ def train_sft(
     train_rows, data = usable_rows(train_rows, tokenizer, cfg["model"]["max_length"], "sft", source)
     model = load_causal_lm(base_path)
     start = time.time()
-    with (
-        scratch_dir(out / "adapter") as scratch,
-        atomic_dir(out / "snapshots") as snaps,
-        atomic_dir(out / "adapter") as adapter,
-    ):
+    with adapter_stage_dirs(out) as (scratch, snaps, adapter):
         trainer = build_sft_trainer(
             model,
             tokenizer,
@@ -115,17 +110,8 @@ def train_sft(
             max_steps=max_steps,
         )
         result = trainer.train()
-        trainer.model.save_pretrained(adapter)
-        tokenizer.save_pretrained(adapter)
-        summary = {
-            "stage": "sft",
-            "rows": len(train_rows),
-            "steps": int(trainer.state.global_step),
-            "train_loss": float(result.training_loss),
-            "runtime_s": time.time() - start,
-            **data,
-        }
-        write_metrics(trainer.state.log_history, summary, out / "metrics.csv")
+        summary = stage_summary("sft", trainer, result, start, data, rows=len(train_rows))
+        save_adapter_stage(trainer, tokenizer, adapter, summary, out)
     return summary
 
 
@@ -133,14 +119,11 @@ def run(job) -> None:
     """Stage function of rule ``sft``."""
     from workflow.datasets import task_of
 
-    cfg = job.config
-    out_dir = job.stage_dir
-    rows = read_rows(job.input["train"])
-    sft = cfg["sft"]
+    cfg, sft = job.config, job.config["sft"]
     summary = train_sft(
         job.params["base"],
-        rows,
-        out_dir,
+        read_rows(job.input["train"]),
+        job.stage_dir,
         cfg,
         sft["epochs"],
         sft["learning_rate"],

@@ -1,10 +1,12 @@
 """The training kit every training stage (SFT, reward model, policy) shares: the trl arguments they
-all give, the Trainer's scratch folder and the ``metrics.csv`` writer."""
+all give, the Trainer's scratch folder, the folders and outputs of an adapter stage and the
+``metrics.csv`` writer."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,8 @@ import pandas as pd
 import torch
 
 from workflow import runtime
+from workflow.io import atomic_dir, write_csv
 from workflow.io import scratch_dir as io_scratch_dir
-from workflow.io import write_csv
 
 
 def trainer_kwargs(
@@ -56,6 +58,39 @@ def scratch_dir(near: str | os.PathLike) -> Iterator[str]:
     a fixed name, so a killed run's folder is removed by the next run), always removed."""
     with io_scratch_dir(Path(near).with_name("trainer")) as path:
         yield str(path)
+
+
+@contextlib.contextmanager
+def adapter_stage_dirs(out: Path) -> Iterator[tuple[str, str, str]]:
+    """The folders of a stage that trains an adapter into ``out`` (SFT, reward model): the Trainer's
+    scratch folder, and ``snapshots/`` and ``adapter/``, which appear whole when the block ends
+    without an error and not at all otherwise."""
+    with (
+        scratch_dir(out / "adapter") as scratch,
+        atomic_dir(out / "snapshots") as snaps,
+        atomic_dir(out / "adapter") as adapter,
+    ):
+        yield scratch, snaps, adapter
+
+
+def stage_summary(stage: str, trainer: Any, result: Any, start: float, data: dict[str, Any], **fields: Any) -> dict:
+    """The summary row of a training stage: its name, ``fields``, steps, training loss, wall time
+    since ``start`` (``time.time()``) and the data accounting ``data``."""
+    return {
+        "stage": stage,
+        **fields,
+        "steps": int(trainer.state.global_step),
+        "train_loss": float(result.training_loss),
+        "runtime_s": time.time() - start,
+        **data,
+    }
+
+
+def save_adapter_stage(trainer: Any, tokenizer: Any, adapter: str, summary: dict[str, Any], out: Path) -> None:
+    """Save the trained adapter and its tokenizer into ``adapter`` and write ``out/metrics.csv``."""
+    trainer.model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    write_metrics(trainer.state.log_history, summary, out / "metrics.csv")
 
 
 def write_metrics(log_history: list[dict[str, Any]], summary: dict[str, Any], path: str | os.PathLike) -> None:
