@@ -5,7 +5,7 @@ import os
 from snakemake.utils import min_version, validate
 
 from workflow.config_checks import check_config
-from workflow.study import workflow_hash
+from workflow.evaluation.study import workflow_hash
 
 min_version("9.0")
 

@@ -27,9 +27,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from workflow import runtime  # noqa: E402
-from workflow.base_model import build_base_model, dialogues  # noqa: E402
-from workflow.chat import last_user_text  # noqa: E402
-from workflow.embedded_task import best_score, generate_split, gold_score  # noqa: E402
+from workflow.data.chat import last_user_text  # noqa: E402
+from workflow.data.embedded_task import best_score, generate_split, gold_score  # noqa: E402
+from workflow.models.base_model import build_base_model, dialogues  # noqa: E402
 
 
 def sample(

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from workflow.kl_control import COLUMN as KL_COEF  # noqa: E402
-from workflow.kl_control import sequence_kl  # noqa: E402
+from workflow.train.kl_control import COLUMN as KL_COEF  # noqa: E402
+from workflow.train.kl_control import sequence_kl  # noqa: E402
 
 
 def stage_windows(stage: Path, windows: int) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """Peak memory and wall time of the trajectory / interplay / plots pipeline at scale.
 
 Writes synthetic policy and reward trajectories in the snapshot format (docs/design.md), then
-runs ``python -m workflow.plots`` on them as a subprocess and measures its peak RSS
+runs ``python -m workflow.analysis.plots`` on them as a subprocess and measures its peak RSS
 (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``) and wall time. Target: peak < 1 GB.
 
 Default scale: 200 snapshots x 20M LoRA parameters per model (policy and reward), split over
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "workflow.plots",
+        "workflow.analysis.plots",
         "--policy",
         *meta["dirs"]["policy"],
         "--reward",

@@ -1,24 +1,24 @@
 """Benchmark: what a bf16 base does to each part of a stage, measured on CPU against fp32.
 
-Uses a small trained base (``workflow.base_model`` on the embedded task, cached in ``--work``; or
+Uses a small trained base (``workflow.models.base_model`` on the embedded task, cached in ``--work``; or
 ``--base DIR``, any saved causal LM with a chat tokenizer, e.g. ``results/base``) and random LoRA
 adapters (policy i-1, the SFT reference, a reward model), then for each variant
 
 * ``fp32``: precision ``fp32``;
 * ``bf16 plain``: precision ``bf16`` with plain bf16 heads and a bf16 frozen reward model (the
-  behaviour before ``models.FP32Head`` and fp32 reward scoring);
+  behaviour before ``loading.FP32Head`` and fp32 reward scoring);
 * ``bf16``: precision ``bf16`` as the workflow runs it now;
 
 measures
 
 1. dtypes of the base, LoRA and reward-head weights and of the AdamW states, as the stages load
    the models (policy: the RLOO trainer's optimizer after its updates; reward: one AdamW step);
-2. log-probs: an RLOO run built as the stage builds it (``workflow.policy_trainers.build_rloo``, one update
+2. log-probs: an RLOO run built as the stage builds it (``workflow.train.policy_trainers.build_rloo``, one update
    per rollout batch): ``|new - old|`` sequence log-prob at every update, which is that batch's
    first, so the PPO-clip ratio ``exp(new - old)`` must be 1; and on the first batch (policy = policy
    i-1 exactly) the error of the rollout ("old") log-probs and of the sequence KL estimate
    ``sum(old - ref)`` against the fp32 model on the same tokens;
-3. reward scores (``workflow.scoring.reward_scores`` with the frozen reward model, as scoring stages
+3. reward scores (``workflow.train.scoring.reward_scores`` with the frozen reward model, as scoring stages
    load it) of held-out prompt + chosen / rejected answers against fp32: error, error / spread of
    the scores, and pairs whose order flips.
 
@@ -45,7 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from workflow import models, policy_trainers, runtime, scoring  # noqa: E402
+from workflow import runtime  # noqa: E402
+from workflow.models import loading  # noqa: E402
+from workflow.train import policy_trainers, scoring  # noqa: E402
 
 VARIANTS = ("fp32", "bf16 plain", "bf16")
 BASE_CFG = {
@@ -87,16 +89,16 @@ def prepare(work: Path, base: str | None, rows: int) -> tuple[str, dict[str, str
     """The base folder and ``{"prev", "sft", "reward"}`` random LoRA adapters (fp32, cached in ``work``)."""
     from peft import get_peft_model
 
-    from workflow.base_model import build_base_model, dialogues
-    from workflow.embedded_task import generate_split
-    from workflow.lora import lora_config
+    from workflow.data.embedded_task import generate_split
+    from workflow.models.base_model import build_base_model, dialogues
+    from workflow.models.lora import lora_config
 
     runtime.set_precision("fp32")
     if base is None:
         base = str(work / "base")
         if not Path(base).exists():
             build_base_model(dialogues(generate_split("train", rows, seed=0)), base, BASE_CFG, seed=0)
-    tokenizer = models.load_tokenizer(base, "chat")
+    tokenizer = loading.load_tokenizer(base, "chat")
     adapters = {}
     for name, seed in (("prev", 1), ("sft", 2), ("reward", 3)):
         path = work / f"adapter_{name}"
@@ -106,10 +108,10 @@ def prepare(work: Path, base: str | None, rows: int) -> tuple[str, dict[str, str
         torch.manual_seed(seed)
         if name == "reward":
             model = get_peft_model(
-                models.load_sequence_classifier(base, tokenizer.pad_token_id), lora_config(LORA, "SEQ_CLS")
+                loading.load_sequence_classifier(base, tokenizer.pad_token_id), lora_config(LORA, "SEQ_CLS")
             )
         else:
-            model = get_peft_model(models.load_causal_lm(base), lora_config(LORA))
+            model = get_peft_model(loading.load_causal_lm(base), lora_config(LORA))
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for param_name, param in model.named_parameters():
@@ -125,20 +127,20 @@ def variant(name: str) -> Iterator[None]:
     """Precision of ``name``; ``bf16 plain`` also undoes the fp32 heads and the fp32 reward model."""
     previous = runtime.precision()
     runtime.set_precision("fp32" if name == "fp32" else "bf16")
-    fp32_head, load_sequence_classifier = models.fp32_head, models.load_sequence_classifier
+    fp32_head, load_sequence_classifier = loading.fp32_head, loading.load_sequence_classifier
 
     def plain_head(module: torch.nn.Module) -> torch.nn.Module:
-        return module.to(models.torch_dtype())
+        return module.to(loading.torch_dtype())
 
     def bf16_classifier(base_path: str, pad_token_id: int | None = None, dtype: torch.dtype | None = None):
         return load_sequence_classifier(base_path, pad_token_id)
 
     if name == "bf16 plain":
-        models.fp32_head, models.load_sequence_classifier = plain_head, bf16_classifier
+        loading.fp32_head, loading.load_sequence_classifier = plain_head, bf16_classifier
     try:
         yield
     finally:
-        models.fp32_head, models.load_sequence_classifier = fp32_head, load_sequence_classifier
+        loading.fp32_head, loading.load_sequence_classifier = fp32_head, load_sequence_classifier
         runtime.set_precision(previous)
 
 
@@ -155,8 +157,8 @@ def adam_states(optimizer: torch.optim.Optimizer) -> str:
 # --- measurements ------------------------------------------------------------------------------
 def reward_dtypes(base: str, adapter: str) -> dict[str, str]:
     """dtypes of a trainable reward model (reward refinement) and of its AdamW states after one step."""
-    tokenizer = models.load_tokenizer(adapter, "chat")
-    model = models.load_reward_model(base, adapter, trainable=True, pad_token_id=tokenizer.pad_token_id)
+    tokenizer = loading.load_tokenizer(adapter, "chat")
+    model = loading.load_reward_model(base, adapter, trainable=True, pad_token_id=tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.tensor([tokenizer.encode("Tell me about the river.")], device=next(model.parameters()).device)
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=runtime.use_bf16()):
@@ -175,11 +177,11 @@ def rloo_run(
     base: str, adapters: dict[str, str], prompts: list, steps: int, generation_length: int, scratch: str
 ) -> dict[str, float | str]:
     """Train RLOO for ``steps`` updates and compare each update's log-probs with its rollout's."""
-    tokenizer = models.load_tokenizer(base, "chat")
+    tokenizer = loading.load_tokenizer(base, "chat")
     tokenizer.padding_side = "left"
-    model = models.load_policy(base, adapters["prev"], trainable=True)
-    reward = models.load_reward_model(base, adapters["reward"])
-    reward_fn = scoring.RewardFunction(reward, models.load_tokenizer(adapters["reward"], "chat"), name="reward")
+    model = loading.load_policy(base, adapters["prev"], trainable=True)
+    reward = loading.load_reward_model(base, adapters["reward"])
+    reward_fn = scoring.RewardFunction(reward, loading.load_tokenizer(adapters["reward"], "chat"), name="reward")
     cfg = stage_cfg(generation_length)
     prompts = prompts[: steps * cfg["policy"]["batch_size"] // cfg["policy"]["rloo_k"]]  # one epoch: `steps` updates
     torch.manual_seed(0)
@@ -221,7 +223,7 @@ def rloo_run(
     spread = torch.cat(spreads)
     # the first rollout batch against the fp32 model on the same tokens (policy i-1 and SFT adapters)
     with variant("fp32"):
-        exact = models.load_policy(base, adapters["prev"])
+        exact = loading.load_policy(base, adapters["prev"])
         exact.load_adapter(adapters["sft"], adapter_name="ref")
         exact.eval()
         device = next(exact.parameters()).device
@@ -258,10 +260,10 @@ def rloo_run(
 def reward_run(base: str, adapter: str, rows) -> tuple[dict[str, np.ndarray], str]:
     """Scores of ``prompt + chosen`` and ``prompt + rejected`` by the frozen reward model, and the
     dtypes of its weights."""
-    from workflow.scoring import reward_scores
+    from workflow.train.scoring import reward_scores
 
-    tokenizer = models.load_tokenizer(adapter, "chat")
-    model = models.load_reward_model(base, adapter, pad_token_id=tokenizer.pad_token_id)
+    tokenizer = loading.load_tokenizer(adapter, "chat")
+    model = loading.load_reward_model(base, adapter, pad_token_id=tokenizer.pad_token_id)
     prompts = list(rows["prompt"])
     scores = {
         "chosen": reward_scores(model, tokenizer, prompts, list(rows["chosen"])),
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
-    from workflow.embedded_task import generate_split
+    from workflow.data.embedded_task import generate_split
 
     runtime.configure(args.threads, 0)
     work = Path(args.work)

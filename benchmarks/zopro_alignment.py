@@ -88,8 +88,9 @@ def probe_step(trainer, inputs, step: int) -> list[dict]:
 
 
 def main() -> None:
-    from workflow import policy, policy_trainers, runtime, scoring
-    from workflow.models import load_policy, load_reward_model, load_tokenizer, read_rows
+    from workflow import runtime
+    from workflow.models.loading import load_policy, load_reward_model, load_tokenizer, read_rows
+    from workflow.train import policy, policy_trainers, scoring
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="results")
@@ -112,7 +113,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"missing inputs {missing}: run the snakemake command in this script's docstring first")
     inputs = {k: str(v) for k, v in inputs.items()}
-    seed = int(cfg["seed"]) + 1009  # the stage seed of iteration 1 (workflow.policy.run)
+    seed = int(cfg["seed"]) + 1009  # the stage seed of iteration 1 (workflow.train.policy.run)
     prompts = policy.iteration_prompts(read_rows(str(res / "data/embedded/train.parquet")), 1, cfg, int(cfg["seed"]))
     tokenizer = load_tokenizer(base, "chat")
     tokenizer.padding_side = "left"

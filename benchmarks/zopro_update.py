@@ -4,12 +4,12 @@ Each method runs in a fresh subprocess (``--worker``) on the same randomly initi
 (built from a ``LlamaConfig``, seed 0) with the same LoRA and the same synthetic rollout batch:
 
 * ``fo``: RLOO/PPO-clip loss forward + backward + ``torch.optim.AdamW`` step;
-* ``zo``: ZOPrO's reference variant (``workflow.zopro_engine.ZOEngine``): two forwards under
+* ``zo``: ZOPrO's reference variant (``workflow.zo.engine.ZOEngine``): two forwards under
   ``torch.no_grad`` at ``theta +/- eps z`` + in-place perturb/restore/update (no grads, no optimizer state);
 * ``zo_one_sided``: the same engine one-sided with the known base (``zopro.reference.two_sided:
   false``, ``known_base: true``): at the rollout policy the loss is ``-mean(advantages)``, so one
   forward at ``theta + eps z``;
-* ``zo_guarded``: ZOPrO's guarded variant (``workflow.zopro_guarded.GuardedEngine``), one guarded
+* ``zo_guarded``: ZOPrO's guarded variant (``workflow.zo.guarded.GuardedEngine``), one guarded
   update as configured in config.yaml (``zopro.n_perturbations`` probes, one-sided, plus the base and
   the guard's forward), computing in fp32 on a bf16 base as the policy stage does.
 
@@ -260,9 +260,9 @@ def make_update(method, model, params, dtype="fp32"):
 
         return update
 
-    from workflow.snapshots import normalise_key
-    from workflow.zopro_direction import ZOConfig
-    from workflow.zopro_engine import ZOEngine
+    from workflow.models.snapshots import normalise_key
+    from workflow.zo.direction import ZOConfig
+    from workflow.zo.engine import ZOEngine
 
     named = [(normalise_key(n), p) for n, p in model.named_parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(3)
@@ -287,8 +287,8 @@ def make_update(method, model, params, dtype="fp32"):
 
         return update
 
-    from workflow.models import fp32_compute
-    from workflow.zopro_guarded import GuardedConfig, GuardedEngine
+    from workflow.models.loading import fp32_compute
+    from workflow.zo.guarded import GuardedConfig, GuardedEngine
 
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
     config["zopro"]["updates_per_batch"] = 1  # one update, as for the other methods

@@ -5,7 +5,7 @@ and reward model 1: ``.venv/bin/snakemake --cores all results/rloo/iter_1/reward
 For every variant the real ``train_policy`` stage of ``zorloo`` iteration 1 runs in its own folder
 ``RUN_DIR/zopro_variants/<name>`` (a copy of that prefix, Snakemake with the variant's overlay),
 then each policy answers the evaluation prompts with ``--seeds`` sampling seeds and the gold gain
-over the iteration-0 policy is paired over (prompt, seed) units (:func:`workflow.evaluate.paired_difference`).
+over the iteration-0 policy is paired over (prompt, seed) units (:func:`workflow.evaluation.generate.paired_difference`).
 
     .venv/bin/python benchmarks/zopro_variants.py . --out results/benchmarks/zopro_variants.csv
 
@@ -83,8 +83,8 @@ def train_variant(run_dir: Path, name: str, overlay: dict, cores: str, seed: int
 
 def evaluate_adapter(run_dir: Path, adapter: Path, cfg: dict) -> pd.DataFrame:
     """Gold rows of ``adapter`` on the evaluation prompts (seeded as the workflow's evaluations)."""
-    from workflow.evaluate import evaluate, evaluation_prompts
-    from workflow.models import load_policy, load_tokenizer, read_rows
+    from workflow.evaluation.generate import evaluate, evaluation_prompts
+    from workflow.models.loading import load_policy, load_tokenizer, read_rows
 
     prompts = evaluation_prompts(
         read_rows(str(run_dir / "results/data/embedded/test.parquet")), int(cfg["evaluation"]["n_prompts"])
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/zopro_variants.csv"))
     args = parser.parse_args()
     from workflow import runtime
-    from workflow.evaluate import paired_difference
+    from workflow.evaluation.generate import paired_difference
 
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     cfg["evaluation"]["n_seeds"] = args.seeds

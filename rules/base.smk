@@ -18,6 +18,6 @@ rule base_model:
         **train_resources(),
     params:
         settings=settings("base_model", "model.max_length", "precision"),
-        code=stage_code("workflow.base_model"),
+        code=stage_code("workflow.models.base_model"),
     script:
         "../scripts/build_base_model.py"

@@ -1,4 +1,4 @@
-# Preference rows of a dataset split (workflow/extract.py): results/data/{dataset}/{split}.parquet.
+# Preference rows of a dataset split (workflow/data/extract.py): results/data/{dataset}/{split}.parquet.
 # The `dataset:` config section applies to the configured dataset only; any other {dataset}
 # wildcard reads that dataset's default hub id (the embedded one is generated offline).
 
@@ -23,6 +23,6 @@ rule extract_dataset:
         max_rows=lambda wc: _dataset_option(wc, "max_rows"),
         embedded_rows=_embedded_rows,
         settings=settings(),
-        code=stage_code("workflow.extract"),
+        code=stage_code("workflow.data.extract"),
     script:
         "../scripts/extract_dataset.py"

@@ -1,7 +1,7 @@
 # Evaluation of the SFT policy and of the untrained base model on the first
 # evaluation.n_prompts held-out test prompts: sampled answers scored by the gold judge
 # (embedded task) and by reward model 0. One row per sample + a summary with standard errors.
-# workflow.evaluate_policy.run takes named inputs test, reward and (optional) adapter: any rule with
+# workflow.evaluation.evaluate_policy.run takes named inputs test, reward and (optional) adapter: any rule with
 # those inputs and outputs samples/summary can reuse scripts/evaluate_policy.py.
 
 
@@ -31,7 +31,7 @@ rule evaluate_policy:
     params:
         base=base_model_param,
         settings=settings(*EVAL_SETTINGS),
-        code=stage_code("workflow.evaluate_policy"),
+        code=stage_code("workflow.evaluation.evaluate_policy"),
     script:
         "../scripts/evaluate_policy.py"
 
@@ -56,6 +56,6 @@ rule evaluate_base:
     params:
         base=base_model_param,
         settings=settings(*EVAL_SETTINGS),
-        code=stage_code("workflow.evaluate_policy"),
+        code=stage_code("workflow.evaluation.evaluate_policy"),
     script:
         "../scripts/evaluate_policy.py"

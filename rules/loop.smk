@@ -12,7 +12,7 @@
 # and reward i-1, the two ends of their mu and v directions; their iteration 0 (first-order RLOO)
 # and reward model 1 are rloo's (rules/common.smk, chain_owner). Evaluation: evaluate_iteration per
 # policy (same prompts and sampling seeds as evaluate_policy's SFT row in rules/evaluate.smk),
-# evaluation_table per method (workflow/loop_eval.py: scores and paired gains over SFT, the
+# evaluation_table per method (workflow/evaluation/loop_eval.py: scores and paired gains over SFT, the
 # iteration before and iteration 0).
 include: "loop_inputs.smk"
 
@@ -37,8 +37,8 @@ rule train_policy:
     params:
         base=base_model_param,
         settings=policy_settings,
-        code=stage_code("workflow.policy"),
-        # resumable state of a killed stage (not an output: it survives the kill; workflow/resume.py)
+        code=stage_code("workflow.train.policy"),
+        # resumable state of a killed stage (not an output: it survives the kill; workflow/train/resume.py)
         checkpoints="results/{method}/iter_{i}/policy/checkpoints",
     script:
         "../scripts/train_policy.py"
@@ -63,7 +63,7 @@ rule collect_pairs:
         settings=settings(
             "loop.uncertain_fraction", "loop.pair_temperature", "judge", "model", "dataset.name", "precision"
         ),
-        code=stage_code("workflow.pairs"),
+        code=stage_code("workflow.judges.pairs"),
     script:
         "../scripts/collect_pairs.py"
 
@@ -96,7 +96,7 @@ rule refine_reward:
             "snapshots",
             *MODEL_SETTINGS,
         ),
-        code=stage_code("workflow.reward"),
+        code=stage_code("workflow.train.reward"),
     script:
         "../scripts/refine_reward.py"
 
@@ -120,7 +120,7 @@ rule evaluate_iteration:
         base=base_model_param,
         iteration=lambda wc: int(wc.i),
         settings=settings(*EVAL_SETTINGS, "judge"),
-        code=stage_code("workflow.loop_eval"),
+        code=stage_code("workflow.evaluation.loop_eval"),
     script:
         "../scripts/evaluate_iteration.py"
 
@@ -146,6 +146,6 @@ rule evaluation_table:
     params:
         benchmarks=policy_benchmarks,
         settings=settings(),
-        code=stage_code("workflow.loop_eval"),
+        code=stage_code("workflow.evaluation.loop_eval"),
     script:
         "../scripts/evaluation_table.py"

@@ -1,5 +1,5 @@
 # Trajectory plots, policy-reward interplay metrics and the comparison of methods
-# (workflow/plots.py; the metrics are defined in workflow/interplay.py).
+# (workflow/analysis/plots.py; the metrics are defined in workflow/analysis/interplay.py).
 wildcard_constraints:
     k=r"\d+",
 
@@ -27,7 +27,7 @@ rule plot_trajectories:
         **plots_resources(),
     params:
         settings=settings("plots", "loop.keep_rm_alpha"),
-        code=stage_code("workflow.plots"),
+        code=stage_code("workflow.analysis.plots"),
     script:
         "../scripts/plot_trajectories.py"
 
@@ -55,7 +55,7 @@ rule plot_trajectories_upto:
         **plots_resources(),
     params:
         settings=settings("plots", "loop.keep_rm_alpha"),
-        code=stage_code("workflow.plots"),
+        code=stage_code("workflow.analysis.plots"),
     script:
         "../scripts/plot_trajectories.py"
 
@@ -83,6 +83,6 @@ rule compare_methods:
     params:
         methods=list(config["loop"]["methods"]),
         settings=settings(),
-        code=stage_code("workflow.compare"),
+        code=stage_code("workflow.evaluation.compare"),
     script:
         "../scripts/compare_methods.py"

@@ -1,7 +1,7 @@
 # Reward model of iteration 0: a LoRA sequence-classification head on the base model,
 # Bradley-Terry on chosen vs rejected (score regression for rows with a `score`, e.g. MT).
 # Held-out pairwise accuracy on the test split is in metrics.csv (heldout_accuracy).
-# Reward models 1..N-1 are refined per method in rules/loop.smk (workflow.reward.train_reward).
+# Reward models 1..N-1 are refined per method in rules/loop.smk (workflow.train.reward.train_reward).
 
 
 rule reward_initial:
@@ -38,6 +38,6 @@ rule reward_initial:
             "snapshots",
             *MODEL_SETTINGS,
         ),
-        code=stage_code("workflow.reward"),
+        code=stage_code("workflow.train.reward"),
     script:
         "../scripts/train_reward.py"

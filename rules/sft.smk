@@ -27,6 +27,6 @@ rule sft:
     params:
         base=base_model_param,
         settings=settings("sft", "lora", "snapshots", *MODEL_SETTINGS),
-        code=stage_code("workflow.sft"),
+        code=stage_code("workflow.train.sft"),
     script:
         "../scripts/train_sft.py"

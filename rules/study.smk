@@ -1,4 +1,4 @@
-# Multi-seed study (README, "Multi-seed study"; workflow/study.py): the loop of every method of
+# Multi-seed study (README, "Multi-seed study"; workflow/evaluation/study.py): the loop of every method of
 # loop.methods on every seed of study.seeds, each seed's chain in its own folder:
 #
 #   the config's own seed --> the main chain under results/ (results/{method}/evaluation.csv)
@@ -54,6 +54,6 @@ rule study_summary:
     params:
         runs=study_runs(),
         settings=settings(),
-        code=stage_code("workflow.study"),
+        code=stage_code("workflow.evaluation.study"),
     script:
         "../scripts/study_summary.py"

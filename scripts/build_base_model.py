@@ -1,3 +1,3 @@
 from workflow.job import run_script
 
-run_script(snakemake, "workflow.base_model:run")  # noqa: F821
+run_script(snakemake, "workflow.models.base_model:run")  # noqa: F821

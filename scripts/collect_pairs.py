@@ -1,3 +1,3 @@
 from workflow.job import run_script
 
-run_script(snakemake, "workflow.pairs:run")  # noqa: F821
+run_script(snakemake, "workflow.judges.pairs:run")  # noqa: F821

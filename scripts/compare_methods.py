@@ -1,3 +1,3 @@
 from workflow.job import run_script
 
-run_script(snakemake, "workflow.compare:run")  # noqa: F821
+run_script(snakemake, "workflow.evaluation.compare:run")  # noqa: F821

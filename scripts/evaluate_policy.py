@@ -1,3 +1,3 @@
 from workflow.job import run_script
 
-run_script(snakemake, "workflow.evaluate_policy:run")  # noqa: F821
+run_script(snakemake, "workflow.evaluation.evaluate_policy:run")  # noqa: F821

@@ -1,3 +1,3 @@
 from workflow.job import run_script
 
-run_script(snakemake, "workflow.loop_eval:run_table")  # noqa: F821
+run_script(snakemake, "workflow.evaluation.loop_eval:run_table")  # noqa: F821

@@ -1,3 +1,3 @@
 from workflow.job import run_script
 
-run_script(snakemake, "workflow.extract:run")  # noqa: F821
+run_script(snakemake, "workflow.data.extract:run")  # noqa: F821

@@ -1,3 +1,3 @@
 from workflow.job import run_script
 
-run_script(snakemake, "workflow.reward:run_refine")  # noqa: F821
+run_script(snakemake, "workflow.train.reward:run_refine")  # noqa: F821

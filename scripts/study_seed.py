@@ -1,3 +1,3 @@
-from workflow.study import run_seed_script
+from workflow.evaluation.study import run_seed_script
 
 run_seed_script(snakemake)  # noqa: F821

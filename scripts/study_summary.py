@@ -1,3 +1,3 @@
 from workflow.job import run_script
 
-run_script(snakemake, "workflow.study:summarise")  # noqa: F821
+run_script(snakemake, "workflow.evaluation.study:summarise")  # noqa: F821

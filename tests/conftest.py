@@ -1,6 +1,6 @@
 """Shared, session-scoped fixtures: the embedded task's rows and a tiny saved base model.
 
-``embedded_frames``  -> {split: DataFrame} from ``workflow.embedded_task.generate_split``
+``embedded_frames``  -> {split: DataFrame} from ``workflow.data.embedded_task.generate_split``
 ``embedded_parquet`` -> {split: parquet path} of those rows
 ``tiny_base``        -> str path of a saved tiny Llama + tokenizer (chat template, pad token set)
 ``adapters``         -> {"sft", "sft2", "reward", "reward1"}: random LoRA adapters on ``tiny_base``
@@ -35,7 +35,7 @@ TINY_BASE_CFG = {
 @pytest.fixture(scope="session")
 def embedded_frames():
     """``{"train": 64 rows, "test": 32 rows}`` of the embedded task (seed 0)."""
-    from workflow.embedded_task import generate_split
+    from workflow.data.embedded_task import generate_split
 
     return {split: generate_split(split, n, seed=0) for split, n in EMBEDDED_ROWS.items()}
 
@@ -59,7 +59,7 @@ def tiny_base(embedded_frames, tmp_path_factory):
     Loads with ``AutoModelForCausalLM``, ``AutoTokenizer`` (chat template set) and
     ``AutoModelForSequenceClassification(num_labels=1)`` (``pad_token_id`` in the config).
     """
-    from workflow.base_model import build_base_model, dialogues
+    from workflow.models.base_model import build_base_model, dialogues
 
     out = tmp_path_factory.mktemp("tiny_base") / "base"
     threads = torch.get_num_threads()
@@ -87,8 +87,8 @@ def adapters(tiny_base, tmp_path_factory):
     """``{"sft": ..., "sft2": ..., "reward": ..., "reward1": ...}`` adapter folders (tokenizer beside each)."""
     from peft import get_peft_model
 
-    from workflow.lora import lora_config
-    from workflow.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+    from workflow.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
+    from workflow.models.lora import lora_config
 
     root = tmp_path_factory.mktemp("adapters")
     tok = load_tokenizer(tiny_base, "chat")

@@ -16,7 +16,7 @@ def write_stage(
     directory: str | os.PathLike, snapshots: Sequence[dict[str, np.ndarray]], steps: Sequence[int] | None = None
 ) -> Path:
     """Write ``snapshots`` (key -> array) in the snapshot format into ``directory/snapshots``
-    (training stages use ``workflow.snapshots``)."""
+    (training stages use ``workflow.models.snapshots``)."""
     from safetensors.numpy import save_file
 
     sd = Path(directory) / "snapshots"

@@ -14,8 +14,8 @@ from conftest import POLICY_TEST_LORA
 def test_adapters_record_an_absolute_base_and_load_from_elsewhere(tiny_base, tmp_path, monkeypatch):
     from peft import AutoPeftModelForCausalLM, get_peft_model
 
-    from workflow.lora import lora_config
-    from workflow.models import load_causal_lm, load_sequence_classifier
+    from workflow.models.loading import load_causal_lm, load_sequence_classifier
+    from workflow.models.lora import lora_config
 
     monkeypatch.chdir(Path(tiny_base).parent)  # the workflow names its base relative: results/base
     relative = Path(tiny_base).name
@@ -34,7 +34,7 @@ def test_adapters_record_an_absolute_base_and_load_from_elsewhere(tiny_base, tmp
 
 
 def test_hub_ids_are_kept_as_they_are(tmp_path, monkeypatch):
-    from workflow.models import model_source
+    from workflow.models.loading import model_source
 
     monkeypatch.chdir(tmp_path)
     assert model_source("meta-llama/Llama-3.2-1B") == "meta-llama/Llama-3.2-1B"
@@ -46,8 +46,8 @@ def test_adapters_are_tagged_with_their_trainer(tiny_base, adapters, tmp_path, z
     from datasets import Dataset
     from trl import RLOOConfig, RLOOTrainer
 
-    from workflow.models import load_policy, load_tokenizer
-    from workflow.zopro import ZOPrOTrainer
+    from workflow.models.loading import load_policy, load_tokenizer
+    from workflow.zo.trainer import ZOPrOTrainer
 
     model = load_policy(tiny_base, adapters["sft"], trainable=True)
     args = RLOOConfig(

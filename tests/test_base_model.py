@@ -43,7 +43,7 @@ def test_tiny_base_fixture_loads_and_generates(tiny_base):
 def test_base_model_stage(embedded_parquet, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from workflow.base_model import run
+    from workflow.models.base_model import run
 
     out = tmp_path / "results" / "base"
     cfg = {
@@ -79,7 +79,7 @@ def test_base_model_stage(embedded_parquet, tmp_path):
 
 
 def test_pretraining_is_deterministic(embedded_frames):
-    from workflow.base_model import _plain_render, build_model, build_tokenizer, dialogues, pretrain, render
+    from workflow.models.base_model import _plain_render, build_model, build_tokenizer, dialogues, pretrain, render
 
     convs = dialogues(embedded_frames["train"].head(16))
     cfg = {"hidden_size": 16, "intermediate_size": 32, "num_layers": 1, "num_heads": 2, "epochs": 1, "batch_size": 8}

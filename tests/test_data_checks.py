@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 
-from workflow.accounting import DataError, DataWarning, usable_rows
+from workflow.data.accounting import DataError, DataWarning, usable_rows
 from workflow.io import DataFileError, read_table, write_parquet
 from workflow.job import Job
-from workflow.models import load_policy, load_reward_model, load_tokenizer, read_rows
-from workflow.snapshots import load_snapshot, read_index, save_snapshot
+from workflow.models.loading import load_policy, load_reward_model, load_tokenizer, read_rows
+from workflow.models.snapshots import load_snapshot, read_index, save_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 LONG = "word " * 200  # far more than model.max_length (128) tokens
@@ -107,7 +107,7 @@ def test_usable_rows_counts_each_reason(tiny_base, embedded_frames):
 
 
 def test_split_without_usable_rows_fails_naming_max_length_and_file(tiny_base, embedded_frames, cfg, tmp_path):
-    from workflow import sft
+    from workflow.train import sft
 
     train = tmp_path / "train.parquet"
     rows = _rows(embedded_frames, 8)
@@ -128,7 +128,7 @@ def test_split_without_usable_rows_fails_naming_max_length_and_file(tiny_base, e
 def test_sft_metrics_account_for_dropped_rows_and_stale_scratch_is_removed(tiny_base, embedded_frames, cfg, tmp_path):
     """SFT drops too-long and empty-answer rows and says so in metrics.csv; the scratch folders a
     killed run left (fixed names) are gone after the next run."""
-    from workflow import sft
+    from workflow.train import sft
 
     train = tmp_path / "train.parquet"
     rows = _with_long_prompts(_rows(embedded_frames), [0, 5])
@@ -147,7 +147,7 @@ def test_sft_metrics_account_for_dropped_rows_and_stale_scratch_is_removed(tiny_
 
 @pytest.mark.slow
 def test_reward_metrics_count_identical_pairs(tiny_base, embedded_frames, cfg, tmp_path):
-    from workflow.reward import train_reward
+    from workflow.train.reward import train_reward
 
     rows = _rows(embedded_frames)
     for i in (2, 4, 9):
@@ -182,7 +182,7 @@ def test_reward_metrics_count_identical_pairs(tiny_base, embedded_frames, cfg, t
 def test_policy_metrics_account_for_too_long_prompts(tiny_base, adapters, embedded_frames, tmp_path):
     from test_policy import CFG
 
-    from workflow import policy
+    from workflow.train import policy
 
     train = tmp_path / "train.parquet"
     write_parquet(_with_long_prompts(_rows(embedded_frames, 64), [3, 30]), train)
@@ -226,8 +226,8 @@ def _truncated_copy(adapter: str, tmp_path: Path) -> Path:
 
 
 def test_truncated_adapter_names_the_file(tiny_base, adapters, tmp_path):
-    from workflow.lora import adapter_state
-    from workflow.zopro import load_adapter_tensors
+    from workflow.models.lora import adapter_state
+    from workflow.zo.trainer import load_adapter_tensors
 
     policy = _truncated_copy(adapters["sft"], tmp_path / "policy")
     for load in (lambda: load_policy(tiny_base, str(policy)), lambda: adapter_state(policy)):
@@ -242,7 +242,7 @@ def test_truncated_adapter_names_the_file(tiny_base, adapters, tmp_path):
 
 
 def test_damaged_snapshot_and_index_name_the_file(tmp_path):
-    from workflow.trajectories import read_header
+    from workflow.analysis.trajectories import read_header
 
     path = save_snapshot({"layers.0.q.lora_A.weight": torch.ones(4, 4)}, tmp_path, step=3)
     assert torch.equal(load_snapshot(tmp_path, 0)["layers.0.q.lora_A.weight"], torch.ones(4, 4))

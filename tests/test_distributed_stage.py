@@ -26,7 +26,7 @@ from smk import pythonpath
 from test_policy import CFG
 
 from workflow import job as jobmod
-from workflow.snapshots import read_index
+from workflow.models.snapshots import read_index
 
 
 def _snapshots(folder):
@@ -118,7 +118,7 @@ def test_zorloo_stage_in_two_processes_keeps_parameters_identical(
     processes' parameters identical."""
     scratch = _env(monkeypatch, tmp_path)
     job = _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, method=method)
-    jobmod.run_job(job, "workflow.policy:run")
+    jobmod.run_job(job, "workflow.train.policy:run")
 
     snaps0 = _assert_ranks_identical(job.output, scratch)
     assert any(not torch.equal(snaps0[0][k], snaps0[-1][k]) for k in snaps0[0])  # and training moved them
@@ -137,7 +137,7 @@ def test_killed_two_process_stage_resumes_on_both_processes(
     spec.write_text(json.dumps(dataclasses.asdict(job)))
     code = (
         "import json, sys; from workflow import job; "
-        "job.run_job(job.Job(**json.load(open(sys.argv[1]))), 'workflow.policy:run')"
+        "job.run_job(job.Job(**json.load(open(sys.argv[1]))), 'workflow.train.policy:run')"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(spec)],
@@ -169,7 +169,7 @@ def test_killed_two_process_stage_resumes_on_both_processes(
     for own in ("", "rank1"):
         assert os.path.exists(os.path.join(job.params["checkpoints"], own, "snapshots", "index.csv"))
 
-    jobmod.run_job(job, "workflow.policy:run")
+    jobmod.run_job(job, "workflow.train.policy:run")
     summary = pd.read_csv(job.output["metrics"]).iloc[-1]
     assert summary["resumed_from_step"] >= 4 and summary["steps"] == 16
     _assert_ranks_identical(job.output, scratch)

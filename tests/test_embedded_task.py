@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from workflow import embedded_task as et
-from workflow.chat import last_user_text
-from workflow.embedded_task import generate_split, gold_prefers, gold_score
+from workflow.data import embedded_task as et
+from workflow.data.chat import last_user_text
+from workflow.data.embedded_task import generate_split, gold_prefers, gold_score
 
 P = "Tell me about the garden."
 

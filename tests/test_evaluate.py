@@ -13,7 +13,8 @@ import pytest
 import yaml
 from peft import get_peft_model
 
-from workflow.evaluate import (
+from workflow.evaluation.evaluate_policy import run
+from workflow.evaluation.generate import (
     evaluate,
     evaluation_prompts,
     paired_difference,
@@ -21,11 +22,10 @@ from workflow.evaluate import (
     sampling_seed,
     summarise,
 )
-from workflow.evaluate_policy import run
 from workflow.job import Job
-from workflow.lora import lora_config
-from workflow.models import load_policy, load_sequence_classifier, load_tokenizer, read_rows
-from workflow.scoring import gold_scorer
+from workflow.models.loading import load_policy, load_sequence_classifier, load_tokenizer, read_rows
+from workflow.models.lora import lora_config
+from workflow.train.scoring import gold_scorer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_gold_scorer_hook():
 
 
 def test_evaluate_rows_seeded(tiny_base, embedded_parquet, reward_adapter, cfg):
-    from workflow.models import load_reward_model
+    from workflow.models.loading import load_reward_model
 
     tokenizer = load_tokenizer(tiny_base, "chat")
     policy = load_policy(tiny_base, None)
@@ -209,7 +209,7 @@ def test_every_policy_is_evaluated_with_the_same_sampling_seeds(tiny_base, adapt
     evaluate_iteration): the iteration whose policy is the SFT adapter gives SFT's answers exactly,
     so its paired gain over SFT is 0 with standard error 0, and the table's paired columns are the
     by-hand differences of the samples."""
-    from workflow import loop_eval
+    from workflow.evaluation import loop_eval
 
     def job(name, inputs, wildcards=None, **params):
         out = tmp_path / name
@@ -269,8 +269,8 @@ def test_every_policy_is_evaluated_with_the_same_sampling_seeds(tiny_base, adapt
     assert (t.loc[0, "gold_gain_vs_iter0"], t.loc[0, "gold_gain_vs_iter0_stderr"]) == (0.0, 0.0)
     assert (t.loc[-1, "gold_gain_vs_sft"], t.loc[-1, "gold_gain_vs_sft_stderr"]) == (0.0, 0.0)
     # win rates by the rule judge (gold, in both orders): by hand, and the SFT adapter ties with SFT
-    from workflow.chat import last_user_text
-    from workflow.embedded_task import gold_prefers
+    from workflow.data.chat import last_user_text
+    from workflow.data.embedded_task import gold_prefers
 
     def by_hand(prompt, a, b):
         verdicts = (gold_prefers(last_user_text(prompt), a, b), gold_prefers(last_user_text(prompt), b, a))

@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from workflow import datasets as ds
-from workflow import extract as ex
-from workflow.datasets import ASSISTANT, ExtractionError, render_hh, task_of
-from workflow.extract import extract
+from workflow.data import datasets as ds
+from workflow.data import extract as ex
+from workflow.data.datasets import ASSISTANT, ExtractionError, render_hh, task_of
+from workflow.data.extract import extract
 from workflow.job import Job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -383,7 +383,7 @@ def test_hh_split_and_render_are_inverse():
 
 
 def test_embedded_dataset_uses_generate_split(monkeypatch):
-    from workflow import embedded_task
+    from workflow.data import embedded_task
 
     calls = []
     real = embedded_task.generate_split

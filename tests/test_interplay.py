@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from synthetic import write_stage
 
-from workflow import interplay as ip
-from workflow import trajectories as tj
+from workflow.analysis import interplay as ip
+from workflow.analysis import trajectories as tj
 
 KEYS = ("layers.0.a.lora_A.weight", "layers.0.a.lora_B.weight")
 

@@ -78,7 +78,7 @@ def test_every_trainer_reports_where_tracking_says(restore_tracking, tmp_path, m
     from trl import SFTConfig
 
     from workflow.job import configure
-    from workflow.training import trainer_kwargs
+    from workflow.train.kit import trainer_kwargs
 
     monkeypatch.chdir(tmp_path)
     job = _job(tracking={"report_to": ["tensorboard", "trackio"], "project": "study"})
@@ -98,7 +98,7 @@ def test_every_trainer_reports_where_tracking_says(restore_tracking, tmp_path, m
 
 def test_tracking_defaults_to_none(restore_tracking):
     from workflow.job import configure
-    from workflow.training import trainer_kwargs
+    from workflow.train.kit import trainer_kwargs
 
     configure(_job())
     assert trainer_kwargs("out", 1, 1e-3, 2, 0)["report_to"] == "none"

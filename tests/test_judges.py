@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from workflow import judges
-from workflow.embedded_task import gold_score
+from workflow.data.embedded_task import gold_score
+from workflow.judges import pairwise
 
 PROMPT = [{"role": "user", "content": "Tell me about the garden."}]
 GOOD = "The garden is lovely and bright."
@@ -15,29 +15,29 @@ BAD = "the river is awful awful"
 
 
 def test_rule_judge_uses_the_gold_function():
-    judge = judges.make_judge({"dataset": {"name": "embedded"}, "judge": {"kind": "rule"}})
+    judge = pairwise.make_judge({"dataset": {"name": "embedded"}, "judge": {"kind": "rule"}})
     assert gold_score("Tell me about the garden.", GOOD) > gold_score("Tell me about the garden.", BAD)
     assert judge.judge([PROMPT, PROMPT], [GOOD, BAD], [BAD, GOOD]) == [0, 1]
 
 
 def test_rule_judge_refuses_non_embedded_data():
-    with pytest.raises(judges.JudgeError, match="embedded"):
-        judges.make_judge({"dataset": {"name": "hh-rlhf"}, "judge": {"kind": "rule"}})
+    with pytest.raises(pairwise.JudgeError, match="embedded"):
+        pairwise.make_judge({"dataset": {"name": "hh-rlhf"}, "judge": {"kind": "rule"}})
 
 
 def test_model_judges_need_a_model():
-    with pytest.raises(judges.JudgeError, match="judge.model"):
-        judges.make_judge({"dataset": {"name": "hh-rlhf"}, "judge": {"kind": "llm", "model": None}})
+    with pytest.raises(pairwise.JudgeError, match="judge.model"):
+        pairwise.make_judge({"dataset": {"name": "hh-rlhf"}, "judge": {"kind": "llm", "model": None}})
 
 
 @pytest.mark.parametrize(
     "text,expected", [("0", 0), (" 1", 1), ("1\n", 1), ("", None), ("01", None), ("yes", None), ("2", None)]
 )
 def test_parse_verdict(text, expected):
-    assert judges.parse_verdict(text) == expected
+    assert pairwise.parse_verdict(text) == expected
 
 
-class ScriptedLLM(judges.LLMJudge):
+class ScriptedLLM(pairwise.LLMJudge):
     """The real LLMJudge with ``ask`` replaced: answers like an oracle that knows the GOOD answer."""
 
     def __init__(self, policy, seed=0):
@@ -74,22 +74,22 @@ def test_llm_judge_drops_unparseable_answers_and_enforces_the_limit():
     judge = ScriptedLLM(lambda f, s: next(replies))
     verdicts = judge.judge([PROMPT] * 6, [GOOD] * 6, [BAD] * 6)
     assert [v is None for v in verdicts] == [False, True, False, True, False, True]
-    assert judges.drop_rate(verdicts) == pytest.approx(0.5)
-    assert judges.check_drop_rate(verdicts, 0.5, "pairs.parquet") == pytest.approx(0.5)
-    with pytest.raises(judges.JudgeError, match=r"pairs\.parquet.*3 of 6.*max_drop_rate"):
-        judges.check_drop_rate(verdicts, 0.4, "pairs.parquet")
+    assert pairwise.drop_rate(verdicts) == pytest.approx(0.5)
+    assert pairwise.check_drop_rate(verdicts, 0.5, "pairs.parquet") == pytest.approx(0.5)
+    with pytest.raises(pairwise.JudgeError, match=r"pairs\.parquet.*3 of 6.*max_drop_rate"):
+        pairwise.check_drop_rate(verdicts, 0.4, "pairs.parquet")
 
 
 def test_llm_judge_with_a_real_tiny_model(tiny_base):
     """tiny_base is no instruction-tuned judge: whatever it generates is parsed, mapped back or dropped."""
-    judge = judges.make_judge(
+    judge = pairwise.make_judge(
         {"dataset": {"name": "embedded"}, "judge": {"kind": "llm", "model": tiny_base, "batch_size": 4}}, seed=0
     )
-    assert isinstance(judge, judges.LLMJudge)
+    assert isinstance(judge, pairwise.LLMJudge)
     verdicts = judge.judge([PROMPT] * 5, [GOOD] * 5, [BAD] * 5)
     assert len(verdicts) == 5 and len(judge.last_raw) == 5
     for raw, swapped, verdict in zip(judge.last_raw, judge.last_swapped, verdicts):
-        shown = judges.parse_verdict(raw)
+        shown = pairwise.parse_verdict(raw)
         assert verdict == (None if shown is None else (1 - shown if swapped else shown))
     # greedy: asking the same questions again gives the same raw answers
     texts = [judge.question(PROMPT, GOOD, BAD)] * 2
@@ -111,7 +111,7 @@ def tiny_seq_cls(tiny_base, tmp_path_factory):
 
 
 def test_reward_model_judge_prefers_the_higher_score(tiny_seq_cls):
-    judge = judges.make_judge(
+    judge = pairwise.make_judge(
         {
             "dataset": {"name": "hh-rlhf"},
             "model": {"max_length": 64},
@@ -132,9 +132,9 @@ def test_reward_model_judge_prefers_the_higher_score(tiny_seq_cls):
 
 
 def test_reward_model_without_a_chat_template_reads_the_conversation_as_plain_text(tiny_seq_cls):
-    from workflow.chat import as_messages, conversation_text
+    from workflow.data.chat import as_messages, conversation_text
 
-    judge = judges.RewardModelJudge.from_path(tiny_seq_cls, batch_size=2)
+    judge = pairwise.RewardModelJudge.from_path(tiny_seq_cls, batch_size=2)
     judge.tokenizer.chat_template = None  # an external reward model's tokenizer
     scores = judge.scores([PROMPT] * 2, [GOOD, BAD])
     device = next(judge.model.parameters()).device
@@ -145,7 +145,7 @@ def test_reward_model_without_a_chat_template_reads_the_conversation_as_plain_te
             assert score == pytest.approx(float(judge.model(**enc).logits[0, 0]), abs=1e-5)
 
 
-class _ScriptedJudge(judges.Judge):
+class _ScriptedJudge(pairwise.Judge):
     """Answers with the verdicts it was given, in call order."""
 
     def __init__(self, *calls):
@@ -158,7 +158,7 @@ class _ScriptedJudge(judges.Judge):
 def test_win_scores_judge_both_orders():
     """Consistent verdicts win or lose; a judge that prefers one position both times, and identical
     answers, tie; a dropped verdict in either order is NaN."""
-    from workflow.judges import win_scores
+    from workflow.judges.pairwise import win_scores
 
     first = [0, 1, 0, None, 1]  # answers first
     second = [1, 0, 0, 1, 0]  # references first

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from test_policy import CFG, stage_inputs, train_stage
 
-from workflow import policy, policy_trainers
-from workflow.kl_control import KLTarget, previous_coefficient, sequence_kl
+from workflow.train import policy, policy_trainers
+from workflow.train.kl_control import KLTarget, previous_coefficient, sequence_kl
 
 
 def test_update_is_proportional_clipped_floored_and_ignores_nan():
@@ -89,7 +89,7 @@ class _Trainer:
 def test_callback_sets_the_coefficient_each_trainer_reads():
     from types import SimpleNamespace
 
-    from workflow.kl_control import AdaptiveKLCallback
+    from workflow.train.kl_control import AdaptiveKLCallback
 
     rloo = _Trainer(SimpleNamespace(beta=0.01))
     AdaptiveKLCallback(KLTarget(1.0, 10, 0.01), 0.3).bind(rloo)

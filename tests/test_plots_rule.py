@@ -13,8 +13,9 @@ import pytest
 from smk import pythonpath
 from synthetic import write_stage
 
-from workflow import compare, plots
-from workflow import trajectories as tj
+from workflow.analysis import plots
+from workflow.analysis import trajectories as tj
+from workflow.evaluation import compare
 from workflow.job import Job
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from workflow import lora, policy, policy_trainers, runtime, scoring
+from workflow import runtime
+from workflow.models import lora
+from workflow.train import policy, policy_trainers, scoring
 
 CFG = {
     "seed": 0,
@@ -74,7 +76,7 @@ def test_iteration_chunks_are_seeded_disjoint_and_wrap():
 
 
 def test_reward_function_raises_on_nan(tiny_base, adapters):
-    from workflow.models import load_reward_model, load_tokenizer
+    from workflow.models.loading import load_reward_model, load_tokenizer
 
     tok = load_tokenizer(adapters["reward"], "chat")
     model = load_reward_model(tiny_base, adapters["reward"])
@@ -94,7 +96,7 @@ def test_reward_function_raises_on_nan(tiny_base, adapters):
 def _sft_logits(tiny_base, adapter, ids, autocast=False):
     """The SFT policy's logits (``autocast``: under bf16 autocast, as trainers prepared for bf16
     mixed precision run their reference models)."""
-    from workflow.models import load_policy
+    from workflow.models.loading import load_policy
 
     with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         return load_policy(tiny_base, adapter).eval()(ids).logits
@@ -110,7 +112,7 @@ def _is_sft(logits, tiny_base, adapter, ids) -> bool:
 
 def test_rloo_reference_is_the_sft_adapter(tiny_base, adapters, tmp_path):
     """The trainer's frozen ``ref`` adapter computes exactly the SFT policy (not policy i-1, not the base)."""
-    from workflow.models import load_policy, load_reward_model, load_tokenizer
+    from workflow.models.loading import load_policy, load_reward_model, load_tokenizer
 
     tok = load_tokenizer(tiny_base, "chat")
     model = load_policy(tiny_base, adapters["sft2"], trainable=True)  # "policy i-1"
@@ -167,7 +169,7 @@ def train_stage(method: str, tiny_base: str, adapters: dict, prompts: list, out,
 
 @pytest.mark.parametrize("method", ["rloo", "dpo", "ppo", "zorloo", "zorloo_reference"])
 def test_one_policy_iteration(method, tiny_base, adapters, embedded_frames, tmp_path):
-    from workflow.snapshots import read_index
+    from workflow.models.snapshots import read_index
 
     iteration, prev, reward, direction = stage_inputs(method, adapters)
     prompts = policy.iteration_prompts(embedded_frames["train"], iteration, CFG, seed=0)[:8]
@@ -229,7 +231,7 @@ def _samples(rows, n=8):
 
 
 def _pair_inputs(tiny_base, adapters):
-    from workflow.models import load_policy, load_reward_model, load_tokenizer
+    from workflow.models.loading import load_policy, load_reward_model, load_tokenizer
 
     tok = load_tokenizer(adapters["sft"], "chat")
     model = load_policy(tiny_base, adapters["sft"])
@@ -238,9 +240,9 @@ def _pair_inputs(tiny_base, adapters):
 
 
 def test_collect_pairs_keeps_the_uncertain_and_orders_by_the_judge(tiny_base, adapters, embedded_frames):
-    from workflow import pairs as pairs_mod
-    from workflow.embedded_task import gold_prefers
-    from workflow.judges import RuleJudge
+    from workflow.data.embedded_task import gold_prefers
+    from workflow.judges import pairs as pairs_mod
+    from workflow.judges.pairwise import RuleJudge
 
     model, tok, fn = _pair_inputs(tiny_base, adapters)
     samples = _samples(embedded_frames["train"])
@@ -256,25 +258,25 @@ def test_collect_pairs_keeps_the_uncertain_and_orders_by_the_judge(tiny_base, ad
 
 
 def test_collect_pairs_errors_name_the_file(tiny_base, adapters, embedded_frames):
-    from workflow import judges
-    from workflow import pairs as pairs_mod
+    from workflow.judges import pairs as pairs_mod
+    from workflow.judges import pairwise
 
     model, tok, fn = _pair_inputs(tiny_base, adapters)
 
-    class Mute(judges.Judge):
+    class Mute(pairwise.Judge):
         kind = "llm"
 
         def judge(self, prompts, a, b):
             return [None] * len(prompts)
 
-    class Garbage(judges.Judge):
+    class Garbage(pairwise.Judge):
         kind = "llm"
 
         def judge(self, prompts, a, b):
             return [7] * len(prompts)
 
     samples = _samples(embedded_frames["train"])
-    with pytest.raises(judges.JudgeError, match=r"results/x/iter_3/pairs\.parquet"):
+    with pytest.raises(pairwise.JudgeError, match=r"results/x/iter_3/pairs\.parquet"):
         pairs_mod.collect_pairs(samples, model, tok, fn, Mute(), CFG, 0, "results/x/iter_3/pairs.parquet")
     lenient = copy.deepcopy(CFG)
     lenient["judge"]["max_drop_rate"] = 1.0
@@ -287,9 +289,9 @@ def test_collect_pairs_errors_name_the_file(tiny_base, adapters, embedded_frames
 
 
 def test_refine_reward_with_keep_rm_close(tiny_base, adapters, embedded_frames, tmp_path):
-    from workflow import reward as reward_mod
     from workflow.io import write_parquet
-    from workflow.snapshots import read_index
+    from workflow.models.snapshots import read_index
+    from workflow.train import reward as reward_mod
 
     rows = embedded_frames["train"].iloc[:8].copy()
     write_parquet(rows, tmp_path / "pairs.parquet")
@@ -342,8 +344,8 @@ def test_refine_reward_with_keep_rm_close(tiny_base, adapters, embedded_frames, 
 
 
 def test_sequence_kl_is_zero_for_the_same_adapter_and_positive_otherwise(tiny_base, adapters):
-    from workflow.loop_eval import sequence_kl
-    from workflow.models import load_tokenizer
+    from workflow.evaluation.loop_eval import sequence_kl
+    from workflow.models.loading import load_tokenizer
 
     tok = load_tokenizer(adapters["sft"], "chat")
     prompts = [[{"role": "user", "content": "Tell me about the garden."}]] * 2
@@ -355,7 +357,7 @@ def test_sequence_kl_is_zero_for_the_same_adapter_and_positive_otherwise(tiny_ba
 
 
 def test_evaluation_table(tmp_path):
-    from workflow.loop_eval import TABLE_COLUMNS, evaluation_table
+    from workflow.evaluation.loop_eval import TABLE_COLUMNS, evaluation_table
 
     def summary(path, gold, i):
         pd.DataFrame(
@@ -388,7 +390,7 @@ def test_evaluation_table(tmp_path):
 
 
 def test_ppo_and_dpo_references_are_the_sft_adapter(tiny_base, adapters, tmp_path):
-    from workflow.models import load_policy, load_reward_model, load_tokenizer
+    from workflow.models.loading import load_policy, load_reward_model, load_tokenizer
 
     tok = load_tokenizer(tiny_base, "chat")
     tok.padding_side = "left"
@@ -424,8 +426,8 @@ def test_ppo_scores_rollouts_where_the_reward_model_was_trained(tiny_base, adapt
     on the chat rendering, for a stopped response followed by padding and for a truncated one."""
     from trl.experimental.utils import get_reward
 
-    from workflow.models import load_policy, load_reward_model, load_tokenizer
-    from workflow.scoring import reward_scores
+    from workflow.models.loading import load_policy, load_reward_model, load_tokenizer
+    from workflow.train.scoring import reward_scores
 
     tok = load_tokenizer(tiny_base, "chat")
     tok.padding_side = "left"
@@ -469,7 +471,7 @@ def test_ppo_scores_rollouts_where_the_reward_model_was_trained(tiny_base, adapt
 
 
 def test_select_uncertain_keeps_scores_closest_to_zero_and_drops_exact_duplicates():
-    from workflow.pairs import select_uncertain
+    from workflow.judges.pairs import select_uncertain
 
     p = [{"role": "user", "content": "q"}]
     samples = pd.DataFrame(

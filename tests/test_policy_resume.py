@@ -1,4 +1,4 @@
-"""Resuming a killed policy stage from its own trainer checkpoints (workflow/resume.py).
+"""Resuming a killed policy stage from its own trainer checkpoints (workflow/train/resume.py).
 
 A stage is "killed" by an exception raised from the reward function in the middle of a step
 (after a checkpoint was saved); rerunning the stage with the same config and inputs must resume
@@ -14,8 +14,9 @@ import pytest
 import torch
 from test_policy import CFG, train_stage
 
-from workflow import lora, policy, scoring
-from workflow.snapshots import read_index
+from workflow.models import lora
+from workflow.models.snapshots import read_index
+from workflow.train import policy, scoring
 
 
 class Killed(KeyboardInterrupt):
@@ -111,7 +112,7 @@ def test_ppo_restarts_its_iteration(tiny_base, adapters, embedded_frames, tmp_pa
 def test_fingerprint_follows_config_inputs_and_code_but_not_plot_settings(tmp_path, monkeypatch):
     import os
 
-    from workflow import resume
+    from workflow.train import resume
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

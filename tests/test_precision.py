@@ -14,9 +14,10 @@ import torch
 import yaml
 from test_policy import CFG
 
-from workflow import policy, policy_trainers, runtime, scoring
-from workflow.models import FP32Head, load_policy, load_reward_model, load_sequence_classifier, load_tokenizer
+from workflow import runtime
+from workflow.models.loading import FP32Head, load_policy, load_reward_model, load_sequence_classifier, load_tokenizer
 from workflow.schema import SCHEMA
+from workflow.train import policy, policy_trainers, scoring
 
 # |score(bf16) - score(fp32)|: both load the frozen reward model in fp32 (0 measured on CPU; a bf16
 # reward model was off by up to 12% of the scores' spread, benchmarks/precision.py)
@@ -49,7 +50,7 @@ def test_precision_comes_from_the_job_config_with_the_schema_default(monkeypatch
 def test_lora_weights_and_heads_stay_fp32_on_a_bf16_base(set_precision, tiny_base, adapters):
     from peft import get_peft_model
 
-    from workflow.lora import lora_config
+    from workflow.models.lora import lora_config
 
     set_precision("bf16")
     tokenizer = load_tokenizer(tiny_base, "chat")
@@ -119,7 +120,7 @@ def test_rloo_first_update_ratio_is_one_under_bf16(set_precision, tiny_base, ada
 
 
 def test_reward_scores_under_bf16_match_fp32(set_precision, tiny_base, adapters, embedded_frames):
-    from workflow.scoring import reward_scores
+    from workflow.train.scoring import reward_scores
 
     rows = embedded_frames["test"].head(8)
     tokenizer = load_tokenizer(adapters["reward"], "chat")

@@ -130,7 +130,7 @@ def test_summary_names_the_outputs_whose_settings_changed(finished_run):
 
 
 def test_a_code_change_reruns_the_stages_that_run_it(finished_run):
-    module = finished_run[0].parent / "workflow" / "judges.py"  # run by collect_pairs and refine_reward
+    module = finished_run[0].parent / "workflow" / "judges" / "pairwise.py"  # run by collect_pairs and refine_reward
     original = module.read_text()
     try:
         module.write_text(original + "\n_EDITED = True\n")

@@ -66,8 +66,8 @@ def test_validation_fills_what_a_config_leaves_out():
 
 
 def test_optimiser_configs_take_their_defaults_from_the_schema():
-    from workflow.zopro_direction import ZOConfig
-    from workflow.zopro_guarded import GuardedConfig
+    from workflow.zo.direction import ZOConfig
+    from workflow.zo.guarded import GuardedConfig
 
     reference = CONFIG["zopro"]["reference"]
     assert ZOConfig().lr == ZOConfig.from_config({}, seed=0).lr == reference["learning_rate"]

@@ -13,10 +13,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from workflow.models import load_tokenizer, read_rows
-from workflow.reward import pairwise_accuracy, train_reward
-from workflow.sft import build_sft_trainer, train_sft
-from workflow.snapshots import load_snapshot, normalise_key, read_index
+from workflow.models.loading import load_tokenizer, read_rows
+from workflow.models.snapshots import load_snapshot, normalise_key, read_index
+from workflow.train.reward import pairwise_accuracy, train_reward
+from workflow.train.sft import build_sft_trainer, train_sft
 
 REPO = Path(__file__).resolve().parents[1]
 WMT = REPO.parent / "shared" / "data" / "wmt20-mlqe-en-de" / "dev.ende.df.short.tsv"
@@ -148,7 +148,7 @@ def test_sft_is_deterministic_on_cpu(tiny_base, rows, cfg, tmp_path):
 def test_mt_regression_reduces_loss(tiny_base, cfg, tmp_path):
     if not WMT.exists():
         pytest.skip(f"WMT20 MLQE sample not found at {WMT}")
-    from workflow.extract import extract
+    from workflow.data.extract import extract
 
     mt = extract("wmt20", "test", files={"test": str(WMT)})
     assert "score" in mt
@@ -172,7 +172,7 @@ def test_mt_regression_reduces_loss(tiny_base, cfg, tmp_path):
 
 
 def test_pairwise_accuracy_counts_ties_half(tiny_base, rows):
-    from workflow.models import load_sequence_classifier
+    from workflow.models.loading import load_sequence_classifier
 
     tokenizer = load_tokenizer(tiny_base, "chat")
     model = load_sequence_classifier(tiny_base, tokenizer.pad_token_id)

@@ -8,7 +8,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from workflow.snapshots import SnapshotCallback, load_snapshot, lora_state, normalise_key, read_index, save_snapshot
+from workflow.models.snapshots import (
+    SnapshotCallback,
+    load_snapshot,
+    lora_state,
+    normalise_key,
+    read_index,
+    save_snapshot,
+)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The multi-seed study target ``results/study/summary.csv`` (rules/study.smk, workflow/study.py):
+"""The multi-seed study target ``results/study/summary.csv`` (rules/study.smk, workflow/evaluation/study.py):
 the summary's numbers on hand-made tables, the nested runs' configs, and a tiny two-seed study run
 by Snakemake, after which one more seed plans only that seed."""
 
@@ -13,7 +13,7 @@ import yaml
 from smk import snakemake
 from test_loop_workflow import planned_jobs, ran_jobs, tiny_config, write_config
 
-from workflow.study import seed_config, study_table
+from workflow.evaluation.study import seed_config, study_table
 
 TARGET = "results/study/summary.csv"
 

@@ -34,7 +34,7 @@ Prose after, kept as it is.
 
 
 def write_method(results: Path, method: str, iterations: list[tuple[float, ...]]) -> None:
-    """``results/{method}/evaluation.csv`` as ``workflow.loop_eval.evaluation_table`` writes it: the
+    """``results/{method}/evaluation.csv`` as ``workflow.evaluation.loop_eval.evaluation_table`` writes it: the
     paired gains are the differences of the gold means (as for balanced paired samples) with the
     iteration's paired standard error (``PAIRED_SE`` or the tuple's fourth value)."""
     rows = [

@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from workflow import templates
+from workflow.data import templates
 
 SPECIALS = ["<s>", "<|im_end|>", "<pad>", "<|im_start|>", "<unk>"]
 WORDS = [
@@ -148,7 +148,7 @@ def plain_tokenizer(*, specials: list[str], eos: str, template: str | None = Non
 def test_a_tokenizer_without_chatml_tokens_ends_every_message_with_its_eos():
     """A base model's tokenizer (no template, no <|im_end|> token): the workflow's layout closed by the
     tokenizer's own EOS, a real special token, so that generation stops where an answer ends."""
-    from workflow.templates import template_end_ids
+    from workflow.data.templates import template_end_ids
 
     tokenizer = templates.prepare_tokenizer(plain_tokenizer(specials=[], eos="</s>"), "chat")
     assert "<|im_end|>" not in tokenizer.get_vocab() and tokenizer.eos_token == "</s>"

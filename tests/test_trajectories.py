@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from synthetic import write_stage
 
-from workflow import projections as proj
-from workflow import trajectories as tj
+from workflow.analysis import projections as proj
+from workflow.analysis import trajectories as tj
 
 SHAPES = {"layers.0.q.lora_A.weight": (3, 5), "layers.0.q.lora_B.weight": (5, 3), "layers.1.v.lora_A.weight": (2, 7)}
 
@@ -111,7 +111,7 @@ def test_embed_few_points():
 
 def test_reads_files_written_by_workflow_snapshots(tmp_path):
     torch = pytest.importorskip("torch")
-    snapshots = pytest.importorskip("workflow.snapshots")
+    snapshots = pytest.importorskip("workflow.models.snapshots")
     state = {"layers.0.q.lora_A.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
     snapshots.save_snapshot(state, tmp_path / "snapshots", 0)
     snapshots.save_snapshot({k: v + 1 for k, v in state.items()}, tmp_path / "snapshots", 5)

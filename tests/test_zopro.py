@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from workflow.zopro_direction import Direction, ZOConfig, decays, gamma_at, tensor_seed
-from workflow.zopro_engine import ZOEngine, ZOOptimizer
+from workflow.zo.direction import Direction, ZOConfig, decays, gamma_at, tensor_seed
+from workflow.zo.engine import ZOEngine, ZOOptimizer
 
 SHAPES = {
     "layers.0.q.lora_A.weight": (4, 16),
@@ -282,7 +282,7 @@ def test_state_save_restore_resumes_seed_gamma_and_accumulation(tmp_path):
 
 
 def test_load_direction_inputs(tmp_path):
-    from workflow.zopro import load_direction_inputs
+    from workflow.zo.trainer import load_direction_inputs
 
     pre = "base_model.model.model."
 
@@ -329,7 +329,7 @@ def _trainer(tiny_base, tmp_path, max_steps=2, dropout=0.1, two_sided=True, **ar
     from datasets import Dataset
     from trl import RLOOConfig
 
-    from workflow.zopro import ZOPrOTrainer
+    from workflow.zo.trainer import ZOPrOTrainer
 
     model, tok = _tiny_policy(tiny_base, dropout)
     prompts = [[{"role": "user", "content": f"say {w}"}] for w in ["yes", "no", "maybe", "hello"] * 4]
@@ -339,7 +339,7 @@ def _trainer(tiny_base, tmp_path, max_steps=2, dropout=0.1, two_sided=True, **ar
         return [float(len(c[0]["content"]) if isinstance(c, list) else len(c)) / 10 for c in completions]
 
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    from workflow.snapshots import normalise_key
+    from workflow.models.snapshots import normalise_key
 
     mu = {normalise_key(n): 0.01 * torch.randn_like(p) for n, p in named.items()}
     v = {k: torch.randn_like(t) for k, t in list(mu.items())[::2]}

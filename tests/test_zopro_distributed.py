@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from smk import pythonpath
 
-from workflow.zopro_direction import ZOConfig
-from workflow.zopro_engine import ZOEngine
+from workflow.zo.direction import ZOConfig
+from workflow.zo.engine import ZOEngine
 
 STEPS = 4
 
@@ -85,8 +85,8 @@ def _trainer_main(base: str, out: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import RLOOConfig
 
-    from workflow.snapshots import lora_state
-    from workflow.zopro import ZOConfig, ZOPrOTrainer
+    from workflow.models.snapshots import lora_state
+    from workflow.zo.trainer import ZOConfig, ZOPrOTrainer
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base)

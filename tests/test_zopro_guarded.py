@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from workflow import runtime
-from workflow.zopro_guarded import MOMENTUM_GRID, GuardedConfig, GuardedEngine
+from workflow.zo.guarded import MOMENTUM_GRID, GuardedConfig, GuardedEngine
 
 SHAPES = {"q.lora_A.weight": (4, 16), "q.lora_B.weight": (16, 4), "v.lora_A.weight": (4, 16)}
 
@@ -149,7 +149,7 @@ def _directional_error(model, batch, z: list[torch.Tensor], eps: float, autocast
 def test_finite_differences_match_autograd_on_a_bf16_base(bf16_precision, tiny_base, adapters, embedded_frames):
     """The guarded variant's fp32 computation resolves its probes on a bf16 base (within 5%); bf16
     autocast, the trainer's mixed-precision path, does not."""
-    from workflow.models import fp32_compute, load_policy, load_tokenizer
+    from workflow.models.loading import fp32_compute, load_policy, load_tokenizer
 
     tokenizer = load_tokenizer(tiny_base, "chat")
     rows = embedded_frames["train"].head(16)

@@ -126,7 +126,7 @@ def reading(path: str | os.PathLike, what: str) -> Iterator[None]:
         ) from err
 
 
-SNAPSHOT_INDEX = "index.csv"  # the snapshot index of a snapshots folder (workflow/snapshots.py)
+SNAPSHOT_INDEX = "index.csv"  # the snapshot index of a snapshots folder (workflow/models/snapshots.py)
 
 
 def read_snapshot_index(directory: str | os.PathLike) -> pd.DataFrame:

@@ -8,9 +8,9 @@ trigger reruns a stage, and everything downstream of it, when either changes:
   :class:`workflow.job.Job` hands the stage these settings as its ``config``, so a stage cannot read
   a value that the DAG does not see.
 * ``code``: :func:`code_hash`, a hash of the stage's module and of every ``workflow`` module it
-  imports, transitively (function-level imports included). It hashes the syntax tree without
-  docstrings, so an edit of a comment, a docstring or the layout reruns nothing; any other edit
-  reruns every stage that runs that code. (Snakemake's own ``code`` trigger only sees the two-line
+  imports, transitively (function-level imports included), with the packages above them. It
+  hashes the syntax tree without docstrings, so an edit of a comment, a docstring or the layout
+  reruns nothing; any other edit reruns every stage that runs that code. (Snakemake's own ``code`` trigger only sees the two-line
   ``scripts/``.)
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,12 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+def _with_packages(modules: Iterable[str]) -> set[str]:
+    """``modules`` and the packages above them (importing ``workflow.train.policy`` runs
+    ``workflow/__init__.py`` and ``workflow/train/__init__.py``)."""
+    return {m.rsplit(".", i)[0] for m in modules for i in range(m.count(".") + 1)}
+
+
 def _imports(tree: ast.AST) -> set[str]:
     """``workflow`` modules imported anywhere in ``tree``."""
     found = set()
@@ -71,7 +78,7 @@ def _imports(tree: ast.AST) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)  # from workflow import io
-    return {m for m in found if _module_file(m) is not None}
+    return {m for m in _with_packages(found) if _module_file(m) is not None}
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
@@ -97,9 +104,10 @@ def _parsed(module: str) -> tuple[str, frozenset[str]]:
 
 
 def code_modules(*modules: str) -> list[str]:
-    """``modules`` and every ``workflow`` module they import, transitively, sorted."""
+    """``modules`` and every ``workflow`` module they import, transitively, with the packages above
+    them, sorted."""
     seen: set[str] = set()
-    todo = [m for m in modules if _module_file(m) is not None]
+    todo = [m for m in _with_packages(modules) if _module_file(m) is not None]
     missing = [m for m in modules if _module_file(m) is None]
     if missing:
         raise ValueError(f"no module {missing[0]!r} under {ROOT}")

@@ -1,0 +1,1 @@
+"""Data: the dataset registry and row builders, extraction, the embedded task, chat templates, row accounting."""

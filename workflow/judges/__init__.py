@@ -1,0 +1,1 @@
+"""Judges: pairwise preference judges and the pairs stage that collects judged pairs."""

@@ -1,0 +1,1 @@
+"""Models: loading tokenizers, policies and reward models, LoRA adapters, adapter snapshots, the tiny base model."""
