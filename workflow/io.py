@@ -15,6 +15,7 @@ import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -148,3 +149,13 @@ def read_snapshot_index(directory: str | os.PathLike) -> pd.DataFrame:
 def as_paths(value: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """A rule input that is one path or a list of paths, as a list of strings."""
     return [str(value)] if isinstance(value, (str, os.PathLike)) else [str(v) for v in value]
+
+
+def subprocess_stream(stream: Any) -> Any:
+    """``stream`` as a subprocess's stdout or stderr when it is backed by a file descriptor (a job's
+    log file), else None: the child inherits the parent's (pytest's captured streams have none)."""
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return stream

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from workflow import runtime
+from workflow.io import subprocess_stream
 from workflow.schema import setting
 
 # Config keys every job gets besides its settings, and which are not rerun triggers: where caches
@@ -181,18 +182,11 @@ def _launch_distributed(job: Job, target: str, processes: int) -> None:
     # accelerate join them with gloo rather than give each a GPU that may not exist
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if job.gpus == 0 else None
     try:
-        subprocess.run(cmd, check=True, stdout=_fd_or_none(sys.stdout), stderr=_fd_or_none(sys.stderr), env=env)
+        subprocess.run(
+            cmd, check=True, stdout=subprocess_stream(sys.stdout), stderr=subprocess_stream(sys.stderr), env=env
+        )
     finally:
         os.unlink(spec.name)
-
-
-def _fd_or_none(stream: Any) -> Any:
-    """``stream`` when it is backed by a file descriptor (a log file), else inherit the parent's."""
-    try:
-        stream.fileno()
-    except (AttributeError, OSError, ValueError):
-        return None
-    return stream
 
 
 def run_script(smk: Any, target: str) -> Any:

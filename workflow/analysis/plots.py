@@ -198,68 +198,42 @@ def plot_html(res: dict[str, Any], method: str, path: Path, opts: dict[str, Any]
 
     emb = res["embeddings"][(method, 3)]
     fig = go.Figure()
+
+    def trace(points: np.ndarray, **style: Any) -> None:
+        fig.add_trace(go.Scatter3d(x=points[:, 0], y=points[:, 1], z=points[:, 2], **style))
+
     for name, traj in res["trajectories"].items():
         y = emb[name]
         c = COLOURS[name].replace("tab:", "")
         hover = [f"{name} iteration {i}, step {s}" for i, s in zip(traj.iteration, traj.steps)]
-        fig.add_trace(
-            go.Scatter3d(
-                x=y[:, 0],
-                y=y[:, 1],
-                z=y[:, 2],
-                mode="lines+markers",
-                name=name,
-                text=hover,
-                hoverinfo="text",
-                line=dict(color=c, width=4),
-                marker=dict(size=2, color=c),
-            )
+        trace(
+            y,
+            mode="lines+markers",
+            name=name,
+            text=hover,
+            hoverinfo="text",
+            line=dict(color=c, width=4),
+            marker=dict(size=2, color=c),
         )
-        fig.add_trace(
-            go.Scatter3d(
-                x=y[[0], 0],
-                y=y[[0], 1],
-                z=y[[0], 2],
-                mode="markers",
-                name=f"{name} start",
-                marker=dict(size=7, color="white", line=dict(color=c, width=3)),
-            )
+        trace(
+            y[[0]],
+            mode="markers",
+            name=f"{name} start",
+            marker=dict(size=7, color="white", line=dict(color=c, width=3)),
         )
-        fig.add_trace(
-            go.Scatter3d(
-                x=y[[-1], 0],
-                y=y[[-1], 1],
-                z=y[[-1], 2],
-                mode="markers",
-                name=f"{name} end",
-                marker=dict(size=8, color=c, symbol="diamond"),
-            )
-        )
+        trace(y[[-1]], mode="markers", name=f"{name} end", marker=dict(size=8, color=c, symbol="diamond"))
         b = traj.boundaries[1:]
         if b:
-            fig.add_trace(
-                go.Scatter3d(
-                    x=y[b, 0],
-                    y=y[b, 1],
-                    z=y[b, 2],
-                    mode="markers+text",
-                    text=[f"{name[0]}{i}" for i in range(1, len(b) + 1)],
-                    name=f"{name} iteration starts",
-                    marker=dict(size=5, color=c, symbol="square"),
-                )
+            trace(
+                y[b],
+                mode="markers+text",
+                text=[f"{name[0]}{i}" for i in range(1, len(b) + 1)],
+                name=f"{name} iteration starts",
+                marker=dict(size=5, color=c, symbol="square"),
             )
         ext = extrapolation(y, int(opts.get("extrapolate") or 0))
         if ext is not None:
-            fig.add_trace(
-                go.Scatter3d(
-                    x=ext[:, 0],
-                    y=ext[:, 1],
-                    z=ext[:, 2],
-                    mode="lines",
-                    name=f"{name} extrapolation",
-                    line=dict(color=c, width=3, dash="dash"),
-                )
-            )
+            trace(ext, mode="lines", name=f"{name} extrapolation", line=dict(color=c, width=3, dash="dash"))
     fig.update_layout(
         title=_title(opts, method, label),
         height=750,

@@ -104,15 +104,6 @@ def _as_list(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
-def _stream(handle: Any) -> Any:
-    """``handle`` when it has a file descriptor (the job's log), else None (inherit the parent's)."""
-    try:
-        handle.fileno()
-    except (AttributeError, OSError, ValueError):
-        return None
-    return handle
-
-
 def run_seed(job: Job) -> None:
     """Stage function of ``study_seed``: write the seed's config and run the nested Snakemake.
 
@@ -124,7 +115,7 @@ def run_seed(job: Job) -> None:
     """
     import yaml
 
-    from workflow.io import atomic_path
+    from workflow.io import atomic_path, subprocess_stream
 
     seed, workdir = int(job.wildcards["seed"]), Path(job.params["workdir"])
     config = seed_config(job.config, seed, Path.cwd())
@@ -149,7 +140,7 @@ def run_seed(job: Job) -> None:
     ]
     print(f"seed {seed}: {' '.join(cmd)}", flush=True)
     sys.stderr.flush()
-    done = subprocess.run(cmd, stdout=_stream(sys.stdout), stderr=subprocess.STDOUT)
+    done = subprocess.run(cmd, stdout=subprocess_stream(sys.stdout), stderr=subprocess.STDOUT)
     if done.returncode:
         raise RuntimeError(
             f"seed {seed}: the nested Snakemake run in {workdir} failed (exit {done.returncode}); "

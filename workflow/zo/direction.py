@@ -92,17 +92,7 @@ class ZOConfig:
     def from_config(cls, reference: Mapping[str, Any], seed: int) -> ZOConfig:
         """From config section ``zopro.reference`` (keys it lacks at the schema's defaults)."""
         ref = {**section({}, "zopro.reference"), **reference}
-        return cls(
-            lr=float(ref["learning_rate"]),
-            eps=float(ref["eps"]),
-            gamma_start=float(ref["gamma_start"]),
-            gamma_schedule=str(ref["gamma_schedule"]),
-            n_perturbations=int(ref["n_perturbations"]),
-            two_sided=bool(ref["two_sided"]),
-            known_base=bool(ref["known_base"]),
-            weight_decay=float(ref["weight_decay"]),
-            seed=int(seed),
-        )
+        return cls(lr=float(ref.pop("learning_rate")), seed=int(seed), **ref)
 
 
 def gamma_at(schedule: str, gamma_start: float, step: int, total_steps: int | None) -> float:

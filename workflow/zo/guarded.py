@@ -83,16 +83,8 @@ class GuardedConfig:
     def from_config(cls, config: Mapping[str, Any], seed: int | None = None) -> GuardedConfig:
         """From the whole config (keys it lacks at the schema's defaults); ``seed`` defaults to config ``seed``."""
         zo = section(config, "zopro")
-        return cls(
-            step_size=float(zo["step_size"]),
-            eps=float(zo["eps"]),
-            n_perturbations=int(zo["n_perturbations"]),
-            updates_per_batch=int(zo["updates_per_batch"]),
-            momentum_kl=float(zo["momentum_kl"]),
-            momentum_prompts=int(zo["momentum_prompts"]),
-            known_base=bool(zo["known_base"]),
-            seed=int(setting(config, "seed") if seed is None else seed),
-        )
+        fields = {f.name for f in dataclasses.fields(cls)} - {"seed"}
+        return cls(**{name: zo[name] for name in fields}, seed=int(setting(config, "seed") if seed is None else seed))
 
 
 @dataclasses.dataclass
