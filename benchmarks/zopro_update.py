@@ -437,9 +437,19 @@ def main(argv=None) -> None:
     ap.add_argument("--full", action="store_true", help="also a full iteration: generation + scoring + update")
     ap.add_argument("--cpu", action="store_true", help="force CPU even with a GPU")
     ap.add_argument("--out", default="results/benchmarks/zopro_update.json", help="JSON path; a .csv is written beside")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the arguments, print the plan and the parameter counts (model built on the meta device); run nothing",
+    )
     ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--phase", choices=["update", "full", "interleaved"], default="update", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.dry_run:
+        _, n_params, n_lora = build(args.size, args.r, 0, "meta", args.dtype)
+        plan = {"size": args.size, "params_base": n_params, "params_lora": n_lora, "methods": list(METHODS)}
+        print(json.dumps({**plan, "phases": ["update", "full"] if args.full else ["update"], "out": args.out}))
+        return
     if args.worker:
         print(json.dumps(interleaved_times(args) if args.phase == "interleaved" else worker(args)))
         return

@@ -114,7 +114,28 @@ def main() -> None:
         help="the run's training seed (default: config.yaml's; a study seed's folder needs its own)",
     )
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/zopro_variants.csv"))
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check RUN_DIR's prefix and print each variant's overlay; run nothing"
+    )
     args = parser.parse_args()
+    missing = [part for part in PREFIX if not (args.run_dir / part).is_dir()]
+    if missing:
+        raise SystemExit(
+            f"{args.run_dir} lacks {', '.join(missing)}: run .venv/bin/snakemake --cores all "
+            "results/rloo/iter_1/reward/metrics.csv there first"
+        )
+    if args.dry_run:
+        from snakemake.utils import update_config, validate
+
+        from workflow.schema import SCHEMA
+
+        for name in args.variants:
+            config = yaml.safe_load((REPO / "config.yaml").read_text())
+            update_config(config, VARIANTS[name])
+            validate(config, str(SCHEMA))  # the overlay is a valid config
+            print(f"{name}: {yaml.safe_dump(VARIANTS[name], default_flow_style=True).strip()}")
+        print(f"{args.seeds} sampling seeds; table -> {args.out}")
+        return
     from workflow import runtime
     from workflow.evaluation.generate import paired_difference
 
