@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workflow.models.loading import answer_text
+from workflow.data.chat import answer_text
 
 # the answer columns each kind of stage reads
 ANSWERS = {"prompts": (), "sft": ("chosen",), "pairs": ("chosen", "rejected"), "scores": ("chosen", "rejected")}

@@ -33,3 +33,11 @@ def conversation_text(prompt: str | Iterable[dict[str, str]]) -> str:
     """Plain-text rendering of a conversation (``Human: ...`` lines), for tokenizers without a chat
     template and for a judge's question."""
     return "\n".join(f"{ROLE_NAMES.get(m['role'], m['role'])}: {m['content']}" for m in as_messages(prompt))
+
+
+def answer_text(answer: str | Iterable[dict[str, str]]) -> str:
+    """Text of an answer: a string, or the concatenated contents of its messages (a trl completion,
+    a row's ``chosen`` or ``rejected``)."""
+    if isinstance(answer, str):
+        return answer
+    return "".join(str(m["content"]) for m in answer)

@@ -168,11 +168,6 @@ def read_rows(path: str, columns: Sequence[str] = ROW_COLUMNS) -> pd.DataFrame:
     return rows.reset_index(drop=True)
 
 
-def answer_text(answer: list[dict[str, str]]) -> str:
-    """Concatenated content of answer messages."""
-    return "".join(m["content"] for m in answer)
-
-
 def has_scores(rows: pd.DataFrame) -> bool:
     """True when ``rows`` carry a usable numeric ``score`` column (e.g. MT direct assessment)."""
     return "score" in rows and bool(np.isfinite(rows["score"].to_numpy(dtype=float)).any())

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workflow.data.chat import as_messages, conversation_text, last_user_text
+from workflow.data.chat import answer_text, as_messages, conversation_text, last_user_text
 from workflow.schema import setting
 
 
@@ -75,13 +75,6 @@ def reward_scores(
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def completion_text(completion: Any) -> str:
-    """Text of a trl completion (a string or a list of assistant messages)."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(str(m["content"]) for m in completion)
-
-
 class RewardFunction:
     """Reward callable for trl: LoRA reward model scores, NaN check, rollout recording."""
 
@@ -125,7 +118,7 @@ class RewardFunction:
         return scores
 
     def __call__(self, prompts, completions, step: int | None = None, **kwargs) -> list[float]:
-        texts = [completion_text(c) for c in completions]
+        texts = [answer_text(c) for c in completions]
         scores = self.score(prompts, texts)
         state = kwargs.get("trainer_state")
         step = int(getattr(state, "global_step", 0)) if state is not None else (step or 0)
