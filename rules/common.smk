@@ -1,6 +1,6 @@
 # Paths and input functions shared by every stage. The results layout is documented in README.md.
 from workflow.rerun import code_hash, stage_settings
-from workflow.schema import METHODS, ZO_METHODS
+from workflow.schema import METHODS, ZO_METHODS, setting
 
 # ZOPrO methods share rloo's iteration 0 (the same job: same seed and settings) and the reward
 # model refined from it (reward model 1)
@@ -23,7 +23,7 @@ def data_path(split):
 
 def builds_base_model():
     """True when no real model is configured and the tiny embedded model is built."""
-    return not config["model"].get("name")
+    return not setting(config, "model.name")
 
 
 def base_inputs():
@@ -56,11 +56,10 @@ def reward_dir(method, i):
 
 def train_resources():
     """Resources of a training job (the SLURM profile overrides them per rule)."""
-    res = config.get("resources", {})
     return dict(
-        mem_mb=res.get("train_mem_mb", 4000),
-        runtime=res.get("train_runtime", 60),
-        gpu=res.get("gpus", 0),
+        mem_mb=setting(config, "resources.train_mem_mb"),
+        runtime=setting(config, "resources.train_runtime"),
+        gpu=setting(config, "resources.gpus"),
     )
 
 
@@ -104,13 +103,13 @@ def base_model_param(wildcards, input):
 # Extraction (rules/data.smk)
 def _dataset_option(wildcards, key):
     """``dataset.<key>`` when ``wildcards.dataset`` is the configured dataset, else None."""
-    section = config.get("dataset") or {}
-    return section.get(key) if wildcards.dataset == section.get("name") else None
+    own = wildcards.dataset == setting(config, "dataset.name")
+    return setting(config, f"dataset.{key}") if own else None
 
 
 def _split_file(wildcards):
     """The local file configured for this split (``dataset.files.<split>``), or None."""
-    return (_dataset_option(wildcards, "files") or {}).get(wildcards.split)
+    return _dataset_option(wildcards, f"files.{wildcards.split}")
 
 
 def _extract_inputs(wildcards):
@@ -122,7 +121,7 @@ def _extract_inputs(wildcards):
 def _embedded_rows(wildcards):
     if wildcards.dataset != "embedded":
         return None
-    return (config.get("embedded") or {}).get(f"{wildcards.split}_rows")
+    return setting(config, f"embedded.{wildcards.split}_rows")
 
 
 # Plots (rules/plots.smk)

@@ -1,6 +1,6 @@
 # Input functions and constants of rules/study.smk (kept apart: Snakemake lint wants rules and
 # functions in separate files).
-STUDY_SEEDS = [int(s) for s in config.get("study", {}).get("seeds", [config["seed"]])]
+STUDY_SEEDS = [int(s) for s in setting(config, "study.seeds")]
 STUDY_METHODS = list(config["loop"]["methods"])
 
 
