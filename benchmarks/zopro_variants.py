@@ -1,8 +1,10 @@
-"""ZOPrO iteration 1 under several settings, each compared paired with the iteration-0 policy it starts from.
+"""ZOPrO iteration 1 (``--iterations 1 2``: and 2) under several settings, each compared paired with
+the iteration-0 policy it starts from.
 
 Needs a finished run's prefix in RUN_DIR (data, base model, SFT, reward model 0, rloo's iteration 0
 and reward model 1: ``.venv/bin/snakemake --cores all results/rloo/iter_1/reward/metrics.csv``).
-For every variant the real ``train_policy`` stage of ``zorloo`` iteration 1 runs in its own folder
+For every variant the real ``train_policy`` stages of ``zorloo`` (with the pairs and refined reward
+models between them) run in its own folder
 ``RUN_DIR/zopro_variants/<name>`` (a copy of that prefix, Snakemake with the variant's overlay),
 then each policy answers the evaluation prompts with ``--seeds`` sampling seeds and the gold gain
 over the iteration-0 policy is paired over (prompt, seed) units (:func:`workflow.evaluation.generate.paired_difference`).
@@ -36,6 +38,10 @@ VARIANTS: dict[str, dict] = {
     "momentum_kl 2.0": {"zopro": {"momentum_kl": 2.0}},
     "updates_per_batch 16": {"zopro": {"updates_per_batch": 16}},
     "reference (the paper's)": {"zopro": {"variant": "reference"}},
+    "carry KL coefficient": {"zopro": {"carry_kl_coef": True}},
+    "carry, updates_per_batch 16, step_size 2e-4": {
+        "zopro": {"carry_kl_coef": True, "updates_per_batch": 16, "step_size": 2e-4}
+    },
 }
 PREFIX = [
     "results/data",
@@ -46,13 +52,18 @@ PREFIX = [
     "results/rloo/iter_1/reward",
 ]
 ITERATION_0 = "results/rloo/iter_0/policy/adapter"
-ITERATION_1 = "results/zorloo/iter_1/policy/adapter"
 
 
-def train_variant(run_dir: Path, name: str, overlay: dict, cores: str, seed: int) -> Path:
-    """Run zorloo's iteration-1 policy stage with ``overlay`` and ``seed`` in its own folder; returns the folder."""
-    folder = run_dir / "zopro_variants" / name.replace(" ", "_").replace("(", "").replace(")", "").replace("'", "")
-    if not (folder / ITERATION_1).exists():
+def policy_adapter(iteration: int) -> str:
+    """zorloo's policy adapter of ``iteration`` (iteration 0 is rloo's)."""
+    return ITERATION_0 if iteration == 0 else f"results/zorloo/iter_{iteration}/policy/adapter"
+
+
+def train_variant(run_dir: Path, name: str, overlay: dict, cores: str, seed: int, last: int) -> Path:
+    """Run zorloo's policy stages up to iteration ``last`` (with their pairs and refined reward
+    models) with ``overlay`` and ``seed`` in the variant's own folder; returns the folder."""
+    folder = run_dir / "zopro_variants" / "".join(c for c in name.replace(" ", "_") if c.isalnum() or c in "_.-")
+    if not (folder / policy_adapter(last)).exists():
         for part in PREFIX:
             if not (folder / part).exists():
                 shutil.copytree(run_dir / part, folder / part)
@@ -67,7 +78,7 @@ def train_variant(run_dir: Path, name: str, overlay: dict, cores: str, seed: int
             str(folder),
             "--cores",
             cores,
-            ITERATION_1,
+            policy_adapter(last),
             "--rerun-triggers",
             "mtime",
             "--configfile",
@@ -113,6 +124,9 @@ def main() -> None:
         default=None,
         help="the run's training seed (default: config.yaml's; a study seed's folder needs its own)",
     )
+    parser.add_argument(
+        "--iterations", nargs="+", type=int, default=[1], help="zorloo iterations to train and compare (default 1)"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/zopro_variants.csv"))
     parser.add_argument(
         "--dry-run", action="store_true", help="check RUN_DIR's prefix and print each variant's overlay; run nothing"
@@ -147,28 +161,31 @@ def main() -> None:
     reference = evaluate_adapter(args.run_dir, args.run_dir / ITERATION_0, cfg)
     rows = []
     for name in args.variants:
-        overlay = VARIANTS[name]
-        folder = train_variant(args.run_dir, name, overlay, args.cores, int(cfg["seed"]))
-        metrics = pd.read_csv(folder / "results/zorloo/iter_1/policy/metrics.csv")
-        gain, stderr = paired_difference(evaluate_adapter(args.run_dir, folder / ITERATION_1, cfg), reference)
-        alpha = metrics["zo/momentum_alpha"].dropna() if "zo/momentum_alpha" in metrics else pd.Series(dtype=float)
-        rows.append(
-            {
-                "variant": name,
-                "gold_gain_vs_iteration_0": gain,
-                "gold_gain_stderr": stderr,
-                "momentum_alpha": float(alpha.iloc[0]) if len(alpha) else float("nan"),
-                "stage_runtime_s": float(metrics["runtime_s"].dropna().iloc[-1]),
-            }
-        )
-        print(rows[-1], flush=True)
+        folder = train_variant(args.run_dir, name, VARIANTS[name], args.cores, int(cfg["seed"]), max(args.iterations))
+        for i in args.iterations:
+            metrics = pd.read_csv(folder / Path(policy_adapter(i)).parent / "metrics.csv")
+            gain, stderr = paired_difference(evaluate_adapter(args.run_dir, folder / policy_adapter(i), cfg), reference)
+            alpha = metrics["zo/momentum_alpha"].dropna() if "zo/momentum_alpha" in metrics else pd.Series(dtype=float)
+            rows.append(
+                {
+                    "variant": name,
+                    "iteration": i,
+                    "gold_gain_vs_iteration_0": gain,
+                    "gold_gain_stderr": stderr,
+                    "momentum_alpha": float(alpha.iloc[0]) if len(alpha) else float("nan"),
+                    "stage_runtime_s": float(metrics["runtime_s"].dropna().iloc[-1]),
+                }
+            )
+            print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
-    print("| variant | gold gain over iteration 0 | momentum alpha | stage s |\n| --- | --- | --- | --- |")
+    print(
+        "| variant | iteration | gold gain over iteration 0 | momentum alpha | stage s |\n| --- | --- | --- | --- | --- |"
+    )
     for r in rows:
         print(
-            f"| {r['variant']} | {r['gold_gain_vs_iteration_0']:+.3f} ± {r['gold_gain_stderr']:.3f} | "
+            f"| {r['variant']} | {r['iteration']} | {r['gold_gain_vs_iteration_0']:+.3f} ± {r['gold_gain_stderr']:.3f} | "
             f"{r['momentum_alpha']:.3f} | {r['stage_runtime_s']:.0f} |"
         )
 

@@ -49,6 +49,31 @@ def test_zeroth_order_stages_keep_the_configured_coefficient(tmp_path):
     assert policy_trainers.kl_controller("rloo", cfg, str(tmp_path / "adapter")) is not None
 
 
+def test_guarded_stage_can_carry_the_previous_coefficient_fixed(tmp_path):
+    """``zopro.carry_kl_coef``: the guarded variant keeps the coefficient the previous iteration
+    ended with, whatever its KL, and logs it for the next iteration; the paper's variant does not."""
+    from types import SimpleNamespace
+
+    previous = tmp_path / "iter_0" / "policy"
+    previous.mkdir(parents=True)
+    pd.DataFrame({"step": [1, 2], "kl_coef": [0.1, 0.3]}).to_csv(previous / "metrics.csv", index=False)
+    cfg = copy.deepcopy(CFG)
+    cfg["policy"].update(kl_target=1.0, kl_horizon=2)
+    cfg["zopro"]["carry_kl_coef"] = True
+    adapter = str(previous / "adapter")
+    assert policy_trainers.kl_controller("zopro", cfg, adapter, "reference") is None
+    callback = policy_trainers.kl_controller("zopro", cfg, adapter, "guarded")
+    trainer = _Trainer(SimpleNamespace(beta=cfg["policy"]["kl_coef"]))
+    callback.bind(trainer)
+    assert trainer.beta == 0.3
+    for kl in (0.0, 50.0):
+        state = SimpleNamespace(log_history=[{"kl": kl, "completions/mean_length": 8}])
+        callback.on_log(None, state, None, logs=state.log_history[-1])
+        assert trainer.beta == 0.3 and state.log_history[-1]["kl_coef"] == 0.3
+    cfg["zopro"]["carry_kl_coef"] = False
+    assert policy_trainers.kl_controller("zopro", cfg, adapter, "guarded") is None
+
+
 @pytest.mark.parametrize("method", ["rloo", "ppo", "dpo"])
 def test_stage_steers_the_coefficient(method, tiny_base, adapters, embedded_frames, tmp_path, set_precision):
     """Every logged coefficient is the controller's update of the one before with that step's KL,

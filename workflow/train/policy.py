@@ -180,7 +180,7 @@ def train_policy(
             PolicySnapshotCallback(cfg["snapshots"]["every"], state.snapshots),
             state.callback(reward_fn.samples),
         ]
-        kl_control = kl_controller(kind, cfg, prev_adapter)
+        kl_control = kl_controller(kind, cfg, prev_adapter, zopro_variant(method, cfg) if zo else None)
         if kl_control is not None:
             callbacks.append(kl_control)
         built = BUILDERS[kind](

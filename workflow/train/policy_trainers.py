@@ -323,17 +323,24 @@ def kl_coefficient(kind: str, cfg: dict[str, Any]) -> float:
     return float(pcfg["kl_coef"])
 
 
-def kl_controller(kind: str, cfg: dict[str, Any], prev_adapter: str):
+def kl_controller(kind: str, cfg: dict[str, Any], prev_adapter: str, variant: str | None = None):
     """The adaptive KL callback of a stage (``policy.kl_target`` set), starting from the previous
-    iteration's last coefficient; else None."""
+    iteration's last coefficient; else None. A ZOPrO stage (``kind`` zopro) never steers its
+    coefficient; with ``zopro.carry_kl_coef`` the guarded variant keeps the previous iteration's
+    last one, fixed (floor = ceiling), and logs it so that the next iteration carries it on."""
     from workflow.train.kl_control import AdaptiveKLCallback, KLTarget, previous_coefficient
 
     pcfg = section(cfg, "policy")
-    if pcfg["kl_target"] is None or kind == "zopro":
-        # ZOPrO keeps policy.kl_coef fixed: a zeroth-order policy cannot answer a growing
-        # coefficient fast enough, and the controller grew it by 1.5x per step (beta 1e7 after 40
-        # steps, advantages swamped by the penalty); the guarded variant bounds its moves itself
+    if pcfg["kl_target"] is None:
         return None
+    if kind == "zopro":
+        # a zeroth-order policy cannot answer a growing coefficient fast enough: the controller grew
+        # it by 1.5x per step (beta 1e7 after 40 steps, advantages swamped by the penalty)
+        if variant != "guarded" or not setting(cfg, "zopro.carry_kl_coef"):
+            return None
+        start = previous_coefficient(Path(prev_adapter).parent, kl_coefficient(kind, cfg))
+        fixed = KLTarget(float(pcfg["kl_target"]), float(pcfg["kl_horizon"]), floor=start, ceiling=start)
+        return AdaptiveKLCallback(fixed, start)
     initial = kl_coefficient(kind, cfg)
     if initial <= 0:
         own = f"policy.{OWN_KL_KEY[kind]} / " if kind in OWN_KL_KEY else ""
