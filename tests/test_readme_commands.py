@@ -48,6 +48,9 @@ WHERE = {
     ".venv/bin/python benchmarks/zopro_variants.py . --seeds 3 --cores 1 --out results/benchmarks/zopro_variants.csv": (
         "dry-run"
     ),
+    ".venv/bin/python benchmarks/zopro_variants.py . --seeds 3 --cores 1 --iterations 1 2 --variants "
+    "'guarded (default)' 'carry KL coefficient' 'carry, updates_per_batch 16, step_size 2e-4' "
+    "--out results/benchmarks/zopro_carry.csv": "dry-run",
     ".venv/bin/python benchmarks/zopro_update.py --reps 5 --out results/device/zopro_default.json": "dry-run",
     ".venv/bin/python benchmarks/zopro_update.py --size 1b --batch 16 --prompt-len 256 --completion-len 256 "
     "--reps 3 --out results/device/zopro_1b.json": "dry-run",
@@ -120,8 +123,13 @@ def test_benchmark_commands_check_their_arguments_and_plan(command, tmp_path):
         plan = json.loads(done.stdout.strip().splitlines()[-1])
         expected = {"default": (105_788_160, 933_888), "1b": (1_498_482_688, 5_636_096)}
         assert (plan["params_base"], plan["params_lora"]) == expected["1b" if "--size 1b" in command else "default"]
-    else:
-        assert "reference (the paper's)" in done.stdout
+    else:  # every variant the command names (all of them by default) is listed, its overlay validated
+        named = (
+            args[args.index("--variants") + 1 : args.index("--out")]
+            if "--variants" in args
+            else ["reference (the paper's)"]
+        )
+        assert all(f"{name}:" in done.stdout for name in named) and "sampling seeds" in done.stdout
 
 
 def test_benchmark_dry_run_names_a_missing_run_prefix(tmp_path):
