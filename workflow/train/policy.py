@@ -166,6 +166,7 @@ def train_policy(
     )
     zo = method in ZO_METHODS and int(iteration) >= 1
     kind = "zopro" if zo else ("rloo" if method in ZO_METHODS else method)
+    variant = zopro_variant(method, cfg) if zo else None
     inputs = [prev_adapter, sft_adapter, reward_adapter, *(direction_inputs or {}).values()]
     start = time.time()
     with atomic_dir(out / "snapshots") as snaps, atomic_dir(out / "adapter") as adapter:
@@ -180,7 +181,7 @@ def train_policy(
             PolicySnapshotCallback(cfg["snapshots"]["every"], state.snapshots),
             state.callback(reward_fn.samples),
         ]
-        kl_control = kl_controller(kind, cfg, prev_adapter, zopro_variant(method, cfg) if zo else None)
+        kl_control = kl_controller(kind, cfg, prev_adapter, variant)
         if kl_control is not None:
             callbacks.append(kl_control)
         built = BUILDERS[kind](
@@ -195,7 +196,7 @@ def train_policy(
                 callbacks,
                 base_path,
                 sft_adapter,
-                variant=zopro_variant(method, cfg) if zo else None,
+                variant=variant,
                 direction_inputs=direction_inputs,
             )
         )
@@ -218,7 +219,7 @@ def train_policy(
             "method": method,
             "iteration": int(iteration),
             "trainer": kind,
-            **({"zopro_variant": zopro_variant(method, cfg)} if zo else {}),
+            **({"zopro_variant": variant} if zo else {}),
             "prompts": len(prompts),
             "steps": steps,
             "resumed_from_step": state.step,
