@@ -1,5 +1,7 @@
 """ZOPrO iteration 1 (``--iterations 1 2``: and 2) under several settings, each compared paired with
-the iteration-0 policy it starts from.
+the iteration-0 policy it starts from and, where the run has them, with SFT and rloo's policy of
+the same iteration (issue 11's criterion: the last iteration beats iteration 0 by more than 2
+paired standard errors and gains at least 0.8x rloo's gain over SFT).
 
 Needs a finished run's prefix in RUN_DIR (data, base model, SFT, reward model 0, rloo's iteration 0
 and reward model 1: ``.venv/bin/snakemake --cores all results/rloo/iter_1/reward/metrics.csv``).
@@ -17,6 +19,7 @@ A study seed's chain (``results/study/seed_<s>``) is compared with ``--seed <s>`
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import subprocess
@@ -30,18 +33,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # name -> overlay of config.yaml (the default is the guarded variant as configured)
+PREVIOUS_DEFAULT = {"carry_kl_coef": False, "updates_per_batch": 8, "step_size": 1e-4}
 VARIANTS: dict[str, dict] = {
     "guarded (default)": {},
+    "carried coefficient uncapped (kl_coef_max null)": {"zopro": {"kl_coef_max": None}},
+    "no carried coefficient (policy.kl_coef)": {"zopro": {"carry_kl_coef": False}},
+    "updates_per_batch 8, step_size 1e-4": {"zopro": {"updates_per_batch": 8, "step_size": 1e-4}},
+    "previous default (no carry, 8 updates of 1e-4)": {"zopro": PREVIOUS_DEFAULT},
     "momentum step only": {"zopro": {"step_size": 1e-9, "updates_per_batch": 1, "n_perturbations": 1}},
     "exploration only (momentum_kl 0)": {"zopro": {"momentum_kl": 0.0}},
-    "momentum_kl 0.5": {"zopro": {"momentum_kl": 0.5}},
-    "momentum_kl 2.0": {"zopro": {"momentum_kl": 2.0}},
-    "updates_per_batch 16": {"zopro": {"updates_per_batch": 16}},
     "reference (the paper's)": {"zopro": {"variant": "reference"}},
-    "carry KL coefficient": {"zopro": {"carry_kl_coef": True}},
-    "carry, updates_per_batch 16, step_size 2e-4": {
-        "zopro": {"carry_kl_coef": True, "updates_per_batch": 16, "step_size": 2e-4}
-    },
 }
 PREFIX = [
     "results/data",
@@ -54,9 +55,17 @@ PREFIX = [
 ITERATION_0 = "results/rloo/iter_0/policy/adapter"
 
 
-def policy_adapter(iteration: int) -> str:
-    """zorloo's policy adapter of ``iteration`` (iteration 0 is rloo's)."""
-    return ITERATION_0 if iteration == 0 else f"results/zorloo/iter_{iteration}/policy/adapter"
+def policy_adapter(iteration: int, method: str = "zorloo") -> str:
+    """``method``'s policy adapter of ``iteration`` (zorloo's iteration 0 is rloo's)."""
+    return ITERATION_0 if iteration == 0 else f"results/{method}/iter_{iteration}/policy/adapter"
+
+
+def criterion(gain: float, stderr: float, ratio: float) -> str:
+    """Issue 11's test of a last iteration: ``pass`` when it beats iteration 0 by more than 2 paired
+    standard errors and its gain over SFT is at least 0.8x rloo's; ``-`` without rloo's run."""
+    if math.isnan(ratio):
+        return "-"
+    return "pass" if gain > 2 * stderr and ratio >= 0.8 else "fail"
 
 
 def train_variant(run_dir: Path, name: str, overlay: dict, cores: str, seed: int, last: int) -> Path:
@@ -159,12 +168,21 @@ def main() -> None:
         cfg["seed"] = args.seed
     runtime.configure(2, int(cfg["seed"]))
     reference = evaluate_adapter(args.run_dir, args.run_dir / ITERATION_0, cfg)
+    sft = evaluate_adapter(args.run_dir, args.run_dir / "results/sft/adapter", cfg)
+    rloo_gain = {}  # rloo's gain over SFT per iteration, where the run has rloo's policy
+    for i in args.iterations:
+        if (args.run_dir / policy_adapter(i, "rloo")).is_dir():
+            rloo = evaluate_adapter(args.run_dir, args.run_dir / policy_adapter(i, "rloo"), cfg)
+            rloo_gain[i] = paired_difference(rloo, sft)[0]
     rows = []
     for name in args.variants:
         folder = train_variant(args.run_dir, name, VARIANTS[name], args.cores, int(cfg["seed"]), max(args.iterations))
         for i in args.iterations:
             metrics = pd.read_csv(folder / Path(policy_adapter(i)).parent / "metrics.csv")
-            gain, stderr = paired_difference(evaluate_adapter(args.run_dir, folder / policy_adapter(i), cfg), reference)
+            evaluation = evaluate_adapter(args.run_dir, folder / policy_adapter(i), cfg)
+            gain, stderr = paired_difference(evaluation, reference)
+            over_sft = paired_difference(evaluation, sft)[0]
+            ratio = over_sft / rloo_gain[i] if i in rloo_gain else math.nan
             alpha = metrics["zo/momentum_alpha"].dropna() if "zo/momentum_alpha" in metrics else pd.Series(dtype=float)
             rows.append(
                 {
@@ -172,6 +190,10 @@ def main() -> None:
                     "iteration": i,
                     "gold_gain_vs_iteration_0": gain,
                     "gold_gain_stderr": stderr,
+                    "gold_gain_vs_sft": over_sft,
+                    "rloo_gain_vs_sft": rloo_gain.get(i, math.nan),
+                    "gain_ratio_to_rloo": ratio,
+                    "criterion": criterion(gain, stderr, ratio) if i == max(args.iterations) else "",
                     "momentum_alpha": float(alpha.iloc[0]) if len(alpha) else float("nan"),
                     "stage_runtime_s": float(metrics["runtime_s"].dropna().iloc[-1]),
                 }
@@ -181,12 +203,15 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
     print(
-        "| variant | iteration | gold gain over iteration 0 | momentum alpha | stage s |\n| --- | --- | --- | --- | --- |"
+        "| variant | iteration | gold gain over iteration 0 (z) | gain over SFT / rloo's | momentum alpha | stage s |"
+        " criterion |\n| --- | --- | --- | --- | --- | --- | --- |"
     )
     for r in rows:
+        z = r["gold_gain_vs_iteration_0"] / r["gold_gain_stderr"]
         print(
-            f"| {r['variant']} | {r['iteration']} | {r['gold_gain_vs_iteration_0']:+.3f} ± {r['gold_gain_stderr']:.3f} | "
-            f"{r['momentum_alpha']:.3f} | {r['stage_runtime_s']:.0f} |"
+            f"| {r['variant']} | {r['iteration']} | {r['gold_gain_vs_iteration_0']:+.3f} ± {r['gold_gain_stderr']:.3f} "
+            f"({z:.1f}) | {r['gold_gain_vs_sft']:+.3f} / {r['rloo_gain_vs_sft']:+.3f} ({r['gain_ratio_to_rloo']:.2f}) | "
+            f"{r['momentum_alpha']:.3f} | {r['stage_runtime_s']:.0f} | {r['criterion']} |"
         )
 
 

@@ -74,6 +74,23 @@ def test_guarded_stage_can_carry_the_previous_coefficient_fixed(tmp_path):
     assert policy_trainers.kl_controller("zopro", cfg, adapter, "guarded") is None
 
 
+@pytest.mark.parametrize(("cap", "carried"), [(1.0, 1.0), (None, 14.9), (0.01, 0.05)])
+def test_carried_coefficient_is_capped(cap, carried, tmp_path):
+    """``zopro.kl_coef_max`` caps the carried coefficient (iteration 0 ended at 14.9 on seed 2), never
+    below the configured ``policy.kl_coef`` (0.05); null carries it whole."""
+    from types import SimpleNamespace
+
+    previous = tmp_path / "iter_0" / "policy"
+    previous.mkdir(parents=True)
+    pd.DataFrame({"step": [1, 2], "kl_coef": [3.0, 14.9]}).to_csv(previous / "metrics.csv", index=False)
+    cfg = copy.deepcopy(CFG)
+    cfg["policy"].update(kl_target=1.0, kl_horizon=2, kl_coef=0.05)
+    cfg["zopro"].update(carry_kl_coef=True, kl_coef_max=cap)
+    trainer = _Trainer(SimpleNamespace(beta=0.05))
+    policy_trainers.kl_controller("zopro", cfg, str(previous / "adapter"), "guarded").bind(trainer)
+    assert trainer.beta == pytest.approx(carried)
+
+
 @pytest.mark.parametrize("method", ["rloo", "ppo", "dpo"])
 def test_stage_steers_the_coefficient(method, tiny_base, adapters, embedded_frames, tmp_path, set_precision):
     """Every logged coefficient is the controller's update of the one before with that step's KL,

@@ -327,7 +327,8 @@ def kl_controller(kind: str, cfg: dict[str, Any], prev_adapter: str, variant: st
     """The adaptive KL callback of a stage (``policy.kl_target`` set), starting from the previous
     iteration's last coefficient; else None. A ZOPrO stage (``kind`` zopro) never steers its
     coefficient; with ``zopro.carry_kl_coef`` the guarded variant keeps the previous iteration's
-    last one, fixed (floor = ceiling), and logs it so that the next iteration carries it on."""
+    last one, capped at ``zopro.kl_coef_max``, fixed (floor = ceiling), and logs it so that the next
+    iteration carries it on."""
     from workflow.train.kl_control import AdaptiveKLCallback, KLTarget, previous_coefficient
 
     pcfg = section(cfg, "policy")
@@ -338,7 +339,11 @@ def kl_controller(kind: str, cfg: dict[str, Any], prev_adapter: str, variant: st
         # it by 1.5x per step (beta 1e7 after 40 steps, advantages swamped by the penalty)
         if variant != "guarded" or not setting(cfg, "zopro.carry_kl_coef"):
             return None
-        start = previous_coefficient(Path(prev_adapter).parent, kl_coefficient(kind, cfg))
+        configured = kl_coefficient(kind, cfg)
+        start = previous_coefficient(Path(prev_adapter).parent, configured)
+        cap = setting(cfg, "zopro.kl_coef_max")
+        if cap is not None:  # iteration 0 may end mid-fight with a runaway KL (seed 2: 14.9; README)
+            start = min(start, max(configured, float(cap)))
         fixed = KLTarget(float(pcfg["kl_target"]), float(pcfg["kl_horizon"]), floor=start, ceiling=start)
         return AdaptiveKLCallback(fixed, start)
     initial = kl_coefficient(kind, cfg)
