@@ -21,7 +21,7 @@ rule sft:
         "results/benchmarks/sft/sft.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 4
+    threads: 1
     resources:
         **train_resources(),
     params:
