@@ -23,9 +23,6 @@ validate(config, "workflow/schemas/config.schema.yaml")
 check_config(config)  # settings that clash (workflow/config_checks.py), before any job
 
 
-# Every job declares one thread: on a CPU the embedded model's stages run as fast with 1 torch
-# thread as with 2, so `--cores N` runs N jobs side by side (README, "Setup cost"). The SLURM
-# profile gives cluster jobs more CPUs (`set-threads` in profiles/slurm/config.yaml).
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/base.smk"

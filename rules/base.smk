@@ -13,7 +13,7 @@ rule base_model:
         "results/benchmarks/base_model/base_model.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 1
+    threads: 2
     resources:
         **train_resources(),
     params:

@@ -31,7 +31,7 @@ rule train_policy:
         "results/benchmarks/train_policy/{method}_{i}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 1
+    threads: 4
     resources:
         **train_resources(),
     params:
@@ -55,7 +55,7 @@ rule collect_pairs:
         "results/benchmarks/collect_pairs/{method}_{i}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 1
+    threads: 4
     resources:
         **train_resources(),
     params:
@@ -81,7 +81,7 @@ rule refine_reward:
         "results/benchmarks/refine_reward/{method}_{i}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 1
+    threads: 4
     resources:
         **train_resources(),
     params:
@@ -113,7 +113,7 @@ rule evaluate_iteration:
         "results/benchmarks/evaluate_iteration/{method}_{i}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 1
+    threads: 4
     resources:
         **train_resources(),
     params:

@@ -24,7 +24,7 @@ rule reward_initial:
         "results/benchmarks/reward_initial/iter_0.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 1
+    threads: 4
     resources:
         **train_resources(),
     params:

@@ -21,7 +21,7 @@ rule sft:
         "results/benchmarks/sft/sft.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 1
+    threads: 4
     resources:
         **train_resources(),
     params:
