@@ -25,7 +25,7 @@ rule evaluate_policy:
         "results/benchmarks/evaluate_policy/sft.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 4
+    threads: 1  # forward passes only: the same numbers with 1 thread, and jobs run side by side
     resources:
         **train_resources(),
     params:
@@ -50,7 +50,7 @@ rule evaluate_base:
         "results/benchmarks/evaluate_base/base.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 4
+    threads: 1  # forward passes only: the same numbers with 1 thread, and jobs run side by side
     resources:
         **train_resources(),
     params:

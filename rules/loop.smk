@@ -55,7 +55,7 @@ rule collect_pairs:
         "results/benchmarks/collect_pairs/{method}_{i}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 4
+    threads: 1  # forward passes only: the same numbers with 1 thread, and jobs run side by side
     resources:
         **train_resources(),
     params:
@@ -113,7 +113,7 @@ rule evaluate_iteration:
         "results/benchmarks/evaluate_iteration/{method}_{i}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 4
+    threads: 1  # forward passes only: the same numbers with 1 thread, and jobs run side by side
     resources:
         **train_resources(),
     params:

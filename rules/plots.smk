@@ -22,7 +22,7 @@ rule plot_trajectories:
         "results/benchmarks/plot_trajectories/{method}.tsv"
     conda:
         "../envs/plots.yaml"
-    threads: 2
+    threads: 1  # light (projections, figures): runs beside another job
     resources:
         **plots_resources(),
     params:
@@ -50,7 +50,7 @@ rule plot_trajectories_upto:
         "results/benchmarks/plot_trajectories_upto/{method}_{k}.tsv"
     conda:
         "../envs/plots.yaml"
-    threads: 2
+    threads: 1  # light (projections, figures): runs beside another job
     resources:
         **plots_resources(),
     params:

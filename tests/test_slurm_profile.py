@@ -56,6 +56,7 @@ def test_every_submitted_rule_has_an_entry_and_nothing_is_left_to_edit(tmp_path)
     assert set(rule_threads()) >= rules | local_rules()
     entries = profile()["set-resources"]
     assert set(entries) == rules, "profiles/slurm/config.yaml set-resources must name every submitted rule"
+    assert set(profile()["set-threads"]) <= rules, "set-threads names a rule that is not submitted"
     for rule, resources in entries.items():
         assert {"mem_mb", "runtime"} <= set(resources), rule
         # cpus follow the rule's threads, the GPU count is the config's resources.gpus (one place)
@@ -139,7 +140,7 @@ def _calls(log: Path) -> list[tuple[str, str]]:
 
 
 def test_sbatch_calls_of_every_rule(tmp_path):
-    """The whole study submitted to a stub cluster: one call per job, cpus = the rule's threads,
+    """The whole study submitted to a stub cluster: one call per job, cpus = the rule's threads or the profile's set-threads,
     the profile's memory and wall time (per method for train_policy, with the profile's commented
     gpu_model / constraint examples switched on), the config's GPU count, requeue, and the
     partition and account left to the plugin (the default partition, no account found)."""
@@ -186,7 +187,7 @@ def test_sbatch_calls_of_every_rule(tmp_path):
     planned = re.findall(r"^(?:local)?rule (\w+):", plan.stdout, flags=re.M)
     assert sorted(rule for rule, _ in calls) == sorted(r for r in planned if r in rules)
     assert {rule for rule, _ in calls} == rules, "every submitted rule ran through sbatch"
-    threads, entries = rule_threads(), profile()["set-resources"]
+    threads, entries = {**rule_threads(), **profile()["set-threads"]}, profile()["set-resources"]
     for rule, call in calls:
         assert f"--cpus-per-task={threads[rule]}" in call, (rule, call)
         assert " --requeue" in call and " -p cpu " in call and " -A " not in call, call
