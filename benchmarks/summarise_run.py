@@ -20,7 +20,9 @@ the README. ``--write-readme`` replaces the text between ``BEGIN`` and ``END`` i
 the block; ``--check-readme`` exits 1 with a unified diff when the README's block differs from the
 run's. ``--gate`` exits 1 unless every iteration of every first-order method present beats SFT by
 more than ``--min-z`` paired standard errors (optionally also ``--max-kl``, and ``--max-drop-z``: no
-iteration more than that many paired standard errors below the iteration before). Options combine; exit status 1 when any check fails or a file is unusable
+iteration more than that many paired standard errors below the iteration before; and ``--zo-min-z``:
+the last iteration of each of ``--zo-methods``, default zorloo, more than that many above its
+iteration 0). Options combine; exit status 1 when any check fails or a file is unusable
 (the message names it), 2 on a command-line error.
 """
 
@@ -354,6 +356,28 @@ def gate(
     return verdicts, [f for v in verdicts for f in v.failures]
 
 
+def gate_last_over_iteration_0(results: Path, methods: list[str], min_z: float) -> list[str]:
+    """Failures of the zeroth-order check: the last iteration of every method of ``methods`` that the
+    run has must beat that method's iteration 0 by more than ``min_z`` paired standard errors
+    (``evaluation.csv``'s ``gold_gain_vs_iter0`` columns). A run with none of them fails."""
+    tables = method_tables(results)
+    present = [m for m in methods if m in tables]
+    if not present:
+        return [f"gate: none of {', '.join(methods)} has a results/{{method}}/evaluation.csv in {results}"]
+    failures = []
+    for method in present:
+        last = max(int(i) for i in tables[method].index)
+        gain, se = paired(tables[method], last, "iter0")
+        z = paired_z(gain, se)
+        print(f"{method}: iteration {last} over iteration 0 {_fmt(gain, se)} (z {z:.2f})")
+        if not (last > 0 and z > min_z):
+            failures.append(
+                f"{method} iteration {last}: paired gain over iteration 0 {_fmt(gain, se)}, z = {z:.2f}, "
+                f"not above {min_z:g}"
+            )
+    return failures
+
+
 def gate_table(verdicts: list[GateResult]) -> str:
     """Per-method pass/fail summary of the gate (worst value and its iteration)."""
 
@@ -404,6 +428,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         help="also: no iteration's gold more than this many paired SEs below the iteration before",
     )
+    parser.add_argument(
+        "--zo-methods",
+        nargs="+",
+        default=["zorloo"],
+        metavar="METHOD",
+        help="methods --zo-min-z checks when present (default zorloo)",
+    )
+    parser.add_argument(
+        "--zo-min-z",
+        type=float,
+        help="also: their last iteration beats their iteration 0 by more than this many paired SEs",
+    )
     return parser.parse_args(argv)
 
 
@@ -437,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         verdicts, failures = gate(results, args.gate_methods, args.min_z, args.max_kl, args.max_drop_z)
         if verdicts:
             print(gate_table(verdicts))
+        if args.zo_min_z is not None:
+            failures += gate_last_over_iteration_0(results, args.zo_methods, args.zo_min_z)
         for failure in failures:
             print(f"gate FAIL: {failure}", file=sys.stderr)
         status = status or (1 if failures else 0)
@@ -444,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
             f"gate: {'FAIL' if failures else 'pass'} (min z {args.min_z:g}"
             + (f", max KL {args.max_kl:g}" if args.max_kl is not None else "")
             + (f", max drop z {args.max_drop_z:g}" if args.max_drop_z is not None else "")
+            + (
+                f", {' '.join(args.zo_methods)} over iteration 0 z {args.zo_min_z:g}"
+                if args.zo_min_z is not None
+                else ""
+            )
             + ")"
         )
     return status

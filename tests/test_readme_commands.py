@@ -45,12 +45,10 @@ WHERE = {
     ".venv/bin/python benchmarks/summarise_run.py .": ".ci/run",
     ".venv/bin/snakemake --report report.html results/compare/plots results/base_eval/evaluation_summary.csv": ".ci/run",
     ".venv/bin/python .ci/check_report.py report.html": ".ci/run",
-    ".venv/bin/python benchmarks/zopro_variants.py . --seeds 3 --cores 1 --out results/benchmarks/zopro_variants.csv": (
-        "dry-run"
-    ),
     ".venv/bin/python benchmarks/zopro_variants.py . --seeds 3 --cores 1 --iterations 1 2 --variants "
-    "'guarded (default)' 'carry KL coefficient' 'carry, updates_per_batch 16, step_size 2e-4' "
-    "--out results/benchmarks/zopro_carry.csv": "dry-run",
+    "'guarded (default)' 'carried coefficient uncapped (kl_coef_max null)' "
+    "'previous default (no carry, 8 updates of 1e-4)' \"reference (the paper's)\" "
+    "--out results/benchmarks/zopro_seeds.csv": "dry-run",
     ".venv/bin/python benchmarks/zopro_update.py --reps 5 --out results/device/zopro_default.json": "dry-run",
     ".venv/bin/python benchmarks/zopro_update.py --size 1b --batch 16 --prompt-len 256 --completion-len 256 "
     "--reps 3 --out results/device/zopro_1b.json": "dry-run",

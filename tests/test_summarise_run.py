@@ -258,6 +258,31 @@ def test_gate_fails_on_a_table_without_paired_gains(tmp_path, capsys):
     assert "| rloo |  |  |  |" in sr.results_block(run / "results")  # no paired cells, no error
 
 
+def test_gate_zeroth_order_last_iteration_over_iteration_0(tmp_path, capsys):
+    # zorloo: iteration 2 gains 0.050 over iteration 0 with a paired standard error of 0.020 (z 2.5);
+    # zorloo_reference only 0.030 (z 1.5); only the last iteration counts (iteration 1 loses)
+    run = make_run(
+        tmp_path / "run",
+        {
+            **GOOD,
+            "zorloo": [(0.50, 0.015, 0.4), (0.49, 0.015, 1.0, 0.02), (0.55, 0.015, 1.2, 0.02)],
+            "zorloo_reference": [(0.50, 0.015, 0.4), (0.52, 0.015, 1.0, 0.02), (0.53, 0.015, 1.2, 0.02)],
+        },
+    )
+    assert sr.main([str(run), "--gate"]) == 0  # off unless given
+    assert sr.main([str(run), "--gate", "--zo-min-z", "2"]) == 0
+    assert "zorloo: iteration 2 over iteration 0 +0.050 ± 0.020 (z 2.50)" in capsys.readouterr().out
+    assert sr.main([str(run), "--gate", "--zo-min-z", "3"]) == 1
+    assert "zorloo iteration 2: paired gain over iteration 0 +0.050 ± 0.020, z = 2.50, not above 3" in (
+        capsys.readouterr().err
+    )
+    assert sr.main([str(run), "--gate", "--zo-min-z", "2", "--zo-methods", "zorloo", "zorloo_reference"]) == 1
+    err = capsys.readouterr().err
+    assert "zorloo_reference iteration 2" in err and "zorloo iteration" not in err
+    assert sr.main([str(run), "--gate", "--zo-min-z", "2", "--zo-methods", "ppo_missing"]) == 1
+    assert "none of ppo_missing" in capsys.readouterr().err
+
+
 def test_gate_fails_without_any_gated_method(tmp_path, capsys):
     run = make_run(tmp_path / "run", {"zorloo": GOOD["rloo"]})
     assert sr.main([str(run), "--gate"]) == 1
