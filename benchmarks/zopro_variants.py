@@ -33,13 +33,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # name -> overlay of config.yaml (the default is the guarded variant as configured)
-PREVIOUS_DEFAULT = {"carry_kl_coef": False, "updates_per_batch": 8, "step_size": 1e-4}
 VARIANTS: dict[str, dict] = {
     "guarded (default)": {},
     "carried coefficient uncapped (kl_coef_max null)": {"zopro": {"kl_coef_max": None}},
     "no carried coefficient (policy.kl_coef)": {"zopro": {"carry_kl_coef": False}},
     "updates_per_batch 8, step_size 1e-4": {"zopro": {"updates_per_batch": 8, "step_size": 1e-4}},
-    "previous default (no carry, 8 updates of 1e-4)": {"zopro": PREVIOUS_DEFAULT},
+    "previous default (no carry, 8 updates of 1e-4)": {
+        "zopro": {"carry_kl_coef": False, "updates_per_batch": 8, "step_size": 1e-4}
+    },
     "momentum step only": {"zopro": {"step_size": 1e-9, "updates_per_batch": 1, "n_perturbations": 1}},
     "exploration only (momentum_kl 0)": {"zopro": {"momentum_kl": 0.0}},
     "reference (the paper's)": {"zopro": {"variant": "reference"}},
