@@ -348,26 +348,29 @@ def gate(
     results: Path, methods: list[str], min_z: float, max_kl: float | None = None, max_drop_z: float | None = None
 ) -> tuple[list[GateResult], list[str]]:
     """Gate every method of ``methods`` that the run has; a run with none of them fails."""
-    tables = method_tables(results)
-    present = [m for m in methods if m in tables]
-    if not present:
-        return [], [f"gate: none of {', '.join(methods)} has a results/{{method}}/evaluation.csv in {results}"]
-    verdicts = [gate_method(m, tables[m], min_z, max_kl, max_drop_z) for m in present]
-    return verdicts, [f for v in verdicts for f in v.failures]
+    tables, missing = _gated_tables(results, methods)
+    verdicts = [gate_method(m, t, min_z, max_kl, max_drop_z) for m, t in tables.items()]
+    return verdicts, missing + [f for v in verdicts for f in v.failures]
+
+
+def _gated_tables(results: Path, methods: list[str]) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """The ``evaluation.csv`` tables of the methods of ``methods`` that the run has, and the
+    failure of a run that has none of them."""
+    tables = {m: t for m, t in method_tables(results).items() if m in methods}
+    missing = (
+        [] if tables else [f"gate: none of {', '.join(methods)} has a results/{{method}}/evaluation.csv in {results}"]
+    )
+    return {m: tables[m] for m in methods if m in tables}, missing
 
 
 def gate_last_over_iteration_0(results: Path, methods: list[str], min_z: float) -> list[str]:
     """Failures of the zeroth-order check: the last iteration of every method of ``methods`` that the
     run has must beat that method's iteration 0 by more than ``min_z`` paired standard errors
     (``evaluation.csv``'s ``gold_gain_vs_iter0`` columns). A run with none of them fails."""
-    tables = method_tables(results)
-    present = [m for m in methods if m in tables]
-    if not present:
-        return [f"gate: none of {', '.join(methods)} has a results/{{method}}/evaluation.csv in {results}"]
-    failures = []
-    for method in present:
-        last = max(int(i) for i in tables[method].index)
-        gain, se = paired(tables[method], last, "iter0")
+    tables, failures = _gated_tables(results, methods)
+    for method, table in tables.items():
+        last = max(int(i) for i in table.index)
+        gain, se = paired(table, last, "iter0")
         z = paired_z(gain, se)
         print(f"{method}: iteration {last} over iteration 0 {_fmt(gain, se)} (z {z:.2f})")
         if not (last > 0 and z > min_z):

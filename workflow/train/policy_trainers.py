@@ -334,19 +334,18 @@ def kl_controller(kind: str, cfg: dict[str, Any], prev_adapter: str, variant: st
     pcfg = section(cfg, "policy")
     if pcfg["kl_target"] is None:
         return None
+    initial = kl_coefficient(kind, cfg)
     if kind == "zopro":
         # a zeroth-order policy cannot answer a growing coefficient fast enough: the controller grew
         # it by 1.5x per step (beta 1e7 after 40 steps, advantages swamped by the penalty)
         if variant != "guarded" or not setting(cfg, "zopro.carry_kl_coef"):
             return None
-        configured = kl_coefficient(kind, cfg)
-        start = previous_coefficient(Path(prev_adapter).parent, configured)
+        start = previous_coefficient(Path(prev_adapter).parent, initial)
         cap = setting(cfg, "zopro.kl_coef_max")
         if cap is not None:  # iteration 0 may end mid-fight with a runaway KL (seed 2: 14.9; README)
-            start = min(start, max(configured, float(cap)))
+            start = min(start, max(initial, float(cap)))
         fixed = KLTarget(float(pcfg["kl_target"]), float(pcfg["kl_horizon"]), floor=start, ceiling=start)
         return AdaptiveKLCallback(fixed, start)
-    initial = kl_coefficient(kind, cfg)
     if initial <= 0:
         own = f"policy.{OWN_KL_KEY[kind]} / " if kind in OWN_KL_KEY else ""
         raise PolicyConfigError(
