@@ -65,6 +65,7 @@ WHERE = {
     ".venv/bin/snakemake --cores all results/compare/plots --configfile config/examples/gpu-embedded.yaml": (
         "tests/test_workflow_cli.py::test_example_overlays_plan_the_study"
     ),
+    ".venv/bin/snakemake --cores 2 --force results/zorloo/iter_1/policy/adapter": ".ci/run",
     ".venv/bin/ruff check .": ".ci/run",
     ".venv/bin/ruff format --check .": ".ci/run",
     ".venv/bin/snakefmt --check Snakefile rules/": ".ci/run",

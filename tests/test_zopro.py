@@ -436,6 +436,26 @@ def test_known_base_is_the_loss_at_the_rollout_policy(tiny_base, tmp_path, dropo
             assert float(base) == pytest.approx(loss, abs=1e-6)
 
 
+@pytest.mark.slow
+def test_probe_loss_is_rloo_loss_without_its_metrics(tiny_base, tmp_path):
+    """The loss every ZO probe evaluates equals RLOO's (bit for bit), logs nothing and reads
+    nothing back from the device beyond what the model's own forward does."""
+    trainer, model = _trainer(tiny_base, tmp_path, max_steps=1, dropout=0.0)
+    batches = []
+    known_base = trainer._known_base
+    trainer._known_base = lambda inputs: batches.append(inputs) or known_base(inputs)
+    trainer.train()
+    inputs = batches[0]
+    logged = {k: list(v) for k, v in trainer._metrics["train"].items()}
+    with torch.no_grad(), trainer.compute_loss_context_manager():
+        probe = trainer._probe_loss(model, inputs)
+        assert {k: list(v) for k, v in trainer._metrics["train"].items()} == logged
+        assert torch.equal(probe, trainer._compute_loss(model, inputs))
+        forward_reads = host_reads(lambda: model(input_ids=inputs["prompt_ids"], attention_mask=inputs["prompt_mask"]))
+        assert host_reads(lambda: trainer._probe_loss(model, inputs)) <= forward_reads
+        assert host_reads(lambda: trainer._compute_loss(model, inputs)) >= forward_reads + 6
+
+
 def host_reads(fn) -> int:
     """``.item()``/``float(tensor)`` calls (``aten::_local_scalar_dense``: each a synchronisation on a
     GPU) made while ``fn`` runs."""

@@ -16,9 +16,10 @@ first- and zeroth-order runs differ only in how they step. Two variants, chosen 
 Reference variant:
 
 * ``training_step`` takes the micro-batch RLOO prepared (``self._prepare_inputs``) and, under
-  ``torch.no_grad``, evaluates the parent's loss (``RLOOTrainer._compute_loss``) at
-  ``theta +/- eps z`` (see :mod:`workflow.zo.direction` for ``z``), restoring the parameters in
-  place; the projected gradients accumulate over the gradient-accumulation micro-batches;
+  ``torch.no_grad``, evaluates the parent's loss (``RLOOTrainer._compute_loss`` without its
+  metrics: ``_probe_loss``) at ``theta +/- eps z`` (see :mod:`workflow.zo.direction` for ``z``),
+  restoring the parameters in place; the projected gradients accumulate over the
+  gradient-accumulation micro-batches;
 * the Trainer's optimizer is a stateless :class:`~workflow.zo.engine.ZOOptimizer` whose
   ``step()`` applies ``theta <- theta - lr * (g z + wd theta)`` once per update (``g`` averaged
   over micro-batches and, in data-parallel runs, over processes with one all-reduce), so the
@@ -267,7 +268,7 @@ class ZOPrOTrainer(RLOOTrainer):
 
         def loss_fn() -> torch.Tensor:
             with self.compute_loss_context_manager():
-                return self._compute_loss(model, inputs)
+                return self._probe_loss(model, inputs)
 
         with torch.no_grad():
             base = self._known_base(inputs)
@@ -282,6 +283,25 @@ class ZOPrOTrainer(RLOOTrainer):
             self._metrics["train"]["step_time"].append(self._current_train_step_time)
             self._current_train_step_time = 0.0
         return (loss.float() / self.current_gradient_accumulation_steps).to(self.args.device)
+
+    def _probe_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """RLOO's PPO-clip loss (``RLOOTrainer._compute_loss``, the same operations) without its
+        metrics: a probe at perturbed parameters computes no entropy over the vocabulary, reads
+        nothing back from the device and logs no clip ratios of parameters the policy never takes.
+        Inputs the text-only path does not cover (images, an auxiliary loss) go to the parent."""
+        if self.aux_loss_enabled or any(inputs.get(k) is not None for k in ("pixel_values", "token_type_ids")):
+            return self._compute_loss(model, inputs)
+        completion_mask = inputs["completion_mask"]
+        per_token_logps, _, _ = self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+            torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
+            inputs["completion_ids"].size(1),
+        )
+        coef_1 = torch.exp((per_token_logps * completion_mask).sum(1) - inputs["old_logps"])
+        coef_2 = torch.clamp(coef_1, 1 - self.epsilon_low, 1 + self.epsilon_high)
+        advantages = inputs["advantages"]
+        return -torch.min(coef_1 * advantages, coef_2 * advantages).mean()
 
     def _known_base(self, inputs: dict[str, Any]) -> torch.Tensor | None:
         """The batch loss at the current parameters without a forward pass, where it is exact
