@@ -356,11 +356,12 @@ def gate(
 def _gated_tables(results: Path, methods: list[str]) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """The ``evaluation.csv`` tables of the methods of ``methods`` that the run has, and the
     failure of a run that has none of them."""
-    tables = {m: t for m, t in method_tables(results).items() if m in methods}
+    present = method_tables(results)
+    tables = {m: present[m] for m in methods if m in present}
     missing = (
         [] if tables else [f"gate: none of {', '.join(methods)} has a results/{{method}}/evaluation.csv in {results}"]
     )
-    return {m: tables[m] for m in methods if m in tables}, missing
+    return tables, missing
 
 
 def gate_last_over_iteration_0(results: Path, methods: list[str], min_z: float) -> list[str]:
