@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from peft import get_peft_model
 
@@ -25,6 +26,7 @@ from workflow.evaluation.generate import (
 from workflow.job import Job
 from workflow.models.loading import load_policy, load_sequence_classifier, load_tokenizer, read_rows
 from workflow.models.lora import lora_config
+from workflow.train.sampling import sample_completions
 from workflow.train.scoring import gold_scorer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,6 +131,22 @@ def test_evaluate_rows_seeded(tiny_base, embedded_parquet, reward_adapter, cfg):
     again = evaluate(policy, tokenizer, reward, prompts, cfg, seed=0)
     assert again["answer"].tolist() == rows["answer"].tolist()
     assert np.allclose(again["reward"], rows["reward"])
+
+
+def test_sampling_is_seeded_and_leaves_the_callers_rng_and_mode_as_they_were(tiny_base, embedded_parquet):
+    """On the model's device: on a GPU generation draws from the GPU's random state, not the CPU's."""
+    tokenizer = load_tokenizer(tiny_base, "chat")
+    policy = load_policy(tiny_base, None)
+    device = next(policy.parameters()).device
+    prompts = evaluation_prompts(read_rows(embedded_parquet["test"]), 5)
+    state = torch.cuda.get_rng_state if device.type == "cuda" else torch.get_rng_state
+    policy.train()
+    before = state()
+    answers = sample_completions(policy, tokenizer, prompts, 10, 1.0, seed=3, batch_size=2)
+    assert torch.equal(state(), before) and policy.training
+    assert len(answers) == 5 and len(set(answers)) > 1
+    assert sample_completions(policy, tokenizer, prompts, 10, 1.0, seed=3, batch_size=2) == answers
+    assert sample_completions(policy, tokenizer, prompts, 10, 1.0, seed=4, batch_size=2) != answers
 
 
 def test_run_writes_samples_and_summary(tiny_base, embedded_parquet, reward_adapter, cfg, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 import yaml
 from smk import REPO, snakemake
 
@@ -161,3 +162,28 @@ def test_known_noisy_warnings_are_filtered_and_no_others():
         for category, message in kept:
             warnings.warn(message, category, stacklevel=1)
     assert [(w.category, str(w.message)) for w in caught] == kept
+
+
+def rng_state(device: str) -> torch.Tensor:
+    """Torch's global random state on ``device`` (``cpu`` or ``cuda``)."""
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
+# the GPU case runs where there is a GPU (benchmarks/device_check.sh tests)
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_seeded_rng_draws_the_seeds_numbers_and_gives_the_caller_its_state_back(device):
+    torch.manual_seed(123)
+    torch.rand(3, device=device)  # the caller is somewhere in its own stream (and CUDA initialised)
+    before = rng_state(device)
+    with runtime.seeded_rng(7):
+        drawn = torch.rand(4, device=device)
+    assert torch.equal(rng_state(device), before)
+    torch.manual_seed(7)
+    assert torch.equal(torch.rand(4, device=device), drawn)
+    # a snapshot restores as often as asked
+    restore = runtime.rng_snapshot()
+    first = torch.rand(2, device=device)
+    restore()
+    assert torch.equal(torch.rand(2, device=device), first)
+    restore()
+    assert torch.equal(torch.rand(2, device=device), first)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import random
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -94,6 +96,32 @@ def tracking_args() -> dict[str, Any]:
 def device() -> torch.device:
     """The device training runs on: the first GPU when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rng_snapshot() -> Callable[[], None]:
+    """Capture torch's global random state, the CPU's and, once CUDA is initialised, every GPU's
+    (sampling on a GPU draws from the GPU's); the returned function puts it back, as often as called."""
+    cpu = torch.get_rng_state()
+    gpus = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def restore() -> None:
+        torch.set_rng_state(cpu)
+        if gpus is not None:
+            torch.cuda.set_rng_state_all(gpus)
+
+    return restore
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run the block with torch's global RNG seeded with ``seed`` (``torch.manual_seed``: the CPU
+    and every GPU), then give the caller back the random state it had (:func:`rng_snapshot`)."""
+    restore = rng_snapshot()
+    torch.manual_seed(int(seed))
+    try:
+        yield
+    finally:
+        restore()
 
 
 def processes():

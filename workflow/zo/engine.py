@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from workflow.runtime import rng_snapshot
 from workflow.zo.direction import (
     Direction,
     ZOConfig,
@@ -102,17 +103,7 @@ class ZOEngine:
 
     # --- estimation -----------------------------------------------------------------------
     def _rng_snapshot(self) -> Callable[[], None]:
-        if not self.common_random_numbers:
-            return lambda: None
-        cpu = torch.get_rng_state()
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-
-        def restore() -> None:
-            torch.set_rng_state(cpu)
-            if cuda is not None:
-                torch.cuda.set_rng_state_all(cuda)
-
-        return restore
+        return rng_snapshot() if self.common_random_numbers else lambda: None
 
     @torch.no_grad()
     def estimate(self, loss_fn: Callable[[], Any], base: Any = None) -> tuple[torch.Tensor, torch.Tensor]:

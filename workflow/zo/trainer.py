@@ -62,6 +62,7 @@ import torch
 from trl import RLOOTrainer
 
 from workflow.models.snapshots import load_tensors, normalise_key
+from workflow.runtime import seeded_rng
 from workflow.zo.direction import ZOConfig
 from workflow.zo.engine import ZOEngine, ZOOptimizer
 from workflow.zo.guarded import GuardedConfig, GuardedEngine
@@ -251,9 +252,7 @@ class ZOPrOTrainer(RLOOTrainer):
         candidates are not swamped by sampling noise; the training RNG is left as it was."""
         if "ref" not in getattr(self.accelerator.unwrap_model(self.model), "peft_config", {}):
             return float("nan")
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=devices):  # the same random numbers for every candidate
-            torch.manual_seed(self.zo_config.seed)
+        with seeded_rng(self.zo_config.seed):  # the same random numbers for every candidate
             rollouts = self._rollouts()
         return float((rollouts["logps"] - self._sequence_logps(rollouts, adapter="ref")).mean())
 
