@@ -89,3 +89,19 @@ def test_pretraining_is_deterministic(embedded_frames):
         tok = build_tokenizer([_plain_render(c) for c in convs], 300)
         losses.append(pretrain(build_model(tok, cfg), tok, render(tok, convs), cfg, seed=0)["loss"])
     assert losses[0] == losses[1]
+
+
+def test_pretraining_autocasts_to_bf16_where_the_precision_says(embedded_frames, set_precision):
+    """Config ``precision`` on the device it trains on (``bf16`` on the CPU as on a GPU)."""
+    from workflow.models.base_model import _plain_render, build_model, build_tokenizer, dialogues, pretrain, render
+
+    convs = dialogues(embedded_frames["train"].head(8))
+    cfg = {"hidden_size": 16, "intermediate_size": 32, "num_layers": 1, "num_heads": 2, "epochs": 1, "batch_size": 8}
+    tok = build_tokenizer([_plain_render(c) for c in convs], 300)
+    for precision, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        set_precision(precision)
+        model = build_model(tok, cfg)
+        seen: list[torch.dtype] = []
+        model.lm_head.register_forward_hook(lambda _module, _args, output, seen=seen: seen.append(output.dtype))
+        pretrain(model, tok, render(tok, convs), cfg, seed=0)
+        assert seen and set(seen) == {expected}

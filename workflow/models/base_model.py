@@ -126,8 +126,8 @@ def build_model(tokenizer: Any, cfg: dict[str, Any]):
 def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], cfg: dict[str, Any], seed: int) -> dict[str, float]:
     """Full-parameter next-token training on ``texts``; returns ``{"steps", "loss", "seconds"}``.
 
-    AdamW with linear warm-up and cosine decay; padding is masked out of the loss; fp32 on CPU,
-    bf16 autocast on a GPU; deterministic for ``seed`` on CPU.
+    AdamW with linear warm-up and cosine decay; padding is masked out of the loss; bf16 autocast
+    where ``runtime.use_bf16()`` (config ``precision``), else fp32; deterministic for ``seed`` on CPU.
     """
     cfg = model_settings(cfg)
     device = runtime.device()
@@ -145,9 +145,7 @@ def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], cfg: dict[str, An
         optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     )
     generator = torch.Generator().manual_seed(int(seed))
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if runtime.use_bf16() else torch.autocast("cpu", enabled=False)
-    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.use_bf16())
     pad = tokenizer.pad_token_id
     start, step, ema = time.perf_counter(), 0, None
     with tqdm(total=total, desc="pretrain base model", mininterval=5.0) as bar:
