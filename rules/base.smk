@@ -15,7 +15,7 @@ rule base_model:
         "../envs/train.yaml"
     threads: 2
     resources:
-        **train_resources(),
+        **train_resources(data_parallel=False),
     params:
         settings=settings("base_model", "model.max_length", "precision"),
         code=stage_code("workflow.models.base_model"),

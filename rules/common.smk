@@ -54,12 +54,17 @@ def reward_dir(method, i):
     return "results/reward/iter_0" if i == 0 else f"results/{chain_owner(method, i - 1)}/iter_{i}/reward"
 
 
-def train_resources():
-    """Resources of a training job (the SLURM profile overrides them per rule)."""
+def train_resources(data_parallel=True):
+    """Resources of a job that loads models (the SLURM profile overrides mem_mb and runtime per rule).
+    A training stage (``data_parallel``) runs one process per GPU, ``resources.gpus`` of them, or
+    ``resources.cpu_processes`` on CPUs (workflow.job); a job that runs in one process (base model,
+    pairs, evaluations) gets at most one GPU."""
+    gpus = setting(config, "resources.gpus")
     return dict(
         mem_mb=setting(config, "resources.train_mem_mb"),
         runtime=setting(config, "resources.train_runtime"),
-        gpu=setting(config, "resources.gpus"),
+        gpu=gpus if data_parallel else min(gpus, 1),
+        cpu_processes=setting(config, "resources.cpu_processes") if data_parallel else 1,
     )
 
 

@@ -27,7 +27,7 @@ rule evaluate_policy:
         "../envs/train.yaml"
     threads: 1  # forward passes only: the same numbers with 1 thread, and jobs run side by side
     resources:
-        **train_resources(),
+        **train_resources(data_parallel=False),
     params:
         base=base_model_param,
         settings=settings(*EVAL_SETTINGS),
@@ -52,7 +52,7 @@ rule evaluate_base:
         "../envs/train.yaml"
     threads: 1  # forward passes only: the same numbers with 1 thread, and jobs run side by side
     resources:
-        **train_resources(),
+        **train_resources(data_parallel=False),
     params:
         base=base_model_param,
         settings=settings(*EVAL_SETTINGS),

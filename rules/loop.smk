@@ -57,7 +57,7 @@ rule collect_pairs:
         "../envs/train.yaml"
     threads: 1  # forward passes only: the same numbers with 1 thread, and jobs run side by side
     resources:
-        **train_resources(),
+        **train_resources(data_parallel=False),
     params:
         base=base_model_param,
         settings=settings(
@@ -115,7 +115,7 @@ rule evaluate_iteration:
         "../envs/train.yaml"
     threads: 1  # forward passes only: the same numbers with 1 thread, and jobs run side by side
     resources:
-        **train_resources(),
+        **train_resources(data_parallel=False),
     params:
         base=base_model_param,
         iteration=lambda wc: int(wc.i),

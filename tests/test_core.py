@@ -9,6 +9,7 @@ import textwrap
 
 import pandas as pd
 import pytest
+import torch
 from smk import REPO, pythonpath
 
 from workflow import io, runtime
@@ -96,8 +97,18 @@ def test_write_parquet_and_csv_roundtrip(tmp_path):
 
 def test_require_gpus_fails_fast_without_gpu():
     runtime.require_gpus(0)
-    with pytest.raises(RuntimeError, match="requested 2 GPU"):
-        runtime.require_gpus(2)
+    with pytest.raises(RuntimeError, match=r"requested \d+ GPU.*resources.gpus to 0"):
+        runtime.require_gpus(torch.cuda.device_count() + 1)
+
+
+def test_each_data_parallel_process_computes_on_its_own_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert runtime.device() == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert runtime.device() == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime.device() == torch.device("cpu")
 
 
 def _write_probe_module(tmp_path):
@@ -130,9 +141,10 @@ def test_run_job_launches_data_parallel_processes(tmp_path, monkeypatch, process
         input={},
         output={"folder": str(out)},
         params={},
-        config={"seed": 7, "resources": {"cpu_processes": processes}},
+        config={"seed": 7},
         wildcards={"method": "zorloo"},
         threads=1,
+        resources={"cpu_processes": processes},  # rules/common.smk: train_resources()
     )
     scratch = tmp_path / "scratch"
     monkeypatch.setenv("ZOPRO_RANK_SCRATCH", str(scratch))

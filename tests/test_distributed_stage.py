@@ -65,7 +65,6 @@ def _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, method="zorloo"
     """The iteration-1 policy job of a ZOPrO ``method`` (rule ``train_policy``) with 2 CPU processes."""
     config = copy.deepcopy(CFG)
     config["snapshots"] = {"every": 0.25}
-    config["resources"] = {"cpu_processes": 2}
     config["policy"]["checkpoint_every"] = 0.25  # both processes checkpoint into one shared folder
     config["loop"].update(loop)
     out = tmp_path / "results" / method / "iter_1" / "policy"
@@ -89,6 +88,7 @@ def _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, method="zorloo"
         config=config,
         wildcards={"method": method, "i": "1"},
         threads=1,
+        resources={"cpu_processes": 2},  # as rules/common.smk gives a training rule
     )
 
 

@@ -86,6 +86,24 @@ def test_dry_run_gives_each_method_its_resources_and_the_configs_gpu_count(tmp_p
             assert resources["gpu"] == "1", rule  # config resources.gpus
 
 
+def test_only_training_rules_run_data_parallel(tmp_path):
+    """``resources.gpus`` / ``cpu_processes`` above 1 go to the training rules (one process per GPU or
+    CPU process, workflow.job); a job that runs in one process gets at most one GPU, one process."""
+    overlay = tmp_path / "parallel.yaml"
+    overlay.write_text(yaml.safe_dump({"loop": {"iterations": 2}, "resources": {"gpus": 2, "cpu_processes": 2}}))
+    targets = ("results/compare/plots", "results/base_eval/evaluation_summary.csv")
+    result = snakemake(tmp_path, "-n", *targets, "--configfile", str(overlay))
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = plan_resources(result.stdout + result.stderr)
+    training = {"sft", "reward_initial", "train_policy", "refine_reward"}
+    one_process = {"base_model", "evaluate_policy", "evaluate_base", "collect_pairs", "evaluate_iteration"}
+    assert training | one_process <= {rule for rule, _ in jobs}
+    for (rule, wildcards), resources in jobs.items():
+        if rule in training | one_process:
+            expected = ("2", "2") if rule in training else ("1", "1")
+            assert (resources["gpu"], resources["cpu_processes"]) == expected, (rule, wildcards)
+
+
 SBATCH = """#!/bin/sh
 cat > /dev/null
 echo "$*" >> "$STUB_DIR/sbatch.log"

@@ -22,13 +22,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from workflow import runtime
 from workflow.io import subprocess_stream
 from workflow.schema import setting
 
 # Config keys every job gets besides its settings, and which are not rerun triggers: where caches
-# live, how a job is spread over processes (resources, like those the SLURM profile sets) and where
-# its trainers report (tracking: watching a run does not change its results).
+# live, the resources (which the rules turn into each job's GPU and process counts; a study's nested
+# run passes them on) and where its trainers report (tracking: watching a run does not change its results).
 RUNTIME_KEYS = ("cache_dir", "resources", "tracking")
 
 
@@ -110,10 +112,12 @@ class Job:
 
     @property
     def processes(self) -> int:
-        """Data-parallel processes: one per GPU, or ``resources.cpu_processes`` on CPU."""
+        """Data-parallel processes: one per GPU (resource ``gpu``), else the resource
+        ``cpu_processes``; the rules give more than one to training stages only
+        (``train_resources`` in ``rules/common.smk``)."""
         if self.gpus > 0:
             return self.gpus
-        return int(setting(self.config, "resources.cpu_processes") or 1)
+        return int(self.resources.get("cpu_processes", 1) or 1)
 
 
 @contextlib.contextmanager
@@ -241,6 +245,8 @@ def _main(spec_path: str) -> None:
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     if rank > 0:
         job = dataclasses.replace(job, output=rank_outputs(job.output, rank, scratch))
+    if torch.cuda.is_available():  # before any model loads: this process's own GPU, not the first
+        torch.cuda.set_device(runtime.device())
     configure(job)
     resolve(spec["target"])(job)
 

@@ -94,8 +94,11 @@ def tracking_args() -> dict[str, Any]:
 
 
 def device() -> torch.device:
-    """The device training runs on: the first GPU when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device this process computes on: when there are GPUs, its own (``LOCAL_RANK`` of a
+    data-parallel launch, else the first), otherwise the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def rng_snapshot() -> Callable[[], None]:
@@ -169,5 +172,5 @@ def require_gpus(requested: int) -> None:
         raise RuntimeError(
             f"this job requested {requested} GPU(s) (resources.gpu) but {found} are visible "
             "(CUDA_VISIBLE_DEVICES="
-            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); set resources.gpu: 0 to run on CPU"
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); set the config's resources.gpus to 0 to run on CPUs"
         )
