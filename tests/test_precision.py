@@ -39,7 +39,15 @@ def test_precision_comes_from_the_job_config_with_the_schema_default(monkeypatch
 
     assert run({"precision": "bf16"}) == ("bf16", True)
     assert run({"precision": "fp32"}) == ("fp32", False)
-    assert run({}) == ("auto", torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    assert run({}) == ("auto", native)
+    # auto on GPUs: bf16 where it is native, fp32 where torch would only emulate it (V100, T4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native in (True, False):
+        monkeypatch.setattr(
+            torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n or including_emulation
+        )
+        assert run({}) == ("auto", native)
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
         run({"precision": "fp16"})
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
@@ -117,6 +125,37 @@ def test_rloo_first_update_ratio_is_one_under_bf16(set_precision, tiny_base, ada
     assert len(log_ratios) == 2
     ratio = torch.cat(log_ratios).exp()
     assert (ratio - 1).abs().max().item() <= RATIO_TOLERANCE
+
+
+@pytest.mark.parametrize("variant", ["guarded", "reference"])
+def test_both_zopro_variants_compute_in_fp32_on_a_bf16_base(
+    variant, set_precision, tiny_base, adapters, embedded_frames, tmp_path
+):
+    """Finite differences at eps 1e-3 are below bf16 resolution (tests/test_zopro_guarded.py): the
+    paper's variant computes in fp32 as the guarded one does, without autocast, on bf16 storage."""
+    set_precision("bf16")
+    tokenizer = load_tokenizer(tiny_base, "chat")
+    tokenizer.padding_side = "left"
+    model = load_policy(tiny_base, adapters["sft2"], trainable=True)
+    reward_fn = scoring.RewardFunction(
+        load_reward_model(tiny_base, adapters["reward1"]), load_tokenizer(adapters["reward1"], "chat"), name="rm"
+    )
+    prompts = policy.iteration_prompts(embedded_frames["train"], 1, CFG, seed=0)[:4]
+    direction = {
+        "policy_prev": adapters["sft2"],
+        "policy_prev2": adapters["sft"],
+        "reward": adapters["reward1"],
+        "reward_prev": adapters["reward"],
+    }
+    stage = policy_trainers.PolicyStage(
+        model, tokenizer, reward_fn, prompts, CFG, str(tmp_path), 0, [], tiny_base, adapters["sft"], variant, direction
+    )
+    trainer = policy_trainers.build_zorloo(stage).trainer
+    assert not trainer.args.bf16 and model.get_input_embeddings().weight.dtype == torch.bfloat16
+    ids = torch.tensor([tokenizer.encode("Tell me about the river.")], device=runtime.device())
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert {h.dtype for h in hidden} == {torch.float32}
 
 
 def test_reward_scores_under_bf16_match_fp32(set_precision, tiny_base, adapters, embedded_frames):

@@ -156,10 +156,11 @@ def precision() -> str:
 
 def use_bf16() -> bool:
     """Whether base models load in bf16 and trainers autocast to bf16: precision ``bf16`` (on any
-    device, the CPU included), or ``auto`` on a GPU that supports bf16; fp32 otherwise."""
+    device, the CPU included), or ``auto`` on a GPU with native bf16 (not emulated: V100, T4); fp32
+    otherwise."""
     choice = precision()
     if choice == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     return choice == "bf16"
 
 

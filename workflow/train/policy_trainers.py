@@ -148,8 +148,8 @@ def build_zorloo(stage: PolicyStage) -> Built:
     ``stage.direction_inputs``: adapter folders ``policy_prev`` (i-1), ``policy_prev2`` (i-2, SFT
     for i = 1), ``reward`` (i) and ``reward_prev`` (i-1), as the rule names them. ``stage.variant``: ``reference`` (the
     paper's algorithm, settings ``zopro.reference``, constant lr) or ``guarded``
-    (:mod:`workflow.zo.guarded`, settings ``zopro``; on a bf16 base the policy computes in fp32,
-    :func:`workflow.models.loading.fp32_compute`).
+    (:mod:`workflow.zo.guarded`, settings ``zopro``). On a bf16 base both compute in fp32
+    (:func:`workflow.models.loading.fp32_compute`), without autocast.
     """
     from workflow import runtime
     from workflow.models.loading import fp32_compute
@@ -164,9 +164,9 @@ def build_zorloo(stage: PolicyStage) -> Built:
         zo_config = ZOConfig.from_config(cfg["zopro"]["reference"], seed=seed)
     else:
         zo_config = GuardedConfig.from_config(cfg, seed=seed)
-        if runtime.use_bf16():
-            fp32_compute(stage.model)
-            args.bf16 = False
+    if runtime.use_bf16():  # finite differences are below bf16 resolution (workflow.zo.guarded, Precision)
+        fp32_compute(stage.model)
+        args.bf16 = False
     args.learning_rate = zo_config.lr
     inputs = stage.direction_inputs
     mu, v = load_direction_inputs(
