@@ -131,6 +131,19 @@ def test_reward_model_judge_prefers_the_higher_score(tiny_seq_cls):
     assert judge.judge([PROMPT], [GOOD], [BAD]) == [None]
 
 
+def test_judges_load_as_frozen_models_do_under_each_precision(set_precision, tiny_base, tiny_seq_cls):
+    """The LLM judge follows ``precision`` with fp32 logits, as the policy's base; the reward-model
+    judge scores in fp32 whatever the precision, as every frozen reward model."""
+    from workflow.models.loading import FP32Head
+
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        set_precision(precision)
+        llm = pairwise.LLMJudge.from_path(tiny_base).model
+        assert llm.get_input_embeddings().weight.dtype == dtype and isinstance(llm.lm_head, FP32Head)
+        reward = pairwise.RewardModelJudge.from_path(tiny_seq_cls).model
+        assert {p.dtype for p in reward.parameters()} == {torch.float32} and isinstance(reward.score, FP32Head)
+
+
 def test_reward_model_without_a_chat_template_reads_the_conversation_as_plain_text(tiny_seq_cls):
     from workflow.data.chat import as_messages, conversation_text
 

@@ -107,13 +107,14 @@ class LLMJudge(Judge):
 
     @classmethod
     def from_path(cls, path: str, batch_size: int = 8, seed: int = 0) -> LLMJudge:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        """The judge model of ``path`` as the policy's base loads: in the config's ``precision``
+        (bf16 on a bf16 GPU), fp32 logits (:func:`workflow.models.loading.load_causal_lm`)."""
+        from transformers import AutoTokenizer
 
-        from workflow import runtime
+        from workflow.models.loading import load_causal_lm
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path).to(runtime.device())
-        return cls(model, tokenizer, batch_size=batch_size, seed=seed)
+        return cls(load_causal_lm(path), tokenizer, batch_size=batch_size, seed=seed)
 
     def question(self, prompt: Prompt, first: str, second: str) -> str:
         """The full judge input text (the tokenizer's chat template when it has one)."""
@@ -184,13 +185,19 @@ class RewardModelJudge(Judge):
 
     @classmethod
     def from_path(cls, path: str, batch_size: int = 8, max_length: int | None = None) -> RewardModelJudge:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        """The reward model of ``path`` in fp32 whatever the precision, as every frozen reward
+        model scores (README, "Precision"): bf16 scores tie and reorder close answers."""
+        from transformers import AutoTokenizer
 
-        from workflow import runtime
+        from workflow.models.loading import load_sequence_classifier
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).to(runtime.device())
-        return cls(model, tokenizer, batch_size=batch_size, max_length=max_length)
+        return cls(
+            load_sequence_classifier(path, tokenizer.pad_token_id, dtype=torch.float32),
+            tokenizer,
+            batch_size=batch_size,
+            max_length=max_length,
+        )
 
     def scores(self, prompts: Sequence[Prompt], answers: Sequence[str]) -> np.ndarray:
         return reward_scores(self.model, self.tokenizer, list(prompts), list(answers), self.batch_size, self.max_length)
