@@ -142,7 +142,7 @@ def run(job) -> None:
     prompts = evaluation_prompts(read_rows(job.input["test"]), cfg["evaluation"]["n_prompts"])
     rows = evaluate(policy, tokenizer, reward, prompts, cfg, job.seed, reward_tokenizer=reward_tokenizer)
     require_finite_rewards(rows, job.input["reward"], job.output["samples"])
-    del policy
+    del policy, reward  # the KL model and the judge load next: one model on the device at a time
     if Path(job.input["policy"]).resolve() == Path(job.input["sft"]).resolve():
         rows["kl"] = 0.0
     else:

@@ -160,16 +160,17 @@ class TemplateEndReward(torch.nn.Module):
         last = (mask * torch.arange(width, device=mask.device)).argmax(1)
         stopped = input_ids[torch.arange(n), last] == self.stop_id
         ends_with_stop = self.end_ids[:1] == [self.stop_id]
-        tails = [self.end_ids[1:] if ends_with_stop and bool(s) else self.end_ids for s in stopped]
+        last_at, stopped_at = last.tolist(), stopped.tolist()  # one read from the device each
+        tails = [self.end_ids[1:] if ends_with_stop and s else self.end_ids for s in stopped_at]
         extra = max(len(t) for t in tails)
         ids = torch.zeros((n, width + extra), dtype=input_ids.dtype, device=input_ids.device)
         new_mask = torch.zeros_like(ids, dtype=torch.bool)
         ids[:, :width] = input_ids
         new_mask[:, :width] = attention_mask.bool()
-        end = last.clone()
+        end = list(last_at)
         for row, tail in enumerate(tails):
             if tail:
-                pos = int(last[row]) + 1
+                pos = last_at[row] + 1
                 ids[row, pos : pos + len(tail)] = torch.tensor(tail, dtype=ids.dtype, device=ids.device)
                 new_mask[row, pos : pos + len(tail)] = True
                 end[row] = pos + len(tail) - 1
@@ -179,10 +180,9 @@ class TemplateEndReward(torch.nn.Module):
             attention_mask=new_mask,
             position_ids=positions,
             return_dict=True,
-            output_hidden_states=True,
             use_cache=False,
         )
-        hidden = out.hidden_states[-1]
+        hidden = out.last_hidden_state
         read = hidden[:, :width].clone()
-        read[torch.arange(n), last] = hidden[torch.arange(n), end]
+        read[torch.arange(n), last] = hidden[torch.arange(n), torch.tensor(end)]
         return SimpleNamespace(hidden_states=(read,))
