@@ -56,16 +56,22 @@ def reward_dir(method, i):
 
 def train_resources(data_parallel=True):
     """Resources of a job that loads models (the SLURM profile overrides mem_mb and runtime per rule).
-    A training stage (``data_parallel``) runs one process per GPU, ``resources.gpus`` of them, or
-    ``resources.cpu_processes`` on CPUs (workflow.job); a job that runs in one process (base model,
-    pairs, evaluations) gets at most one GPU."""
+    A training stage (``data_parallel``) runs in ``processes`` processes (workflow.job): one per GPU,
+    ``resources.gpus`` of them, or ``resources.cpu_processes`` on CPUs; a job that runs in one
+    process (base model, pairs, evaluations) gets at most one GPU."""
     gpus = setting(config, "resources.gpus")
     return dict(
         mem_mb=setting(config, "resources.train_mem_mb"),
         runtime=setting(config, "resources.train_runtime"),
         gpu=gpus if data_parallel else min(gpus, 1),
-        cpu_processes=setting(config, "resources.cpu_processes") if data_parallel else 1,
+        processes=(gpus or setting(config, "resources.cpu_processes")) if data_parallel else 1,
     )
+
+
+def nested_run_resources():
+    """Resources of a study seed's job: the jobs of its nested run share its GPUs (``resources.gpus``);
+    the job itself is one process."""
+    return train_resources() | dict(processes=1)
 
 
 # Params of every stage besides its own, see workflow/rerun.py. `settings` holds the config values

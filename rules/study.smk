@@ -27,7 +27,7 @@ rule study_seed:
         "../envs/study.yaml"  # the whole stack: the nested run's jobs run in it too (no --sdm conda inside)
     threads: 8  # capped to --cores on a laptop; the nested run uses what the job gets
     resources:
-        **train_resources(),
+        **nested_run_resources(),
     params:
         workdir=lambda wc: f"results/study/seed_{wc.seed}",
         snakefile=os.path.join(workflow.basedir, "Snakefile"),

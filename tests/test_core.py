@@ -144,7 +144,7 @@ def test_run_job_launches_data_parallel_processes(tmp_path, monkeypatch, process
         config={"seed": 7},
         wildcards={"method": "zorloo"},
         threads=1,
-        resources={"cpu_processes": processes},  # rules/common.smk: train_resources()
+        resources={"processes": processes},  # rules/common.smk: train_resources()
     )
     scratch = tmp_path / "scratch"
     monkeypatch.setenv("ZOPRO_RANK_SCRATCH", str(scratch))

@@ -88,7 +88,7 @@ def _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, method="zorloo"
         config=config,
         wildcards={"method": method, "i": "1"},
         threads=1,
-        resources={"cpu_processes": 2},  # as rules/common.smk gives a training rule
+        resources={"processes": 2},  # as rules/common.smk gives a training rule (cpu_processes 2)
     )
 
 

@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 from smk import REPO, plan_resources, snakemake
 
@@ -86,22 +87,28 @@ def test_dry_run_gives_each_method_its_resources_and_the_configs_gpu_count(tmp_p
             assert resources["gpu"] == "1", rule  # config resources.gpus
 
 
-def test_only_training_rules_run_data_parallel(tmp_path):
-    """``resources.gpus`` / ``cpu_processes`` above 1 go to the training rules (one process per GPU or
-    CPU process, workflow.job); a job that runs in one process gets at most one GPU, one process."""
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_only_training_rules_run_data_parallel(tmp_path, gpus):
+    """``resources.gpus`` (or ``cpu_processes`` without GPUs) above 1: the training rules run in that
+    many processes (workflow.job); a job that runs in one process gets at most one GPU; a study
+    seed's job is one process whose nested run's jobs share its GPUs."""
     overlay = tmp_path / "parallel.yaml"
-    overlay.write_text(yaml.safe_dump({"loop": {"iterations": 2}, "resources": {"gpus": 2, "cpu_processes": 2}}))
-    targets = ("results/compare/plots", "results/base_eval/evaluation_summary.csv")
+    overlay.write_text(yaml.safe_dump({"loop": {"iterations": 2}, "resources": {"gpus": gpus, "cpu_processes": 2}}))
+    targets = ("results/compare/plots", "results/base_eval/evaluation_summary.csv", "results/study/summary.csv")
     result = snakemake(tmp_path, "-n", *targets, "--configfile", str(overlay))
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = plan_resources(result.stdout + result.stderr)
-    training = {"sft", "reward_initial", "train_policy", "refine_reward"}
-    one_process = {"base_model", "evaluate_policy", "evaluate_base", "collect_pairs", "evaluate_iteration"}
-    assert training | one_process <= {rule for rule, _ in jobs}
+    expected = {
+        **dict.fromkeys(("sft", "reward_initial", "train_policy", "refine_reward"), (gpus, 2)),
+        **dict.fromkeys(
+            ("base_model", "evaluate_policy", "evaluate_base", "collect_pairs", "evaluate_iteration"), (min(gpus, 1), 1)
+        ),
+        "study_seed": (gpus, 1),
+    }
+    assert set(expected) <= {rule for rule, _ in jobs}
     for (rule, wildcards), resources in jobs.items():
-        if rule in training | one_process:
-            expected = ("2", "2") if rule in training else ("1", "1")
-            assert (resources["gpu"], resources["cpu_processes"]) == expected, (rule, wildcards)
+        if rule in expected:
+            assert (int(resources["gpu"]), int(resources["processes"])) == expected[rule], (rule, wildcards)
 
 
 SBATCH = """#!/bin/sh

@@ -112,12 +112,10 @@ class Job:
 
     @property
     def processes(self) -> int:
-        """Data-parallel processes: one per GPU (resource ``gpu``), else the resource
-        ``cpu_processes``; the rules give more than one to training stages only
-        (``train_resources`` in ``rules/common.smk``)."""
-        if self.gpus > 0:
-            return self.gpus
-        return int(self.resources.get("cpu_processes", 1) or 1)
+        """Processes the job runs in (resource ``processes``; above 1, data-parallel under
+        accelerate): the rules give more than one to training stages only, one per GPU or
+        ``resources.cpu_processes`` on CPUs (``train_resources`` in ``rules/common.smk``)."""
+        return int(self.resources.get("processes", 1) or 1)
 
 
 @contextlib.contextmanager
