@@ -7,7 +7,9 @@
 #          (LONG_TESTS) start at once on 2 workers of their own, the rest on TEST_WORKERS (default 8)
 #          beside them; PYTEST_ARGS (default -q) goes to both;
 #   study  the GPU-size embedded study (config/examples/gpu-embedded.yaml) in the background, beside
-#          the parts named after it, until the deadline; a rerun on the same machine resumes it.
+#          the parts named after it, until the deadline; a rerun on the same machine resumes it;
+#   precision  benchmarks/precision.py (README, "Precision": what a bf16 base does to log-probs, the
+#          PPO-clip ratio, KL estimates and reward scores, against fp32 on the GPU).
 # Everything stops by DEADLINE_S seconds after the start. Logs, JSON, the study's tables and a
 # tarball of its results go to $OUT (default results/device). Run from the repository root with the
 # pinned packages importable (.venv/bin/python, or python3 with the wheels on PYTHONPATH):
@@ -64,12 +66,18 @@ run_bench() {
     grep -hE "^(model|update|interleaved|zo|fo)" "$OUT/zopro_default.log" "$OUT/zopro_1b.log"
 }
 
+run_precision() {
+    timeout $(($(left) - 30)) $PY benchmarks/precision.py > "$OUT/precision.log" 2>&1
+    echo "precision benchmark rc $? at $(($(date +%s) - START)) s"; tail -n 30 "$OUT/precision.log"
+}
+
 for part in "$@"; do
     case $part in
         bench) run_bench ;;
         tests) run_tests ;;
         study) run_study ;;
-        *) echo "unknown part: $part (bench, tests, study)" >&2; exit 2 ;;
+        precision) run_precision ;;
+        *) echo "unknown part: $part (bench, tests, study, precision)" >&2; exit 2 ;;
     esac
 done
 

@@ -70,6 +70,7 @@ WHERE = {
     ".venv/bin/ruff format --check .": ".ci/run",
     ".venv/bin/snakefmt --check Snakefile rules/": ".ci/run",
     "TEST_WORKERS=14 PYTEST_ARGS=-v DEADLINE_S=560 bash benchmarks/device_check.sh tests": "device",
+    "DEADLINE_S=300 bash benchmarks/device_check.sh precision": "device",
 }
 
 
