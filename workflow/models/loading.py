@@ -112,7 +112,8 @@ def _pad_token_id(*paths: str | None) -> int | None:
 
 
 def load_sequence_classifier(base_path: str, pad_token_id: int | None = None, dtype: torch.dtype | None = None):
-    """The base model with a fresh 1-label ``score`` head (the reward model before its adapter).
+    """The 1-label sequence classifier of ``base_path``: a base model with a fresh ``score`` head (the
+    reward model before its adapter), or a trained reward model (the reward-model judge).
 
     The head is fp32 whatever the base's dtype (:class:`FP32Head`): a trained head then keeps fp32
     weights and optimizer states, as the LoRA weights do.
