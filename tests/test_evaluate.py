@@ -109,7 +109,9 @@ def test_sampling_seed_depends_on_the_config_seed_and_index_only():
 
 
 def test_gold_scorer_hook():
-    assert gold_scorer({"dataset": {"name": "embedded"}}) is not None
+    from workflow.data.embedded_task import gold_score
+
+    assert gold_scorer({"dataset": {"name": "embedded"}}) is gold_score
     assert gold_scorer({"dataset": {"name": "hh-rlhf"}}) is None
 
 

@@ -81,9 +81,11 @@ def test_plot_stage_writes_figures_html_and_metrics(tmp_path):
     html = (out / "tsne_3d.html").read_text()
     assert not re.search(r"<script[^>]+src=[\"']?(https?:)?//", html, re.I)
     assert len(html) > 1_000_000 and "Plotly" in html  # plotly.js embedded
+    assert "keep_rm replay" in html  # the reward trajectory shown is the keep_rm replay
     steps = pd.read_parquet(out / "metrics.parquet")
     assert list(steps["iteration"].unique()) == [0, 1] and len(steps) == 10
     assert steps["angle_deg"].between(0, 180).all()
+    assert steps["obi_wan_cosine"].between(-1, 1).any()  # reward step t against policy step t + 1
     iters = pd.read_csv(out / "metrics_iterations.csv")
     assert {"distance_correlation", "procrustes_disparity", "pearson"} <= set(iters.columns)
     assert list(iters["scope"]) == ["iteration", "iteration", "trajectory"]
@@ -137,7 +139,6 @@ def test_compare_methods_reads_defensively(tmp_path):
 
 
 def test_snakemake_rules_run_upto_and_report(tmp_path):
-    pytest.importorskip("snakemake")
     fake_run(tmp_path)
     (tmp_path / "config.yaml").write_text(
         "seed: 0\ndataset: {name: embedded}\nmodel: {name: null}\n"

@@ -101,12 +101,46 @@ def test_changed_config_discards_the_saved_state(tiny_base, adapters, embedded_f
     assert summary["resumed_from_step"] == 0
 
 
-def test_ppo_restarts_its_iteration(tiny_base, adapters, embedded_frames, tmp_path):
+def test_killed_ppo_stage_restarts_its_iteration_and_ends_like_an_uninterrupted_run(
+    tiny_base, adapters, embedded_frames, tmp_path, monkeypatch
+):
+    """trl's PPO cannot resume from a checkpoint: a killed PPO stage starts its iteration again."""
+    from transformers import TrainerCallback
+
+    from workflow.train import policy_trainers
+
     prompts = policy.iteration_prompts(embedded_frames["train"], 0, CFG, seed=0)[:8]
-    ckpt = tmp_path / "ckpt"
-    summary = _run("ppo", tiny_base, adapters, prompts, tmp_path / "out", ckpt, _cfg())
-    assert summary["resumed_from_step"] == 0 and summary["steps"] >= 1
+    whole = _run("ppo", tiny_base, adapters, prompts, tmp_path / "whole", tmp_path / "whole_ckpt", _cfg())
+    assert whole["resumed_from_step"] == 0 and whole["steps"] >= 2
+
+    class KillAfterFirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise Killed("killed after step 1")
+
+    build_ppo = policy_trainers.BUILDERS["ppo"]
+
+    def killed_build(stage):
+        built = build_ppo(stage)
+        built.trainer.add_callback(KillAfterFirstStep())
+        return built
+
+    out, ckpt = tmp_path / "killed", tmp_path / "killed_ckpt"
+    with monkeypatch.context() as patch:
+        patch.setitem(policy_trainers.BUILDERS, "ppo", killed_build)
+        with pytest.raises(Killed):
+            _run("ppo", tiny_base, adapters, prompts, out, ckpt, _cfg())
+    assert not (out / "adapter").exists() and read_index(ckpt / "snapshots")["step"].max() >= 1
+
+    again = _run("ppo", tiny_base, adapters, prompts, out, ckpt, _cfg())
+    assert again["resumed_from_step"] == 0 and again["steps"] == whole["steps"]
     assert not ckpt.exists()
+    a, b = lora.adapter_state(tmp_path / "whole" / "adapter"), lora.adapter_state(out / "adapter")
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    assert (
+        read_index(out / "snapshots")["step"].tolist() == read_index(tmp_path / "whole" / "snapshots")["step"].tolist()
+    )
 
 
 def test_fingerprint_follows_config_inputs_and_code_but_not_plot_settings(tmp_path, monkeypatch):

@@ -1,5 +1,8 @@
 """Streaming trajectories: reading, validation, subsampling, keep_rm replay, projection."""
 
+import sys
+import types
+
 import numpy as np
 import pytest
 from synthetic import write_stage
@@ -106,12 +109,20 @@ def test_embed_few_points():
         for k in (2, 3):
             assert proj.embed(x, method, k).shape == (7, k)
     assert proj.embed(x[:2, :1], "pca", 3).shape == (2, 3)
-    assert "umap" not in proj.available_projections(["pca"])
+
+
+def test_umap_is_dropped_only_when_it_is_not_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "umap", None)  # import umap raises ImportError
+    assert proj.available_projections(["pca", "umap", "tsne"]) == ["pca", "tsne"]
+    monkeypatch.setitem(sys.modules, "umap", types.ModuleType("umap"))
+    assert proj.available_projections(["pca", "umap", "tsne"]) == ["pca", "umap", "tsne"]
 
 
 def test_reads_files_written_by_workflow_snapshots(tmp_path):
-    torch = pytest.importorskip("torch")
-    snapshots = pytest.importorskip("workflow.models.snapshots")
+    import torch
+
+    from workflow.models import snapshots
+
     state = {"layers.0.q.lora_A.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
     snapshots.save_snapshot(state, tmp_path / "snapshots", 0)
     snapshots.save_snapshot({k: v + 1 for k, v in state.items()}, tmp_path / "snapshots", 5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from workflow import runtime
-from workflow.zo.guarded import MOMENTUM_GRID, GuardedConfig, GuardedEngine
+from workflow.zo.guarded import GuardedConfig, GuardedEngine
 
 SHAPES = {"q.lora_A.weight": (4, 16), "q.lora_B.weight": (16, 4), "v.lora_A.weight": (4, 16)}
 
@@ -86,8 +86,7 @@ def test_momentum_takes_the_largest_grid_step_within_the_kl_budget(budget):
         return float(((engine.flat.copy() - start).norm() / engine.mu.norm()) ** 2)
 
     metrics = engine.momentum(kl)
-    allowed = [a for a in MOMENTUM_GRID if a * a <= budget]
-    alpha = max(allowed) if allowed and budget > 0 else 0.0
+    alpha = {0.0: 0.0, 0.1: 0.25, 0.3: 0.5, 10.0: 1.0}[budget]  # the largest k / 8 with (k / 8)^2 <= budget
     assert metrics["zo/momentum_alpha"] == alpha and engine.state.momentum_alpha == alpha
     torch.testing.assert_close(engine.flat.copy(), start + alpha * engine.mu)
 
@@ -183,8 +182,9 @@ def test_momentum_keeps_the_rise_of_the_kl_to_the_reference_within_budget(start_
     torch.testing.assert_close(engine.flat.copy(), start + 0.5 * engine.mu)
 
 
-def test_guarded_updates_read_nothing_back_from_the_device():
-    """Accept / reject and skip decisions are device tensors: no ``.item()`` inside the updates."""
+def test_guarded_updates_read_from_the_device_once_per_batch():
+    """Accept / reject and skip decisions are device tensors: the 4 updates of a batch make no read;
+    the batch's metrics are read once at the end."""
     from test_zopro import host_reads
 
     engine, params, _, _ = make(config(updates_per_batch=4))
@@ -192,5 +192,5 @@ def test_guarded_updates_read_nothing_back_from_the_device():
     def loss():  # a device tensor, as the trainer's loss
         return 0.5 * sum((p * p).sum() for p in params.values())
 
-    assert host_reads(lambda: engine.update(loss)) == 0
+    assert host_reads(lambda: engine.update(loss)) == 1
     assert engine.state.accepted + engine.state.rejected == 4
