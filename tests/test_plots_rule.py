@@ -16,6 +16,7 @@ from synthetic import write_stage
 from workflow.analysis import plots
 from workflow.analysis import trajectories as tj
 from workflow.evaluation import compare
+from workflow.io import DataFileError
 from workflow.job import Job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,6 +137,14 @@ def test_compare_methods_reads_defensively(tmp_path):
     assert {"gold.png", "interplay.png", "summary.csv"} <= {p.name for p in out.iterdir()}
     summary = pd.read_csv(out / "summary.csv")
     assert set(summary["method"]) == {"ppo"} and {"gold_mean", "cosine"} <= set(summary.columns)
+    # a method without results is shown as missing; one with a damaged table is an error naming it
+    damaged = tmp_path / "results/dpo/evaluation.csv"
+    for text, message in (("iteration,kl\n0,0.1\n", "missing column.*gold_mean"), ("", "damaged table")):
+        damaged.parent.mkdir(parents=True, exist_ok=True)
+        damaged.write_text(text)
+        with pytest.raises(DataFileError, match=f"{damaged}: {message}"):
+            compare.run(j)
+        assert set(pd.read_csv(out / "summary.csv")["method"]) == {"ppo"}  # the last comparison is kept
 
 
 def test_snakemake_rules_run_upto_and_report(tmp_path):

@@ -94,9 +94,13 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
 
 
 def read_table(path: str | os.PathLike, columns: Sequence[str] = ()) -> pd.DataFrame:
-    """The parquet table of ``path`` (pyarrow names the file when it is damaged);
-    :class:`DataFileError` naming the file when it lacks one of ``columns``."""
-    table = pd.read_parquet(path)
+    """The table of ``path``, CSV (``.csv``) or parquet (pyarrow names the file when it is damaged);
+    :class:`DataFileError` naming the file when it is damaged or lacks one of ``columns``."""
+    if str(path).endswith(".csv"):
+        with reading(path, "table"):
+            table = pd.read_csv(path)
+    else:
+        table = pd.read_parquet(path)
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise DataFileError(

@@ -15,17 +15,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from workflow.io import as_paths, atomic_dir  # noqa: E402
+from workflow.io import as_paths, atomic_dir, read_table  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
-def _read_csv(path: str | os.PathLike) -> pd.DataFrame | None:
-    try:
-        return pd.read_csv(path)
-    except Exception as err:  # noqa: BLE001 - a method without results is shown as missing
-        log.warning("cannot read %s: %s", path, err)
+def _read_csv(path: str | os.PathLike, columns: tuple[str, ...]) -> pd.DataFrame | None:
+    """The table of ``path``; ``None`` when there is no such file (the method is shown as missing),
+    an error naming the file when it is damaged or lacks one of ``columns``."""
+    if not os.path.exists(path):
+        log.warning("%s does not exist: its method is shown as missing", path)
         return None
+    return read_table(path, columns)
 
 
 def _plot_per_iteration(
@@ -72,14 +73,11 @@ def run(job: Any) -> None:
     plots = as_paths(job.input.get("plots", []))
     gold, inter = [], []
     for j, m in enumerate(methods):
-        ev = _read_csv(evaluations[j]) if j < len(evaluations) else None
-        if ev is not None and {"iteration", "gold_mean"} <= set(ev.columns):
-            ev = ev.assign(method=m)
-            gold.append(ev)
-        elif ev is not None:
-            log.warning("%s lacks iteration/gold_mean columns", evaluations[j])
-        mt = _read_csv(Path(plots[j]) / "metrics.csv") if j < len(plots) else None
-        if mt is not None and "iteration" in mt.columns:
+        ev = _read_csv(evaluations[j], ("iteration", "gold_mean")) if j < len(evaluations) else None
+        if ev is not None:
+            gold.append(ev.assign(method=m))
+        mt = _read_csv(Path(plots[j]) / "metrics.csv", ("iteration",)) if j < len(plots) else None
+        if mt is not None:
             keep = [
                 c
                 for c in ("cosine", "obi_wan_cosine", "pearson", "policy_consecutive_cosine", "angle_deg")
