@@ -30,6 +30,7 @@ import gzip
 import json
 import logging
 import os
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,25 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8", newline="")
 
 
+def _tsv_records(handle, path: Path) -> Records:
+    """One record per line of a tab-separated file with a header line; no quoting and no NA
+    guessing (every value is text); a line with another number of fields than the header is an error."""
+    lines = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(lines, None)
+    if header is None:
+        raise ExtractionError(f"{path}: empty file (no header, no rows)")
+    records = []
+    for fields in lines:
+        if not fields:  # a blank line
+            continue
+        if len(fields) != len(header):
+            raise ExtractionError(
+                f"{path}: line {lines.line_num}: {len(fields)} tab-separated fields, the header has {len(header)}"
+            )
+        records.append((f"line {lines.line_num}", dict(zip(header, fields))))
+    return records
+
+
 def _json_lines(text: str, path: Path) -> Records:
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -107,18 +127,13 @@ def read_file(path: str | os.PathLike) -> Records:
             return [(f"row {i}", r) for i, r in enumerate(rows, start=1)]
         if kind == "tsv":
             with _open_text(path) as handle:
-                frame = pd.read_csv(
-                    handle, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False, na_filter=False
-                )
-            # one record per line (no quoting): data row i is on line i + 1
-            return [(f"line {i}", r) for i, r in enumerate(frame.to_dict("records"), start=2)]
+                return _tsv_records(handle, path)
         with _open_text(path) as handle:
             text = handle.read()
     except ExtractionError:
         raise
-    except pd.errors.EmptyDataError:
-        raise ExtractionError(f"{path}: empty file (no header, no rows)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ParserError, ArrowInvalid are ValueErrors
+    # a damaged file: ArrowInvalid is a ValueError; EOFError and zlib.error come from a cut gzip stream
+    except (OSError, UnicodeDecodeError, ValueError, EOFError, zlib.error, csv.Error) as exc:
         raise ExtractionError(f"{path}: cannot read {kind} file: {exc}") from None
     if kind == "jsonl":
         return _json_lines(text, path)
