@@ -91,6 +91,21 @@ def test_missing_judge_model_folder_fails(tmp_path):
     assert "judge.model: './judges/rm' does not exist" in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "LlamaForSequenceClassification"])
+def test_reward_model_judge_must_be_a_sequence_classifier(tmp_path, architecture):
+    """A chat model as the reward-model judge would score with a randomly initialised head."""
+    (tmp_path / "judges").mkdir()
+    _model_folder(tmp_path / "judges" / "rm")
+    (tmp_path / "judges" / "rm" / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+    result = _dry_run(tmp_path, _config(judge={"kind": "reward_model", "model": "judges/rm"}))
+    out = result.stdout + result.stderr
+    if architecture == "LlamaForCausalLM":
+        assert result.returncode != 0 and "judge.model: 'judges/rm' is not a reward model" in out
+        assert "LlamaForCausalLM" in out
+    else:
+        assert result.returncode == 0, out
+
+
 @pytest.mark.parametrize("name", ["meta-llama/Llama-3.2-1B", "gpt2", "local"])
 def test_hub_ids_and_model_folders_pass(tmp_path, name):
     if name == "local":

@@ -144,6 +144,11 @@ def test_judges_load_as_frozen_models_do_under_each_precision(set_precision, tin
         assert {p.dtype for p in reward.parameters()} == {torch.float32} and isinstance(reward.score, FP32Head)
 
 
+def test_a_chat_model_is_refused_as_the_reward_model_judge(tiny_base):
+    with pytest.raises(pairwise.JudgeError, match=r"is not a reward model.*LlamaForCausalLM"):
+        pairwise.RewardModelJudge.from_path(tiny_base)
+
+
 def test_reward_model_without_a_chat_template_reads_the_conversation_as_plain_text(tiny_seq_cls):
     from workflow.data.chat import as_messages, conversation_text
 

@@ -8,6 +8,7 @@ working directory (``snakemake -d``), as the jobs read them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -47,6 +48,18 @@ def model_problem(key: str, name: str) -> str | None:
     return None
 
 
+def reward_model_problem(key: str, name: str, architectures: list[str] | None) -> str | None:
+    """Why the model ``name`` with ``config.json`` ``architectures`` is not a reward model (a
+    sequence classifier, whose trained ``score`` head gives the reward), or None."""
+    if any(a.endswith("ForSequenceClassification") for a in architectures or []):
+        return None
+    return (
+        f"{key}: {name!r} is not a reward model (its config.json names {architectures or 'no architecture'}, "
+        "not a ...ForSequenceClassification): loaded as one it would score with a random head; use "
+        "judge.kind llm for a chat model"
+    )
+
+
 def judge_problems(config: dict[str, Any]) -> list[str]:
     """Problems of the ``judge`` section (it judges the pairs of iterations 0..loop.iterations-2)."""
     if int(config["loop"]["iterations"]) < 2:
@@ -67,6 +80,9 @@ def judge_problems(config: dict[str, Any]) -> list[str]:
             "which is null; set judge.model"
         ]
     problem = model_problem("judge.model", str(model))
+    local = Path(os.path.expanduser(str(model))) / "config.json"
+    if problem is None and kind == "reward_model" and local.is_file():  # a hub id is checked when it loads
+        problem = reward_model_problem("judge.model", str(model), json.loads(local.read_text()).get("architectures"))
     return [problem] if problem else []
 
 

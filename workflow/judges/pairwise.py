@@ -187,10 +187,14 @@ class RewardModelJudge(Judge):
     def from_path(cls, path: str, batch_size: int = 8, max_length: int | None = None) -> RewardModelJudge:
         """The reward model of ``path`` in fp32 whatever the precision, as every frozen reward
         model scores (README, "Precision"): bf16 scores tie and reorder close answers."""
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
+        from workflow.config_checks import reward_model_problem
         from workflow.models.loading import load_sequence_classifier
 
+        problem = reward_model_problem("judge.model", path, AutoConfig.from_pretrained(path).architectures)
+        if problem:
+            raise JudgeError(problem)
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(
             load_sequence_classifier(path, tokenizer.pad_token_id, dtype=torch.float32),
