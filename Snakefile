@@ -4,7 +4,7 @@ import os
 
 from snakemake.utils import min_version, validate
 
-from workflow.config_checks import check_config
+from workflow.config_checks import check_config, expand_home
 from workflow.evaluation.study import workflow_hash
 
 min_version("9.0")
@@ -20,6 +20,7 @@ report: "report/workflow.rst"
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
+expand_home(config)  # ~ in the model, judge and data paths
 check_config(config)  # settings that clash (workflow/config_checks.py), before any job
 
 

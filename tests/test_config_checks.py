@@ -116,6 +116,27 @@ def test_hub_ids_and_model_folders_pass(tmp_path, name):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_home_in_a_path_setting_is_expanded_for_the_checks_and_the_jobs(tmp_path, monkeypatch):
+    from workflow.config_checks import expand_home
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    _model_folder(home / "models" / "base")
+    monkeypatch.setenv("HOME", str(home))
+    config = _config(model={"name": "~/models/base"}, dataset={"files": {"train": "~/rows.jsonl", "test": None}})
+    expand_home(config)
+    assert config["model"]["name"] == str(home / "models" / "base")
+    assert config["dataset"]["files"] == {"train": str(home / "rows.jsonl"), "test": None}
+    assert config["dataset"]["source"] == _config()["dataset"]["source"]  # no ~: as it was
+    # the data files are the extraction's inputs: Snakemake finds them under the home folder
+    for split in ("train", "test"):
+        (home / f"{split}.jsonl").write_text("{}\n")
+    files = {"files": {"train": "~/train.jsonl", "test": "~/test.jsonl"}, "name": "hh-rlhf"}
+    config = _config(model={"name": "~/models/base"}, dataset=files, loop={"iterations": 1})
+    result = _dry_run(tmp_path, config)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_one_iteration_needs_no_judge(tmp_path):
     result = _dry_run(tmp_path, _config(dataset={"name": "hh-rlhf"}, loop={"iterations": 1}))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,38 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+# the settings that may name a local file or folder, else a hub id (seed_config makes the relative
+# ones absolute for a study's nested runs; a relative value that names no file, a hub id, stays)
+PATH_KEYS = (
+    ("model", "name"),
+    ("judge", "model"),
+    ("dataset", "source"),
+    ("dataset", "files", "train"),
+    ("dataset", "files", "test"),
+)
+
+
 class ConfigError(ValueError):
     """Settings that cannot run together."""
+
+
+def path_settings(config: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str, str]]:
+    """``(section, key, value)`` of every :data:`PATH_KEYS` setting of ``config`` that holds a string."""
+    for keys in PATH_KEYS:
+        parent = config
+        for key in keys[:-1]:
+            parent = parent.get(key) if isinstance(parent.get(key), dict) else {}
+        value = parent.get(keys[-1])
+        if isinstance(value, str):
+            yield parent, keys[-1], value
+
+
+def expand_home(config: dict[str, Any]) -> None:
+    """Expand a leading ``~`` of every path setting in place (the Snakefile, before the checks), so
+    that the checks, the rules' inputs and the jobs all read the same path."""
+    for parent, key, value in path_settings(config):
+        if value.startswith("~"):
+            parent[key] = os.path.expanduser(value)
 
 
 def model_problem(key: str, name: str) -> str | None:

@@ -24,20 +24,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workflow.config_checks import path_settings
+
 if TYPE_CHECKING:  # the Snakefile imports this module for workflow_hash: no pandas or torch at parse time
     import pandas as pd
 
     from workflow.job import Job
 
-# config values that may be paths relative to the run's working folder (made absolute for the
-# nested runs, which work in another folder); a relative value that names no file (a hub id) stays
-PATH_KEYS = (
-    ("model", "name"),
-    ("judge", "model"),
-    ("dataset", "source"),
-    ("dataset", "files", "train"),
-    ("dataset", "files", "test"),
-)
 # an iteration "beats" a reference when its paired gain is more than this many paired standard errors
 MIN_Z = 2.0
 SEED_COLUMNS = [
@@ -61,19 +54,16 @@ AVERAGED = ["gold_mean", "gold_gain_vs_sft", "gold_gain_vs_iter0"]
 
 def seed_config(config: dict[str, Any], seed: int, root: str | os.PathLike) -> dict[str, Any]:
     """The config of seed ``seed``'s nested run: ``config`` with ``seed`` set, ``cache_dir`` and the
-    :data:`PATH_KEYS` that name existing files relative to ``root`` made absolute."""
+    path settings (:data:`workflow.config_checks.PATH_KEYS`) that name existing files relative to
+    ``root`` made absolute."""
     out = copy.deepcopy(config)
     out["seed"] = int(seed)
     root = Path(root).resolve()
     if out.get("cache_dir"):
         out["cache_dir"] = str(root / out["cache_dir"])  # absolute stays absolute
-    for keys in PATH_KEYS:
-        parent = out
-        for key in keys[:-1]:
-            parent = parent.get(key) if isinstance(parent.get(key), dict) else {}
-        value = parent.get(keys[-1])
-        if isinstance(value, str) and value and not os.path.isabs(value) and (root / value).exists():
-            parent[keys[-1]] = str(root / value)
+    for parent, key, value in path_settings(out):
+        if value and not os.path.isabs(value) and (root / value).exists():
+            parent[key] = str(root / value)
     return out
 
 
