@@ -36,6 +36,10 @@ def _model_folder(path, config_json: bool = True, tokenizer: bool = True) -> str
 CLASHES = {
     "rule judge on hh-rlhf": (dict(dataset={"name": "hh-rlhf"}), ["judge.kind: rule", "dataset.name is 'hh-rlhf'"]),
     "llm judge without model": (dict(judge={"kind": "llm", "model": None}), ["judge.kind: llm needs judge.model"]),
+    "a data file for the embedded dataset": (
+        dict(dataset={"files": {"train": "rows.jsonl", "test": None}}),
+        ["dataset.name: embedded generates its rows, so dataset.files.train would be ignored"],
+    ),
     "reward-model judge without model": (
         dict(judge={"kind": "reward_model"}),
         ["judge.kind: reward_model needs judge.model"],

@@ -42,6 +42,20 @@ def test_atomic_dir_replaces_only_when_complete(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
+def test_a_folder_left_between_the_two_renames_is_put_back(tmp_path):
+    """A run killed after moving the old folder aside and before moving the new one in leaves
+    ``.adapter.old`` and no ``adapter``: the next run puts it back, so a failure keeps it."""
+    target = tmp_path / "adapter"
+    old = io.hidden_sibling(target, "old")
+    old.mkdir()
+    (old / "a.txt").write_text("1")
+    with pytest.raises(ValueError):
+        with io.atomic_dir(target) as tmp:
+            (tmp / "b.txt").write_text("2")
+            raise ValueError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"] and (target / "a.txt").read_text() == "1"
+
+
 def test_stale_scratch_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
     """SIGKILL inside ``atomic_dir``/``scratch_dir``/``atomic_path`` leaves ``.adapter.tmp``,
     ``.trainer.tmp``, ``.metrics.csv.tmp`` (fixed names); the next run starts from empty folders,

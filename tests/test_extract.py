@@ -627,6 +627,11 @@ def test_missing_file_and_unknown_dataset(tmp_path):
     assert str(missing) in str(err.value)
     assert_nothing_written(job)
 
+    folder = tmp_path / "rows.jsonl"
+    folder.mkdir()
+    with pytest.raises(ExtractionError, match=f"{folder}: a folder, not a file"):
+        ex.run(make_job(tmp_path, "hh-rlhf", file=str(folder)))
+
     job = make_job(tmp_path, "no-such-data")
     with pytest.raises(ExtractionError, match="unknown dataset 'no-such-data'"):
         ex.run(job)

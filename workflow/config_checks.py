@@ -117,6 +117,22 @@ def judge_problems(config: dict[str, Any]) -> list[str]:
     return [problem] if problem else []
 
 
+def dataset_problems(config: dict[str, Any]) -> list[str]:
+    """A data source given for the ``embedded`` dataset, which generates its rows and would ignore it."""
+    dataset = config["dataset"]
+    if dataset["name"] != "embedded":
+        return []
+    given = ["dataset.source"] if dataset.get("source") else []
+    given += [f"dataset.files.{split}" for split, path in (dataset.get("files") or {}).items() if path]
+    if not given:
+        return []
+    return [
+        f"dataset.name: embedded generates its rows, so {' and '.join(given)} would be ignored; set "
+        "dataset.name to the dataset the data holds (hh-rlhf, pku-saferlhf, ...), or remove "
+        f"{' and '.join(given)}"
+    ]
+
+
 def policy_problems(config: dict[str, Any]) -> list[str]:
     """Problems of the ``policy`` section that trl or the stage would only raise while training."""
     policy = config["policy"]
@@ -147,6 +163,7 @@ def check_config(config: dict[str, Any]) -> None:
     if config["model"].get("name"):
         problem = model_problem("model.name", str(config["model"]["name"]))
         problems += [problem] if problem else []
+    problems += dataset_problems(config)
     problems += judge_problems(config)
     problems += policy_problems(config)
     if problems:

@@ -66,13 +66,16 @@ def scratch_dir(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path`` (:func:`scratch_dir`); move it onto ``path`` on success.
 
-    An existing folder at ``path`` is replaced only once the new one is complete.
+    An existing folder at ``path`` is replaced only once the new one is complete (a run killed
+    between the two renames leaves it as ``.{name}.old``, put back here first).
     """
     target = Path(path)
+    old = hidden_sibling(target, "old")
+    if old.is_dir() and not target.exists():
+        os.replace(old, target)
     with scratch_dir(target) as tmp:
         yield tmp
         if target.exists():
-            old = hidden_sibling(target, "old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
             os.replace(tmp, target)

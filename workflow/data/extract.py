@@ -117,6 +117,8 @@ def read_file(path: str | os.PathLike) -> Records:
     """Records of a local file with their locations (1-based rows; for line formats, line numbers)."""
     path = Path(path)
     kind = file_format(path)
+    if path.is_dir():
+        raise ExtractionError(f"{path}: a folder, not a file (dataset.files names one file per split)")
     if not path.is_file():
         raise ExtractionError(f"{path}: file not found")
     try:
