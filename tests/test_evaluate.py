@@ -208,6 +208,25 @@ def test_run_fails_on_nan_rewards(tiny_base, embedded_parquet, cfg, tmp_path):
     assert not (tmp_path / "evaluation.parquet").exists() and not (tmp_path / "evaluation_summary.csv").exists()
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "damaged table"),
+        ("n,kl\n3,0.1\n", "missing column.*gold_mean"),
+        ("gold_mean,kl\n", "an evaluation summary without a row"),
+    ],
+)
+def test_a_damaged_summary_is_an_error_naming_it(tmp_path, text, message):
+    from workflow.evaluation.loop_eval import evaluation_table
+    from workflow.io import DataFileError
+
+    good, bad = tmp_path / "sft.csv", tmp_path / "iter_0.csv"
+    good.write_text("gold_mean,kl,iteration\n0.5,0.0,-1\n")
+    bad.write_text(text)
+    with pytest.raises(DataFileError, match=f"{bad}: {message}"):
+        evaluation_table(str(good), [str(bad)], [])
+
+
 def test_reward_gold_accuracy_counts_pairs_within_prompts():
     rows = pd.DataFrame(
         {

@@ -241,6 +241,17 @@ def win_rates(rows: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def summary_row(path: str | Path) -> pd.Series:
+    """The one row of an evaluation summary CSV; an error naming the file when it is damaged,
+    lacks ``gold_mean`` or holds no row."""
+    from workflow.io import DataFileError, read_table
+
+    table = read_table(path, ("gold_mean",))
+    if table.empty:
+        raise DataFileError(f"{path}: an evaluation summary without a row; delete it and rerun the stage that wrote it")
+    return table.iloc[0]
+
+
 def evaluation_table(
     sft_summary: str, iteration_summaries: list[str], benchmarks: list[str], samples: dict[int, str] | None = None
 ) -> pd.DataFrame:
@@ -257,7 +268,7 @@ def evaluation_table(
     nan_wins = dict.fromkeys(WIN_COLUMNS, math.nan)
     sft_wins = {**nan_wins, "win_rate_vs_sft": 0.5, "win_rate_vs_sft_stderr": 0.0, "ties_vs_sft": 1.0}
     rows = []
-    sft = pd.read_csv(sft_summary).iloc[0]
+    sft = summary_row(sft_summary)
     sft_values = {k: float(sft.get(k, 0.0 if k == "kl" else math.nan)) for k in SUMMARY_COLUMNS}
     rows.append(
         {
@@ -270,7 +281,7 @@ def evaluation_table(
         }
     )
     for path in iteration_summaries:
-        summary = pd.read_csv(path).iloc[0]
+        summary = summary_row(path)
         i = int(summary["iteration"]) if "iteration" in summary else _iteration_of(path)
         seconds, rss = benchmark_numbers(bench_by_iter.get(i))
         rows.append(

@@ -255,15 +255,14 @@ def plot_study(table: pd.DataFrame, path: str | os.PathLike) -> None:
 def summarise(job: Job) -> None:
     """Stage function of ``study_summary``: inputs ``evaluation`` (``evaluation.csv`` files) in the
     order of params ``runs`` (``[seed, method]`` pairs); outputs ``table`` and ``figure``."""
-    import pandas as pd
-
-    from workflow.io import write_csv
+    from workflow.io import read_table, write_csv
 
     runs = [(int(seed), str(method)) for seed, method in job.params["runs"]]
     paths = _as_list(job.input["evaluation"])
     if len(paths) != len(runs):
         raise ValueError(f"{len(paths)} evaluation tables for {len(runs)} (seed, method) runs")
-    table = study_table([(seed, method, pd.read_csv(path)) for (seed, method), path in zip(runs, paths)])
+    columns = ("iteration", "gold_mean", "gold_gain_vs_sft", "gold_gain_vs_sft_stderr")
+    table = study_table([(seed, method, read_table(path, columns)) for (seed, method), path in zip(runs, paths)])
     write_csv(table, job.output["table"])
     plot_study(table, job.output["figure"])
     print(table.to_string(index=False))

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from transformers import TrainerCallback
+
+from workflow.io import read_table
 
 COLUMN = "kl_coef"
 
@@ -113,7 +114,7 @@ def previous_coefficient(stage_dir: str | os.PathLike, default: float) -> float:
     path = Path(stage_dir) / "metrics.csv"
     if not path.exists():
         return float(default)
-    metrics = pd.read_csv(path)
+    metrics = read_table(path)
     if COLUMN not in metrics:
         return float(default)
     values = metrics[COLUMN].dropna()
