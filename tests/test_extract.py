@@ -619,7 +619,7 @@ def test_bad_input_names_file_and_row(tmp_path, case):
     assert_nothing_written(job)
 
 
-def test_missing_file_and_unknown_dataset(tmp_path):
+def test_missing_file_and_unknown_dataset(tmp_path, monkeypatch):
     missing = tmp_path / "nowhere" / "test.jsonl"
     job = make_job(tmp_path, "hh-rlhf", file=str(missing))
     with pytest.raises(ExtractionError, match="file not found") as err:
@@ -639,6 +639,11 @@ def test_missing_file_and_unknown_dataset(tmp_path):
 
     with pytest.raises(ExtractionError, match="not found") as err:
         extract("hh-rlhf", "test", source=str(tmp_path / "missing-folder"))
+    with monkeypatch.context() as patch:  # a missing file named like data is local, not a hub id
+        patch.chdir(tmp_path)
+        for name in ("pairs.jsonl", "pairs.csv"):
+            with pytest.raises(ExtractionError, match=f"{name}.*not found"):
+                extract("hh-rlhf", "test", source=name)
     assert "missing-folder" in str(err.value)
 
 

@@ -163,7 +163,7 @@ def _looks_local(source: str) -> bool:
     return (
         os.path.exists(source)
         or source.startswith((".", "/", "~"))
-        or any(source.lower().endswith(suffix) for suffix in FORMATS)
+        or any(source.lower().endswith(suffix) for suffix in (*FORMATS, ".csv"))  # .csv: named as unsupported
     )
 
 
