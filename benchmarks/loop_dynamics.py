@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from workflow.io import write_csv  # noqa: E402
 from workflow.train.kl_control import COLUMN as KL_COEF  # noqa: E402
 from workflow.train.kl_control import sequence_kl  # noqa: E402
 
@@ -80,7 +81,7 @@ def main() -> None:
     table = run_dynamics(args.run_dir, args.methods, args.windows)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False)
+        write_csv(table, args.out)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
 

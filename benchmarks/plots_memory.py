@@ -31,6 +31,9 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from workflow.io import atomic_path  # noqa: E402
+
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
             "iterations": a.iterations,
             "write_seconds": time.perf_counter() - t0,
         }
-        meta_path.write_text(json.dumps(meta, indent=2))
+        with atomic_path(meta_path) as tmp:  # written last: it marks the trajectories complete
+            tmp.write_text(json.dumps(meta, indent=2))
         print(f"written in {meta['write_seconds']:.0f} s", flush=True)
     out = root / "plots"
     cmd = [
@@ -184,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         "target_peak_mb": 1024,
         "ok": peak_mb < 1024,
     }
-    (root / "plots_memory.json").write_text(json.dumps(result, indent=2))
+    with atomic_path(root / "plots_memory.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     if a.cleanup:
         for d in ("results",):

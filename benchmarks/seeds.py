@@ -30,7 +30,9 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+from workflow.io import write_csv  # noqa: E402
+
 # the criteria of issue "robust baseline": every iteration beats SFT by more than 2 standard errors,
 # loses at most 2 against the iteration before, and stays below KL 3 to SFT
 MIN_Z, MAX_KL, MAX_DROP_Z = 2.0, 3.0, 2.0
@@ -134,8 +136,7 @@ def main() -> None:
             run_seed(seed, args.methods, workdir, args.cores, args.configfile)
         rows += iteration_rows(seed, args.methods, workdir)
     table = pd.DataFrame(rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
+    write_csv(table, args.out)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print()
     print(markdown(table))

@@ -34,6 +34,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from workflow.io import write_csv  # noqa: E402
+
 GAMMAS = (0.999, 0.9, 0.5, 0.0)
 QS = (1, 4, 16, 64)
 EPSILONS = (1e-4, 1e-3, 1e-2)
@@ -153,8 +155,7 @@ def main() -> None:
         trainer.training_step = training_step
         trainer.train()
     table = pd.DataFrame(rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
+    write_csv(table, args.out)
     summary = table.groupby("setting", sort=False)["value"].agg(["mean", "std", "count"])
     print(f"trainable parameters: {sum(p.numel() for p in trainer.build_engine().params)}")
     print(summary.to_string(float_format=lambda x: f"{x:.4f}"))

@@ -48,6 +48,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from workflow.io import atomic_path  # noqa: E402
+
 SIZES = {  # LlamaConfig kwargs
     "default": dict(
         vocab_size=32000,
@@ -516,9 +519,9 @@ def main(argv=None) -> None:
         "targets": {"update_memory_zo_over_fo": "<= 0.5", "update_time_zo_over_fo": "<= 1.0"},
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2))
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    with atomic_path(out.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)

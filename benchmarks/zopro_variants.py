@@ -31,6 +31,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from workflow.io import atomic_dir, atomic_path, write_csv  # noqa: E402
 
 # name -> overlay of config.yaml (the default is the guarded variant as configured)
 VARIANTS: dict[str, dict] = {
@@ -76,8 +77,10 @@ def train_variant(run_dir: Path, name: str, overlay: dict, cores: str, seed: int
     if not (folder / policy_adapter(last)).exists():
         for part in PREFIX:
             if not (folder / part).exists():
-                shutil.copytree(run_dir / part, folder / part)
-        (folder / "overlay.yaml").write_text(yaml.safe_dump({"zopro": {}, **overlay, "seed": seed}))
+                with atomic_dir(folder / part) as tmp:  # a killed copy is never taken for a whole one
+                    shutil.copytree(run_dir / part, tmp, dirs_exist_ok=True)
+        with atomic_path(folder / "overlay.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump({"zopro": {}, **overlay, "seed": seed}))
         cmd = [
             sys.executable,
             "-m",
@@ -201,8 +204,7 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
+    write_csv(table, args.out)
     print(
         "| variant | iteration | gold gain over iteration 0 (z) | gain over SFT / rloo's | momentum alpha | stage s |"
         " criterion |\n| --- | --- | --- | --- | --- | --- | --- |"
