@@ -541,6 +541,12 @@ BAD_CASES = {
         [dict(SUMMARIZE_RECORDS[0], summaries=[{"text": 1}, {"text": "b"}])],
         ["line 1", "key 'summaries[0].text'"],
     ),
+    "summarize post not a string": (
+        "summarize",
+        "t.jsonl",
+        [dict(SUMMARIZE_RECORDS[0], info={"post": 5})],
+        ["line 1", "key 'info.post'", "expected a string"],
+    ),
     "trojan prompts differ": (
         "rlhf-trojan",
         "t.jsonl",

@@ -212,7 +212,10 @@ def build_summarize(record: Mapping[str, Any], hub_config: str | None = None) ->
     info = _field(record, "info")
     if not isinstance(info, Mapping):
         raise RowError("info", f"expected an object with 'post', got {preview(info)}")
-    post = _text(info, "post", allow_empty=True, none_as_empty=True) if "post" in info else ""
+    try:
+        post = _text(info, "post", allow_empty=True, none_as_empty=True) if "post" in info else ""
+    except RowError as exc:
+        raise RowError(f"info.{exc.key}", exc.problem) from None
     summaries = _field(record, "summaries")
     if isinstance(summaries, np.ndarray):
         summaries = summaries.tolist()
