@@ -34,6 +34,16 @@ def _run(method, tiny_base, adapters, prompts, out, checkpoints, cfg):
     return train_stage(method, tiny_base, adapters, prompts, out, cfg, checkpoint_dir=checkpoints)
 
 
+def _assert_same_stage(out, whole) -> None:
+    """The stage in ``out`` ended where the uninterrupted one in ``whole`` did: every adapter tensor
+    (to 1e-6) and the snapshot steps."""
+    a, b = lora.adapter_state(whole / "adapter"), lora.adapter_state(out / "adapter")
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    assert read_index(out / "snapshots")["step"].tolist() == read_index(whole / "snapshots")["step"].tolist()
+
+
 def _kill_at_step(monkeypatch, step: int) -> None:
     """Make the reward function raise while the trainer computes step ``step + 1``."""
     original = scoring.RewardFunction.__call__
@@ -73,13 +83,7 @@ def test_killed_stage_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     assert resumed["resumed_from_step"] == 2 * every
     assert resumed["steps"] == steps
     assert not ckpt.exists()  # the resumable state is removed once the outputs are written
-    a, b = lora.adapter_state(tmp_path / "whole" / "adapter"), lora.adapter_state(out / "adapter")
-    assert set(a) == set(b)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
-    assert (
-        read_index(out / "snapshots")["step"].tolist() == read_index(tmp_path / "whole" / "snapshots")["step"].tolist()
-    )
+    _assert_same_stage(out, tmp_path / "whole")
     samples_a = pd.read_parquet(tmp_path / "whole" / "samples.parquet")
     samples_b = pd.read_parquet(out / "samples.parquet")
     assert samples_b["step"].tolist() == samples_a["step"].tolist()
@@ -134,13 +138,7 @@ def test_killed_ppo_stage_restarts_its_iteration_and_ends_like_an_uninterrupted_
     again = _run("ppo", tiny_base, adapters, prompts, out, ckpt, _cfg())
     assert again["resumed_from_step"] == 0 and again["steps"] == whole["steps"]
     assert not ckpt.exists()
-    a, b = lora.adapter_state(tmp_path / "whole" / "adapter"), lora.adapter_state(out / "adapter")
-    assert set(a) == set(b)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
-    assert (
-        read_index(out / "snapshots")["step"].tolist() == read_index(tmp_path / "whole" / "snapshots")["step"].tolist()
-    )
+    _assert_same_stage(out, tmp_path / "whole")
 
 
 def test_fingerprint_follows_config_inputs_and_code_but_not_plot_settings(tmp_path, monkeypatch):
