@@ -102,9 +102,6 @@ class ZOEngine:
         return [t.clone() for t in self.flat.views(self.directions()[j])]
 
     # --- estimation -----------------------------------------------------------------------
-    def _rng_snapshot(self) -> Callable[[], None]:
-        return rng_snapshot() if self.common_random_numbers else lambda: None
-
     @torch.no_grad()
     def estimate(self, loss_fn: Callable[[], Any], base: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected gradients ``g_j`` of one micro-batch (accumulated until ``apply``) and the loss,
@@ -117,7 +114,7 @@ class ZOEngine:
         float rounding) before returning.
         """
         eps, device = self.config.eps, self.flat.device
-        restore_rng = self._rng_snapshot()
+        restore_rng = rng_snapshot() if self.common_random_numbers else lambda: None
 
         def evaluate() -> torch.Tensor:
             restore_rng()
