@@ -356,6 +356,29 @@ def test_sequence_kl_is_zero_for_the_same_adapter_and_positive_otherwise(tiny_ba
     assert np.abs(other).max() > 1e-3
 
 
+def test_sequence_logprobs_are_the_answer_tokens_log_likelihood(tiny_base, adapters):
+    """Against the model's own loss on the answer tokens (labels -100 on the prompt), batch of two
+    answers of different lengths (padding)."""
+    from workflow.evaluation.loop_eval import sequence_logprobs
+    from workflow.models.loading import load_policy, load_tokenizer
+
+    tok = load_tokenizer(adapters["sft"], "chat")
+    model = load_policy(tiny_base, adapters["sft"])
+    prompts = [[{"role": "user", "content": "Tell me about the garden."}]] * 2
+    answers = ["The garden is calm and green.", "Nice."]
+    got = sequence_logprobs(model, tok, prompts, answers)
+    for prompt, answer, value in zip(prompts, answers, got):
+        prefix = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
+        p_ids = tok(prefix, add_special_tokens=False)["input_ids"]
+        a_ids = tok(full[len(prefix) :], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p_ids + a_ids], device=model.device)
+        labels = torch.tensor([[-100] * len(p_ids) + a_ids], device=model.device)
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=labels).loss.item()
+        assert value == pytest.approx(-loss * len(a_ids), rel=1e-5, abs=1e-4)
+
+
 def test_evaluation_table(tmp_path):
     from workflow.evaluation.loop_eval import TABLE_COLUMNS, evaluation_table
 

@@ -79,6 +79,8 @@ TABLE_COLUMNS = ["iteration", *SUMMARY_COLUMNS, "wall_time_s", "peak_mem_mb", *P
 @torch.no_grad()
 def sequence_logprobs(model, tokenizer, prompts: list, answers: list[str], batch_size: int = 32) -> np.ndarray:
     """``log p(answer | prompt)`` summed over the answer tokens (chat template, answer + end token)."""
+    from trl.trainer.utils import selective_log_softmax
+
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -98,7 +100,7 @@ def sequence_logprobs(model, tokenizer, prompts: list, answers: list[str], batch
         attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
         answer_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device)
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        logp = selective_log_softmax(logits, input_ids[:, 1:])  # no second (batch, length, vocab) tensor
         out.append((logp * answer_mask[:, 1:]).sum(-1).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
