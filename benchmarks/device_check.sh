@@ -3,9 +3,9 @@
 # embedded study" and "Tests"). Any of these parts, run in the order given:
 #   bench  the update benchmark at 105.8M and at the 1.5B Llama-3.2-1B shape (give it the GPU alone:
 #          name it before the others);
-#   tests  the test suite on the GPU, one torch thread a worker: the long Snakemake end-to-end files
-#          (LONG_TESTS) start at once on 2 workers of their own, the rest on TEST_WORKERS (default 8)
-#          beside them; PYTEST_ARGS (default -q) goes to both;
+#   tests  the test suite on the GPU on TEST_WORKERS (default 8) workers, one torch thread each, one
+#          test at a time to a worker (--dist load), the slow ones (tiny trainings, Snakemake end to
+#          end) first (tests/conftest.py); PYTEST_ARGS (default -q) goes to pytest;
 #   study  the GPU-size embedded study (config/examples/gpu-embedded.yaml) in the background, beside
 #          the parts named after it, until the deadline; a rerun on the same machine resumes it;
 #   precision  benchmarks/precision.py (README, "Precision": what a bf16 base does to log-probs, the
@@ -38,23 +38,10 @@ run_study() {
 }
 
 run_tests() {
-    export OMP_NUM_THREADS=1
-    local long=${LONG_TESTS-tests/test_study.py tests/test_loop_workflow.py} ignore="" long_pid="" f
-    if [ -n "$long" ]; then
-        timeout $(($(left) - 40)) $PY -m pytest ${PYTEST_ARGS:--q} -p no:cacheprovider -n 2 --tb=short -rfE \
-            --durations=10 $long > "$OUT/pytest_long.log" 2>&1 &
-        long_pid=$!
-        for f in $long; do ignore="$ignore --ignore=$f"; done
-    fi
-    timeout $(($(left) - 40)) $PY -m pytest ${PYTEST_ARGS:--q} -p no:cacheprovider -n "${TEST_WORKERS:-8}" --tb=short \
-        -rfE --durations=30 $ignore > "$OUT/pytest.log" 2>&1
-    echo "pytest rc $? at $(($(date +%s) - START)) s"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -n 30
-    if [ -n "$long_pid" ]; then
-        wait "$long_pid"
-        echo "long tests ($long) rc $? at $(($(date +%s) - START)) s"
-        grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s call" "$OUT/pytest_long.log" | tail -n 20
-    fi
-    unset OMP_NUM_THREADS
+    OMP_NUM_THREADS=1 timeout $(($(left) - 40)) $PY -m pytest ${PYTEST_ARGS:--q} -p no:cacheprovider \
+        -n "${TEST_WORKERS:-8}" --dist load --tb=short -rfE --durations=30 > "$OUT/pytest.log" 2>&1
+    echo "pytest rc $? at $(($(date +%s) - START)) s"
+    grep -E "^(FAILED|ERROR)|passed|failed|^[0-9.]+s (call|setup)" "$OUT/pytest.log" | tail -n 45
 }
 
 run_bench() {

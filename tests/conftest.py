@@ -32,6 +32,12 @@ TINY_BASE_CFG = {
 }
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the ``slow`` tests (tiny trainings, workflows end to end) first, so that under
+    ``pytest -n`` they start at once on every worker and the short ones fill in beside them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def embedded_frames():
     """``{"train": 64 rows, "test": 32 rows}`` of the embedded task (seed 0)."""

@@ -110,6 +110,7 @@ def _env(monkeypatch, tmp_path):
     return scratch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, metric", [("zorloo", "zo/g_abs"), ("zorloo_reference", "zo/g")])
 def test_zorloo_stage_in_two_processes_keeps_parameters_identical(
     method, metric, tiny_base, adapters, embedded_parquet, tmp_path, monkeypatch
@@ -127,6 +128,7 @@ def test_zorloo_stage_in_two_processes_keeps_parameters_identical(
     assert metric in metrics.columns and metrics[metric].notna().any()
 
 
+@pytest.mark.slow
 def test_killed_two_process_stage_resumes_on_both_processes(
     tiny_base, adapters, embedded_parquet, tmp_path, monkeypatch
 ):

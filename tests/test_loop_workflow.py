@@ -74,6 +74,7 @@ def planned_jobs(workdir: Path, *args: str) -> set[tuple[str, str]]:
 LOOP_RULES = {"train_policy", "collect_pairs", "refine_reward", "evaluate_iteration", "evaluation_table"}
 
 
+@pytest.mark.slow
 def test_loop_runs_resumes_after_interrupt_and_reruns_only_downstream(tmp_path, tiny_base):
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -184,6 +185,7 @@ def tiny_judge_model(tiny_base, tmp_path_factory):
     return str(out)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HH_SAMPLE.exists(), reason=f"HH-RLHF sample not found at {HH_SAMPLE}")
 def test_one_iteration_on_a_real_hh_rlhf_slice(tmp_path, tiny_base, tiny_judge_model):
     config = tiny_config(

@@ -147,6 +147,7 @@ def test_compare_methods_reads_defensively(tmp_path):
         assert set(pd.read_csv(out / "summary.csv")["method"]) == {"ppo"}  # the last comparison is kept
 
 
+@pytest.mark.slow
 def test_snakemake_rules_run_upto_and_report(tmp_path):
     fake_run(tmp_path)
     (tmp_path / "config.yaml").write_text(

@@ -20,7 +20,7 @@ WHERE = {
     "python3 -m venv .venv": ".ci/run",
     ".venv/bin/pip install -r requirements.txt": ".ci/run",
     ".venv/bin/snakemake --cores all results/zorloo/plots": ".ci/run",
-    ".venv/bin/python -m pytest": ".ci/run",
+    ".venv/bin/python -m pytest -n auto": ".ci/run",
     ".venv/bin/snakemake --cores all results/rloo/evaluation.csv --forcerun results/rloo/iter_1/reward/metrics.csv": (
         "tests/test_reruns.py::test_forcerun_of_an_output_reruns_it_and_downstream"
     ),

@@ -20,6 +20,8 @@ import yaml
 from smk import REPO, snakemake
 from test_loop_workflow import ran_jobs, tiny_config
 
+pytestmark = pytest.mark.slow  # end-to-end runs
+
 TARGETS = ["results/zorloo/evaluation.csv", "results/zorloo/plots"]
 COPIED = ["Snakefile", "config.yaml", "rules", "scripts", "workflow", "profiles", "envs", "report"]
 

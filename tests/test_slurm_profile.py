@@ -164,6 +164,7 @@ def _calls(log: Path) -> list[tuple[str, str]]:
     return calls
 
 
+@pytest.mark.slow
 def test_sbatch_calls_of_every_rule(tmp_path):
     """The whole study submitted to a stub cluster: one call per job, cpus = the rule's threads or the profile's set-threads,
     the profile's memory and wall time (per method for train_policy, with the profile's commented
