@@ -5,7 +5,7 @@ import os
 from snakemake.utils import min_version, validate
 
 from workflow.config_checks import check_config, expand_home
-from workflow.evaluation.study import workflow_hash
+from workflow.evaluation.study import nested_run_settings, workflow_hash
 
 min_version("9.0")
 

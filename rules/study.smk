@@ -7,8 +7,8 @@
 #   every chain ------------> study_summary -> results/study/summary.{csv,png}
 #
 # A finished seed is reused: adding a seed to study.seeds runs only that seed's chain (study is not
-# among any stage's settings). A change to the config (but study, seed, cache_dir, resources) or to
-# the workflow's code reruns each seed's nested run, which redoes only what the change affects.
+# among any stage's settings). A change to the config (but study, seed, cache_dir, resources,
+# tracking) or to the workflow's code reruns each seed's nested run, which redoes only what the change affects.
 include: "study_inputs.smk"
 
 
@@ -31,7 +31,7 @@ rule study_seed:
     params:
         workdir=lambda wc: f"results/study/seed_{wc.seed}",
         snakefile=os.path.join(workflow.basedir, "Snakefile"),
-        settings=study_seed_settings(),
+        settings=nested_run_settings(config),
         code=workflow_hash(workflow.basedir),
     script:
         "../scripts/study_seed.py"

@@ -18,10 +18,3 @@ def study_runs():
 def study_evaluations():
     """``evaluation.csv`` of every (seed, method) of the study: the main run's for the config's seed."""
     return [f"{study_dir(s)}results/{m}/evaluation.csv" for s, m in study_runs()]
-
-
-def study_seed_settings():
-    """The settings of a seed's nested run: the whole config but what does not change its results
-    (``study``: the other seeds; ``seed``: the wildcard's; ``cache_dir`` and ``resources``, which the
-    job gets anyway, see workflow.job.RUNTIME_KEYS)."""
-    return stage_settings(config, [k for k in config if k not in ("seed", "study", "cache_dir", "resources")])

@@ -106,7 +106,7 @@ def test_tracking_defaults_to_none(restore_tracking):
 
 
 def test_the_job_sees_tracking_as_a_runtime_key_not_a_setting():
-    """Tracking reaches every job (workflow.job.RUNTIME_KEYS) but no rule's settings param, so that
+    """Tracking reaches every job (workflow.rerun.RUNTIME_KEYS) but no rule's settings param, so that
     changing it reruns nothing (tests/test_reruns.py)."""
     from types import SimpleNamespace
 

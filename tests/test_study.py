@@ -10,10 +10,10 @@ import re
 import pandas as pd
 import pytest
 import yaml
-from smk import snakemake
+from smk import REPO, snakemake
 from test_loop_workflow import planned_jobs, ran_jobs, tiny_config, write_config
 
-from workflow.evaluation.study import seed_config, study_table
+from workflow.evaluation.study import nested_run_settings, seed_config, study_table
 
 TARGET = "results/study/summary.csv"
 
@@ -81,6 +81,17 @@ def test_seed_config_sets_the_seed_and_makes_local_paths_absolute(tmp_path):
     assert out["model"]["name"] == str(tmp_path.resolve() / "models/tiny")
     assert out["dataset"]["files"] == {"train": str(tmp_path.resolve() / "data/train.jsonl"), "test": None}
     assert out["judge"]["model"] == "Qwen/Qwen2.5-0.5B-Instruct"  # a hub id stays
+
+
+def test_a_seeds_nested_run_reruns_on_settings_not_on_the_seed_list_caches_resources_or_tracking():
+    """``study_seed``'s ``settings`` param: every section that changes the nested run's results, not
+    the seeds, the seed, nor the runtime keys (tracking too, as on the main chain: README, "Tracking")."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config.update(seed=0, study={"seeds": [0, 1]}, tracking={"report_to": "wandb"}, cache_dir=".cache/hf")
+    settings = nested_run_settings(config)
+    assert set(settings) == set(config) - {"seed", "study", "cache_dir", "resources", "tracking"}
+    assert settings["zopro"] == config["zopro"] and "loop" in settings
+    assert nested_run_settings({**config, "tracking": {"report_to": "none"}, "study": {"seeds": [0]}}) == settings
 
 
 def test_readme_study_command_plans_the_other_seeds_beside_the_main_chain(tmp_path):

@@ -26,13 +26,8 @@ import torch
 
 from workflow import runtime
 from workflow.io import subprocess_stream
+from workflow.rerun import RUNTIME_KEYS
 from workflow.schema import setting
-
-# Config keys every job gets besides its settings, and which are not rerun triggers: where caches
-# live, the resources (which the rules turn into each job's GPU and process counts; a study's nested
-# run passes them on) and where its trainers report (tracking: watching a run does not change its results).
-RUNTIME_KEYS = ("cache_dir", "resources", "tracking")
-
 
 # the random-number streams of a loop iteration (Job.stage_seed); never change an offset silently
 SEED_OFFSETS = {"policy": 0, "pairs": 17, "refine": 31, "ppo_records": 7919}
@@ -56,7 +51,7 @@ class Job:
         """Build a job from the ``snakemake`` object of a ``script:`` directive (named items only).
 
         The job's ``config`` is the rule's ``settings`` param (the values the stage reads, see
-        :mod:`workflow.rerun`) plus the :data:`RUNTIME_KEYS`; the ``settings`` and ``code`` params
+        :mod:`workflow.rerun`) plus the :data:`workflow.rerun.RUNTIME_KEYS`; the ``settings`` and ``code`` params
         are not repeated in ``params``.
         """
         resources = {k: v for k, v in smk.resources.items() if not k.startswith("_")}

@@ -26,6 +26,12 @@ from typing import Any
 PACKAGE = "workflow"
 ROOT = Path(__file__).resolve().parent
 
+# Config keys every job gets besides its settings (workflow.job.Job), and which are not rerun
+# triggers: where caches live, the resources (which the rules turn into each job's GPU and process
+# counts; a study's nested run passes them on) and where its trainers report (tracking: watching a
+# run does not change its results).
+RUNTIME_KEYS = ("cache_dir", "resources", "tracking")
+
 
 def _sorted(value: Any) -> Any:
     """``value`` with the keys of every dict in it sorted (a canonical ``repr``)."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workflow.config_checks import path_settings
+from workflow.rerun import RUNTIME_KEYS, stage_settings
 
 if TYPE_CHECKING:  # the Snakefile imports this module for workflow_hash: no pandas or torch at parse time
     import pandas as pd
@@ -50,6 +51,13 @@ SEED_COLUMNS = [
 ]
 # the values that the across-seed rows average (their standard error is the seeds' spread)
 AVERAGED = ["gold_mean", "gold_gain_vs_sft", "gold_gain_vs_iter0"]
+
+
+def nested_run_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a seed's nested run (``study_seed``'s ``settings`` param): the whole config but
+    what does not change its results: ``study`` (the other seeds), ``seed`` (the wildcard's) and the
+    :data:`workflow.rerun.RUNTIME_KEYS`, which the nested run gets anyway (:func:`seed_config`)."""
+    return stage_settings(config, [k for k in config if k not in ("seed", "study", *RUNTIME_KEYS)])
 
 
 def seed_config(config: dict[str, Any], seed: int, root: str | os.PathLike) -> dict[str, Any]:
