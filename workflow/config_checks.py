@@ -59,7 +59,7 @@ def model_problem(key: str, name: str) -> str | None:
 
     A hub id passes; a local folder must hold ``config.json`` and a tokenizer (``save_pretrained``).
     """
-    path = Path(os.path.expanduser(name))
+    path = Path(name)  # a leading ~ is expanded before the checks (expand_home)
     if not path.exists():
         if HUB_ID.match(name):
             return None
@@ -111,7 +111,7 @@ def judge_problems(config: dict[str, Any]) -> list[str]:
             "which is null; set judge.model"
         ]
     problem = model_problem("judge.model", str(model))
-    local = Path(os.path.expanduser(str(model))) / "config.json"
+    local = Path(str(model)) / "config.json"
     if problem is None and kind == "reward_model" and local.is_file():  # a hub id is checked when it loads
         problem = reward_model_problem("judge.model", str(model), json.loads(local.read_text()).get("architectures"))
     return [problem] if problem else []

@@ -188,7 +188,7 @@ def resolve(
     if file:
         return "file", str(file)
     if source:
-        source = os.path.expanduser(str(source))
+        source = str(source)  # a leading ~ is expanded in the Snakefile (config_checks.expand_home)
         if os.path.isdir(source):
             return "file", str(find_split_file(source, spec, split, hub_config))
         if os.path.isfile(source):
