@@ -76,8 +76,9 @@ def nested_run_resources():
 
 # Params of every stage besides its own, see workflow/rerun.py. `settings` holds the config values
 # the stage reads (its job gets them as its config), `code` a hash of the Python it runs; a change
-# to either reruns the stage and everything downstream (Snakemake's params trigger).
-MODEL_SETTINGS = ("model.name", "model.max_length", "dataset.name", "precision")
+# to either reruns the stage and everything downstream (Snakemake's params trigger). TRAIN_SETTINGS:
+# what the SFT and reward-model stages read besides their own sections; EVAL_SETTINGS: the evaluations'.
+TRAIN_SETTINGS = ("model.name", "model.max_length", "dataset.name", "precision", "activation_checkpointing")
 EVAL_SETTINGS = ("evaluation", "model", "dataset.name", "precision")
 
 
@@ -102,6 +103,7 @@ def policy_settings(wildcards):
         "model",
         "dataset.name",
         "precision",
+        "activation_checkpointing",
         *zopro,
     )
 

@@ -94,7 +94,7 @@ rule refine_reward:
             "loop.keep_rm_close",
             "loop.keep_rm_alpha",
             "snapshots",
-            *MODEL_SETTINGS,
+            *TRAIN_SETTINGS,
         ),
         code=stage_code("workflow.train.reward"),
     script:

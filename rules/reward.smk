@@ -36,7 +36,7 @@ rule reward_initial:
             "reward.score_objective",
             "lora",
             "snapshots",
-            *MODEL_SETTINGS,
+            *TRAIN_SETTINGS,
         ),
         code=stage_code("workflow.train.reward"),
     script:

@@ -26,7 +26,7 @@ rule sft:
         **train_resources(),
     params:
         base=base_model_param,
-        settings=settings("sft", "lora", "snapshots", *MODEL_SETTINGS),
+        settings=settings("sft", "lora", "snapshots", *TRAIN_SETTINGS),
         code=stage_code("workflow.train.sft"),
     script:
         "../scripts/train_sft.py"

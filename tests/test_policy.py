@@ -168,15 +168,23 @@ def train_stage(method: str, tiny_base: str, adapters: dict, prompts: list, out,
 
 
 @pytest.mark.parametrize("method", ["rloo", "dpo", "ppo", "zorloo", "zorloo_reference"])
-def test_one_policy_iteration(method, tiny_base, adapters, embedded_frames, tmp_path):
+def test_one_policy_iteration(method, tiny_base, adapters, embedded_frames, tmp_path, monkeypatch):
     from workflow.models.snapshots import read_index
+    from workflow.train import policy_trainers
 
+    trainers = []
+    for kind, build in list(policy_trainers.BUILDERS.items()):
+        monkeypatch.setitem(
+            policy_trainers.BUILDERS, kind, lambda stage, build=build: trainers.append(build(stage)) or trainers[-1]
+        )
     iteration, prev, reward, direction = stage_inputs(method, adapters)
     prompts = policy.iteration_prompts(embedded_frames["train"], iteration, CFG, seed=0)[:8]
     before = lora.adapter_state(prev)
     rm_before = lora.adapter_state(reward)
     summary = train_stage(method, tiny_base, adapters, prompts, tmp_path, copy.deepcopy(CFG))
     assert summary["steps"] >= 1
+    # no gradient checkpointing (trl's default) unless the config's activation_checkpointing asks for it
+    assert [built.trainer.args.activation_checkpointing for built in trainers] == [False]
     assert summary["trainer"] == ("zopro" if method in policy.ZO_METHODS else method)
     if method in policy.ZO_METHODS:
         assert summary["zopro_variant"] == {"zorloo": "guarded", "zorloo_reference": "reference"}[method]

@@ -99,6 +99,24 @@ def test_sft_loss_covers_answer_tokens_only(tiny_base, rows, cfg, tmp_path):
     assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_checkpointing_follows_the_config(checkpointing, tiny_base, rows, cfg, tmp_path):
+    """trl's configs turn gradient checkpointing on; the trainers recompute activations only when the
+    config's ``activation_checkpointing`` says so (default off)."""
+    from workflow.models.lora import lora_config
+
+    tokenizer = load_tokenizer(tiny_base, "chat")
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    config = {**cfg, "activation_checkpointing": checkpointing}
+    peft = lora_config(config, "CAUSAL_LM")
+    trainer = build_sft_trainer(
+        model, tokenizer, rows["train"].head(4), config, str(tmp_path), 1, 1e-3, 2, 0, peft_config=peft, max_steps=1
+    )
+    trainer.train()
+    assert trainer.args.activation_checkpointing is checkpointing
+    assert trainer.model.get_base_model().is_activation_checkpointing is checkpointing
+
+
 def test_reward_outputs_keys_shared_with_policy(reward_dir, sft_dir, tiny_base):
     steps = read_index(reward_dir / "snapshots")["step"].tolist()
     assert steps == [0, 2, 4, 6, 8]

@@ -20,13 +20,22 @@ from workflow.io import scratch_dir as io_scratch_dir
 
 
 def trainer_kwargs(
-    output_dir: str, epochs: float, learning_rate: float, batch_size: int, seed: int, **extra: Any
+    output_dir: str,
+    epochs: float,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    *,
+    activation_checkpointing: bool,
+    **extra: Any,
 ) -> dict[str, Any]:
     """Arguments every training stage gives its trl config: no checkpoints, reporting as config
     ``tracking`` says (``runtime.tracking_args()``; none by default), bf16 autocast when
     ``runtime.use_bf16()`` (config ``precision``; the CPU included), else fp32, CPU when no GPU,
-    seeded, tqdm progress, frequent logging."""
+    seeded, tqdm progress, frequent logging, and activation recomputation only when
+    ``activation_checkpointing`` (config ``activation_checkpointing``, gradient checkpointing; trl defaults to on)."""
     kwargs = dict(
+        activation_checkpointing=bool(activation_checkpointing),
         output_dir=output_dir,
         num_train_epochs=float(epochs),
         learning_rate=float(learning_rate),

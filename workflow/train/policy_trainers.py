@@ -74,7 +74,14 @@ def _common_args(scratch: str, cfg: dict[str, Any], seed: int) -> dict[str, Any]
     every = float(setting(cfg, "policy.checkpoint_every") or 0)
     saving = dict(save_strategy="steps", save_steps=every, save_total_limit=1, save_only_model=False) if every else {}
     return trainer_kwargs(
-        scratch, pcfg["epochs"], pcfg["learning_rate"], pcfg["batch_size"], seed, logging_steps=1, **saving
+        scratch,
+        pcfg["epochs"],
+        pcfg["learning_rate"],
+        pcfg["batch_size"],
+        seed,
+        activation_checkpointing=setting(cfg, "activation_checkpointing"),
+        logging_steps=1,
+        **saving,
     )
 
 
