@@ -6,7 +6,7 @@ matrices, in the fixed order of ``model.named_parameters()``):
 * ``mu_k``: the previous policy update (policy_{i-1} - policy_{i-2}; minus the SFT adapter for i = 1);
 * ``v_k``: the reward-model update (reward_i - reward_{i-1}), ``v_hat_k = v_k / |v_k|``;
 * per update step and per direction ``j`` (q-SPSA), fresh Gaussian noise ``n_k`` regenerated from
-  ``(seed + step, j, k)``, projected **per tensor** off ``v_hat_k``:
+  ``(seed, step, j, k)``, projected **per tensor** off ``v_hat_k``:
   ``n_perp_k = n_k - (v_hat_k . n_k) v_hat_k``, rescaled so that ``|n_perp_k| = |mu_k|``;
 * ``z_k = gamma * mu_k + sqrt(1 - gamma^2) * n_perp_k``.
 
@@ -24,7 +24,7 @@ Decisions for missing data (documented contract):
   its neighbours.
 
 Noise is generated tensor by tensor with a ``torch.Generator`` on the parameters' device, seeded
-from ``(seed + step, j, k)`` through ``numpy.random.SeedSequence``, into one flat buffer per
+from ``(seed, step, j, k)`` through ``numpy.random.SeedSequence``, into one flat buffer per
 direction; the per-tensor projections and rescalings are segment sums over that buffer, and the
 parameters move through ``torch._foreach_*`` ops (:class:`FlatParams`). The engine holds ``mu``,
 ``v_hat`` and the ``n_perturbations`` directions of the current update (float32 copies of the
@@ -44,7 +44,7 @@ Gamma schedules, with ``t`` the 0-based update index and ``T`` the total number 
 * ``constant``: ``gamma_start``.
 
 A skipped update (non-finite ``g``) still counts as an update for the seed and the schedule, so
-the seed of update ``t`` is always ``seed + t``.
+update ``t`` always draws the noise of ``(seed, t)``.
 """
 
 from __future__ import annotations
@@ -110,8 +110,10 @@ def gamma_at(schedule: str, gamma_start: float, step: int, total_steps: int | No
 
 
 def tensor_seed(seed: int, step: int, direction: int, index: int) -> int:
-    """63-bit generator seed of tensor ``index``, direction ``direction`` of update ``step``."""
-    words = np.random.SeedSequence([int(seed + step) & 0xFFFFFFFFFFFFFFFF, int(direction), int(index)])
+    """63-bit generator seed of tensor ``index``, direction ``direction`` of update ``step`` of a stage
+    seeded ``seed``. The four enter the seed sequence apart, so that no update of one stage draws the
+    noise of another (stage seeds are ``seed`` + 1009 x iteration, and a stage makes over 1009 updates)."""
+    words = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(step), int(direction), int(index)])
     lo, hi = (int(w) for w in words.generate_state(2, np.uint32))
     return ((hi << 32) | lo) & 0x7FFFFFFFFFFFFFFF
 

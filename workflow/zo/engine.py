@@ -77,10 +77,6 @@ class ZOEngine:
 
     # --- schedule -------------------------------------------------------------------------
     @property
-    def seed(self) -> int:
-        return self.config.seed + self.state.step
-
-    @property
     def gamma(self) -> float:
         return gamma_at(self.config.gamma_schedule, self.config.gamma_start, self.state.step, self.state.total_steps)
 
@@ -151,7 +147,7 @@ class ZOEngine:
         g = mean_across_processes(self._g_sum / self.state.n_micro)
         gamma = self.gamma
         finite, g_mean, g_abs = torch.stack([torch.isfinite(g).all().double(), g.mean(), g.abs().mean()]).tolist()
-        metrics = {"zo/gamma": gamma, "zo/seed": float(self.seed), "zo/lr": lr}
+        metrics = {"zo/gamma": gamma, "zo/step": float(self.state.step), "zo/lr": lr}
         if not finite:
             self.state.skipped += 1
             metrics["zo/g"] = float("nan")

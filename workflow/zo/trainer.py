@@ -44,7 +44,7 @@ How the policy stage calls it (drop-in for ``RLOOTrainer`` plus three keyword ar
 :func:`load_direction_inputs` makes them from the adapter folders). ``model`` must
 already be the PEFT policy (trainable LoRA tensors = the tensors ZOPrO moves); passing
 ``peft_config`` also works (the LoRA is then freshly initialised by the Trainer).
-ZOPrO metrics are logged with the RLOO ones: ``zo/g``, ``zo/g_abs``, ``zo/gamma``, ``zo/seed``,
+ZOPrO metrics are logged with the RLOO ones: ``zo/g``, ``zo/g_abs``, ``zo/gamma``, ``zo/step``,
 ``zo/lr``, ``zo/skipped`` (non-finite ``g``, update skipped).
 """
 
