@@ -61,8 +61,8 @@ def _process_tree(root: int) -> list[int]:
     return tree
 
 
-def _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, method="zorloo", **loop) -> jobmod.Job:
-    """The iteration-1 policy job of a ZOPrO ``method`` (rule ``train_policy``) with 2 CPU processes."""
+def _policy_job(tmp_path, tiny_base, adapters, embedded_parquet, method="zorloo", **loop) -> jobmod.Job:
+    """The iteration-1 policy job of ``method`` (rule ``train_policy``) with 2 CPU processes."""
     config = copy.deepcopy(CFG)
     config["snapshots"] = {"every": 0.25}
     config["policy"]["checkpoint_every"] = 0.25  # both processes checkpoint into one shared folder
@@ -110,6 +110,17 @@ def _env(monkeypatch, tmp_path):
     return scratch
 
 
+def _assert_every_process_rollouts(job) -> None:
+    """``samples.parquet`` holds the rollouts of both processes: each scored its own share of every
+    batch, so rank 0's alone would be half of them (``policy.rloo_k`` answers per prompt)."""
+    samples = pd.read_parquet(job.output["samples"])
+    summary = pd.read_csv(job.output["metrics"]).iloc[-1]
+    per_prompt = samples.groupby(samples["prompt"].map(lambda p: p[-1]["content"])).size()
+    assert len(per_prompt) == summary["prompts"]  # every prompt, both processes' shares
+    assert len(samples) % (summary["prompts"] * job.config["policy"]["rloo_k"]) == 0
+    assert summary["sample_reward_mean"] == pytest.approx(samples["score"].mean())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method, metric", [("zorloo", "zo/g_abs"), ("zorloo_reference", "zo/g")])
 def test_zorloo_stage_in_two_processes_keeps_parameters_identical(
@@ -118,7 +129,7 @@ def test_zorloo_stage_in_two_processes_keeps_parameters_identical(
     """Both ZOPrO variants (guarded: the momentum step and the guard's decisions too) keep the two
     processes' parameters identical."""
     scratch = _env(monkeypatch, tmp_path)
-    job = _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, method=method)
+    job = _policy_job(tmp_path, tiny_base, adapters, embedded_parquet, method=method)
     jobmod.run_job(job, "workflow.train.policy:run")
 
     snaps0 = _assert_ranks_identical(job.output, scratch)
@@ -126,6 +137,26 @@ def test_zorloo_stage_in_two_processes_keeps_parameters_identical(
     assert not os.path.exists(job.params["checkpoints"])  # removed by rank 0 once every process was done
     metrics = pd.read_csv(job.output["metrics"])
     assert metric in metrics.columns and metrics[metric].notna().any()
+    _assert_every_process_rollouts(job)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rloo", "dpo", "ppo"])
+def test_first_order_stage_in_two_processes_stays_in_sync_and_keeps_every_rollout(
+    method, tiny_base, adapters, embedded_parquet, tmp_path, monkeypatch
+):
+    """The first-order methods train in 2 processes and keep them in sync (trl 1.12's PPO reads the
+    policy through the DistributedDataParallel wrapper: policy_trainers.build_ppo); PPO, whose trl
+    trainer keeps no rollouts, samples each process's share of the prompts after training."""
+    scratch = _env(monkeypatch, tmp_path)
+    job = _policy_job(tmp_path, tiny_base, adapters, embedded_parquet, method=method)
+    jobmod.run_job(job, "workflow.train.policy:run")
+    snaps0 = _assert_ranks_identical(job.output, scratch)
+    assert any(not torch.equal(snaps0[0][k], snaps0[-1][k]) for k in snaps0[0])
+    _assert_every_process_rollouts(job)
+    if method == "ppo":
+        samples = pd.read_parquet(job.output["samples"])
+        assert len(samples) == pd.read_csv(job.output["metrics"]).iloc[-1]["prompts"] * CFG["policy"]["rloo_k"]
 
 
 @pytest.mark.slow
@@ -134,7 +165,7 @@ def test_killed_two_process_stage_resumes_on_both_processes(
 ):
     """SIGKILL the launcher and its workers after a checkpoint (a preempted cluster job), then rerun."""
     scratch = _env(monkeypatch, tmp_path)
-    job = _zorloo_job(tmp_path, tiny_base, adapters, embedded_parquet, iteration_fraction=1.0)  # 16 steps
+    job = _policy_job(tmp_path, tiny_base, adapters, embedded_parquet, iteration_fraction=1.0)  # 16 steps
     spec = tmp_path / "job.json"
     spec.write_text(json.dumps(dataclasses.asdict(job)))
     code = (

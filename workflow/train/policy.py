@@ -210,7 +210,7 @@ def train_policy(
         tokenizer.save_pretrained(adapter)
         if built.after_train is not None:
             built.after_train()
-        samples = reward_fn.samples()
+        samples = reward_fn.samples(every_process=True)
         if samples.empty:
             raise RuntimeError(f"policy {method} iteration {iteration}: the trainer scored no rollouts")
         steps = int(trainer.state.global_step)

@@ -279,7 +279,18 @@ def build_ppo(stage: PolicyStage) -> Built:
         for p in stage.prompts
     ]
     ids = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in ids]
-    trainer = PPOTrainer(
+
+    class DataParallelPPOTrainer(PPOTrainer):
+        """trl 1.12's PPOTrainer reads ``self.model.policy`` for the reference adapter's log-probs (a
+        no-grad pass); with more than one process ``self.model`` is the DistributedDataParallel
+        wrapper, which hides it: expose it there (a plain attribute, not a registered submodule)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not hasattr(self.model, "policy"):
+                object.__setattr__(self.model, "policy", self.accelerator.unwrap_model(self.model).policy)
+
+    trainer = DataParallelPPOTrainer(
         args=PPOConfig(**kwargs),
         processing_class=tokenizer,
         model=model,
@@ -292,8 +303,13 @@ def build_ppo(stage: PolicyStage) -> Built:
     )
 
     def record_rollouts() -> None:
+        """Each data-parallel process samples and scores its share of the prompts."""
+        from workflow.runtime import processes
+
         model.set_adapter("default")
-        prompts = [p for p in stage.prompts for _ in range(int(pcfg["rloo_k"]))]
+        share = processes()
+        own = stage.prompts[share.process_index :: share.num_processes]
+        prompts = [p for p in own for _ in range(int(pcfg["rloo_k"]))]
         texts = sample_completions(
             model,
             tokenizer,

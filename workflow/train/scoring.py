@@ -127,8 +127,16 @@ class RewardFunction:
             self.records.append({"prompt": list(p), "completion": c, "score": float(s), "gold": gold, "step": step})
         return [float(s) for s in scores]
 
-    def samples(self) -> pd.DataFrame:
-        return pd.DataFrame(self.records, columns=["prompt", "completion", "score", "gold", "step"])
+    def samples(self, every_process: bool = False) -> pd.DataFrame:
+        """The recorded rollouts: this process's, or with ``every_process`` those of every
+        data-parallel process, rank 0's first (each process scores its own share of a batch; every
+        process must then call it)."""
+        records = self.records
+        if every_process:
+            from accelerate.utils import gather_object
+
+            records = gather_object(records)
+        return pd.DataFrame(records, columns=["prompt", "completion", "score", "gold", "step"])
 
 
 class TemplateEndReward(torch.nn.Module):
