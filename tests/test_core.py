@@ -157,7 +157,7 @@ def test_run_job_launches_data_parallel_processes(tmp_path, monkeypatch, process
         params={},
         config={"seed": 7},
         wildcards={"method": "zorloo"},
-        threads=1,
+        threads=4,
         resources={"processes": processes},  # rules/common.smk: train_resources()
     )
     scratch = tmp_path / "scratch"
@@ -172,6 +172,18 @@ def test_run_job_launches_data_parallel_processes(tmp_path, monkeypatch, process
     assert [r["rank"] for r in records] == list(range(processes))
     assert all(r["world"] == processes and r["seed"] == 7 for r in records)
     assert all(r["wildcards"] == {"method": "zorloo"} for r in records)
+    # the job's threads, at most the usable CPUs, shared among its processes (no oversubscription)
+    assert all(r["threads"] == max(1, min(4, runtime.usable_cpus()) // processes) for r in records)
+
+
+def test_torch_threads_share_the_usable_cpus_among_a_jobs_processes(monkeypatch):
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert [runtime.torch_threads(t) for t in (1, 8, 64)] == [1, 8, 16]  # --cores 64 on 16 CPUs
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 processes of the job on this node
+    assert [runtime.torch_threads(t) for t in (1, 8, 64)] == [1, 2, 4]
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # a 2-CPU allocation
+    assert runtime.torch_threads(8) == 1
 
 
 def test_log_to_captures_stdout_and_logging(tmp_path):

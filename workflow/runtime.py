@@ -24,19 +24,35 @@ KNOWN_NOISY_WARNINGS = (
 TENSORBOARD_DIR = "logs/tensorboard"  # event files of report_to tensorboard: one folder per job (set_tracking)
 
 
-def configure(threads: int, seed: int, cache_dir: str | None = None, precision: str | None = None) -> None:
-    """Cap torch threads at the real CPU count, seed every RNG, point HF caches at ``cache_dir``
-    (:func:`use_cache_dir`) and set the process-wide ``precision`` (the job's ``config["precision"]``,
-    see :func:`set_precision`).
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a SLURM allocation or ``taskset``), or
+    ``os.cpu_count()`` where the platform does not say."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def torch_threads(threads: int) -> int:
+    """Torch threads of this process for a job given ``threads``: at most the usable CPUs, shared
+    among the job's data-parallel processes on this node (``LOCAL_WORLD_SIZE``, set by torchrun).
 
     Snakemake does not cap ``--cores`` at the machine's cores, so ``threads`` may exceed them.
     """
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(int(threads), usable_cpus()) // processes)
+
+
+def configure(threads: int, seed: int, cache_dir: str | None = None, precision: str | None = None) -> None:
+    """Set torch's threads (:func:`torch_threads`), seed every RNG, point HF caches at ``cache_dir``
+    (:func:`use_cache_dir`) and set the process-wide ``precision`` (the job's ``config["precision"]``,
+    see :func:`set_precision`)."""
     set_precision(precision)
     use_cache_dir(cache_dir)
     filter_known_warnings()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
+    torch.set_num_threads(torch_threads(threads))
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -107,13 +107,15 @@ def run_seed(job: Job) -> None:
 
     Wildcard ``seed``; params ``workdir`` (the seed's folder) and ``snakefile``; outputs
     ``evaluation`` (``evaluation.csv`` of every method, inside ``workdir``), the nested run's targets.
-    The nested run uses ``job.threads`` cores and the workflow profile, like a run of its own, and
+    The nested run uses ``job.threads`` cores (at most the usable CPUs: Snakemake does not cap
+    ``--cores`` at them) and the workflow profile, like a run of its own, and
     ``--nolock``: only this job drives the seed's folder, and the main run's lock on this job's
     outputs keeps two runs of the same seed apart.
     """
     import yaml
 
     from workflow.io import atomic_path, subprocess_stream
+    from workflow.runtime import usable_cpus
 
     seed, workdir = int(job.wildcards["seed"]), Path(job.params["workdir"])
     config = seed_config(job.config, seed, Path.cwd())
@@ -130,7 +132,7 @@ def run_seed(job: Job) -> None:
         "-d",
         str(workdir),
         "--cores",
-        str(job.threads),
+        str(min(job.threads, usable_cpus())),
         "--nolock",
         *targets,
         "--configfile",
