@@ -67,7 +67,9 @@ def test_clashing_settings_fail_before_any_job(tmp_path, case):
     assert not re.search(r"^(local)?rule \w+:", out, flags=re.M), "a job was planned"
 
 
-@pytest.mark.parametrize("kind", ["missing", "no config.json", "no tokenizer", "a file"])
+@pytest.mark.parametrize(
+    "kind", ["missing", "no config.json", "no tokenizer", "a file", "truncated config.json", "config.json a list"]
+)
 def test_model_path_that_is_not_a_model_fails_naming_the_path(tmp_path, kind):
     target = tmp_path / "my-model"
     if kind == "no config.json":
@@ -76,6 +78,9 @@ def test_model_path_that_is_not_a_model_fails_naming_the_path(tmp_path, kind):
         _model_folder(target, tokenizer=False)
     elif kind == "a file":
         target.write_text("not a model")
+    elif kind in ("truncated config.json", "config.json a list"):
+        _model_folder(target)
+        (target / "config.json").write_text('{"model_type": "lla' if kind.startswith("truncated") else "[]")
     result = _dry_run(tmp_path, _config(model={"name": str(target)}))
     out = result.stdout + result.stderr
     assert result.returncode != 0
@@ -85,6 +90,8 @@ def test_model_path_that_is_not_a_model_fails_naming_the_path(tmp_path, kind):
         "no config.json": "no config.json",
         "no tokenizer": "no tokenizer",
         "a file": "is a file",
+        "truncated config.json": "has a damaged config.json (Unterminated string",
+        "config.json a list": "has a damaged config.json (a JSON list, not a model config)",
     }[kind]
     assert expected in out
 

@@ -15,19 +15,19 @@ BAD = "the river is awful awful"
 
 
 def test_rule_judge_uses_the_gold_function():
-    judge = pairwise.make_judge({"dataset": {"name": "embedded"}, "judge": {"kind": "rule"}})
+    judge = pairwise.make_judge({"dataset": {"name": "embedded"}, "judge": {"kind": "rule"}}, seed=0)
     assert gold_score("Tell me about the garden.", GOOD) > gold_score("Tell me about the garden.", BAD)
     assert judge.judge([PROMPT, PROMPT], [GOOD, BAD], [BAD, GOOD]) == [0, 1]
 
 
 def test_rule_judge_refuses_non_embedded_data():
     with pytest.raises(pairwise.JudgeError, match="embedded"):
-        pairwise.make_judge({"dataset": {"name": "hh-rlhf"}, "judge": {"kind": "rule"}})
+        pairwise.make_judge({"dataset": {"name": "hh-rlhf"}, "judge": {"kind": "rule"}}, seed=0)
 
 
 def test_model_judges_need_a_model():
     with pytest.raises(pairwise.JudgeError, match="judge.model"):
-        pairwise.make_judge({"dataset": {"name": "hh-rlhf"}, "judge": {"kind": "llm", "model": None}})
+        pairwise.make_judge({"dataset": {"name": "hh-rlhf"}, "judge": {"kind": "llm", "model": None}}, seed=0)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +116,8 @@ def test_reward_model_judge_prefers_the_higher_score(tiny_seq_cls):
             "dataset": {"name": "hh-rlhf"},
             "model": {"max_length": 64},
             "judge": {"kind": "reward_model", "model": tiny_seq_cls, "batch_size": 2},
-        }
+        },
+        seed=0,
     )
     answers = [GOOD, BAD, "The garden is calm.", "Nice."]
     scores = judge.scores([PROMPT] * 4, answers)
@@ -138,21 +139,21 @@ def test_judges_load_as_frozen_models_do_under_each_precision(set_precision, tin
 
     for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         set_precision(precision)
-        llm = pairwise.LLMJudge.from_path(tiny_base).model
+        llm = pairwise.LLMJudge.from_path(tiny_base, batch_size=2, seed=0).model
         assert llm.get_input_embeddings().weight.dtype == dtype and isinstance(llm.lm_head, FP32Head)
-        reward = pairwise.RewardModelJudge.from_path(tiny_seq_cls).model
+        reward = pairwise.RewardModelJudge.from_path(tiny_seq_cls, batch_size=2, max_length=None).model
         assert {p.dtype for p in reward.parameters()} == {torch.float32} and isinstance(reward.score, FP32Head)
 
 
 def test_a_chat_model_is_refused_as_the_reward_model_judge(tiny_base):
     with pytest.raises(pairwise.JudgeError, match=r"is not a reward model.*LlamaForCausalLM"):
-        pairwise.RewardModelJudge.from_path(tiny_base)
+        pairwise.RewardModelJudge.from_path(tiny_base, batch_size=2, max_length=None)
 
 
 def test_reward_model_without_a_chat_template_reads_the_conversation_as_plain_text(tiny_seq_cls):
     from workflow.data.chat import as_messages, conversation_text
 
-    judge = pairwise.RewardModelJudge.from_path(tiny_seq_cls, batch_size=2)
+    judge = pairwise.RewardModelJudge.from_path(tiny_seq_cls, batch_size=2, max_length=None)
     judge.tokenizer.chat_template = None  # an external reward model's tokenizer
     scores = judge.scores([PROMPT] * 2, [GOOD, BAD])
     device = next(judge.model.parameters()).device

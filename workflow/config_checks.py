@@ -71,6 +71,13 @@ def model_problem(key: str, name: str) -> str | None:
             f"{key}: {name!r} has no config.json, so it is not a saved model; point it at the folder "
             "that save_pretrained wrote (config.json, weights and tokenizer files)"
         )
+    try:
+        model_config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        model_config = err
+    if not isinstance(model_config, dict):
+        detail = model_config if isinstance(model_config, Exception) else f"a JSON {type(model_config).__name__}"
+        return f"{key}: {name!r} has a damaged config.json ({detail}, not a model config); save the model again"
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         return (
             f"{key}: {name!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the tokenizer "

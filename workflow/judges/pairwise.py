@@ -93,7 +93,7 @@ class LLMJudge(Judge):
 
     kind = "llm"
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 8, seed: int = 0, max_new_tokens: int = 2):
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int, seed: int, max_new_tokens: int = 2):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
@@ -106,14 +106,16 @@ class LLMJudge(Judge):
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     @classmethod
-    def from_path(cls, path: str, batch_size: int = 8, seed: int = 0) -> LLMJudge:
+    def from_path(cls, path: str, *, batch_size: int, seed: int) -> LLMJudge:
         """The judge model of ``path`` as the policy's base loads: in the config's ``precision``
         (bf16 on a bf16 GPU), fp32 logits (:func:`workflow.models.loading.load_causal_lm`)."""
         from transformers import AutoTokenizer
 
+        from workflow.io import reading
         from workflow.models.loading import load_causal_lm
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with reading(path, "judge tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(load_causal_lm(path), tokenizer, batch_size=batch_size, seed=seed)
 
     def question(self, prompt: Prompt, first: str, second: str) -> str:
@@ -173,7 +175,7 @@ class RewardModelJudge(Judge):
 
     kind = "reward_model"
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 8, max_length: int | None = None):
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int, max_length: int | None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
@@ -184,18 +186,22 @@ class RewardModelJudge(Judge):
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
     @classmethod
-    def from_path(cls, path: str, batch_size: int = 8, max_length: int | None = None) -> RewardModelJudge:
+    def from_path(cls, path: str, *, batch_size: int, max_length: int | None) -> RewardModelJudge:
         """The reward model of ``path`` in fp32 whatever the precision, as every frozen reward
         model scores (README, "Precision"): bf16 scores tie and reorder close answers."""
         from transformers import AutoConfig, AutoTokenizer
 
         from workflow.config_checks import reward_model_problem
+        from workflow.io import reading
         from workflow.models.loading import load_sequence_classifier
 
-        problem = reward_model_problem("judge.model", path, AutoConfig.from_pretrained(path).architectures)
+        with reading(path, "judge model config"):
+            architectures = AutoConfig.from_pretrained(path).architectures
+        problem = reward_model_problem("judge.model", path, architectures)
         if problem:
             raise JudgeError(problem)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with reading(path, "judge tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(
             load_sequence_classifier(path, tokenizer.pad_token_id, dtype=torch.float32),
             tokenizer,
@@ -212,7 +218,7 @@ class RewardModelJudge(Judge):
         return [None if (math.isnan(a) or math.isnan(b)) else (0 if a >= b else 1) for a, b in zip(sa, sb)]
 
 
-def make_judge(cfg: dict[str, Any], seed: int = 0) -> Judge:
+def make_judge(cfg: dict[str, Any], seed: int) -> Judge:
     """The judge of the config's ``judge:`` section (``cfg`` is the whole workflow config)."""
     judge_cfg = section(cfg, "judge")
     kind = judge_cfg["kind"]
