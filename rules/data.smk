@@ -18,7 +18,6 @@ rule extract_dataset:
         runtime=30,
     params:
         source=lambda wc: _dataset_option(wc, "source"),
-        file=_split_file,
         hub_config=lambda wc: _dataset_option(wc, "hub_config"),
         max_rows=lambda wc: _dataset_option(wc, "max_rows"),
         embedded_rows=_embedded_rows,

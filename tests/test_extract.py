@@ -77,10 +77,11 @@ def as_python(frame: pd.DataFrame) -> list[dict]:
     return pa.Table.from_pandas(frame, preserve_index=False).to_pylist()
 
 
-def make_job(tmp_path, dataset, split="test", **params):
+def make_job(tmp_path, dataset, split="test", file=None, **params):
+    """The extraction job of ``dataset``/``split`` as rules/data.smk makes it (``file``: input ``file``)."""
     out = tmp_path / "results" / "data" / dataset / f"{split}.parquet"
     return Job(
-        input={},
+        input={"file": file} if file else {},
         output={"rows": str(out)},
         params=params,
         config={"seed": 0, "dataset": {"name": dataset}},
@@ -436,16 +437,6 @@ def test_stage_run_writes_parquet(tmp_path):
     assert [p.name for p in Path(job.output["rows"]).parent.iterdir()] == ["test.parquet"]
 
 
-def test_stage_run_falls_back_to_config(tmp_path):
-    path = write_records(tmp_path / "src" / "train.tsv", WMT_TSV_RECORDS)
-    job = make_job(tmp_path, "wmt20", split="train")
-    job.config["dataset"] = {"name": "wmt20", "files": {"train": str(path), "test": None}}
-    ex.run(job)
-    assert pq.read_table(job.output["rows"]).to_pylist() == WMT_ROWS
-    params = ex.params_from_config({"dataset": {"name": "shp", "max_rows": 3}}, "wmt20", "train")
-    assert params["max_rows"] is None and params["file"] is None  # the section belongs to shp only
-
-
 # ---------------------------------------------------------------------------------------------
 # bad input: a clear error naming the file and row/key, and no output file
 # ---------------------------------------------------------------------------------------------
@@ -666,7 +657,7 @@ def test_failed_run_keeps_previous_output(tmp_path):
     ex.run(job)
     before = Path(job.output["rows"]).read_bytes()
     bad = write_records(tmp_path / "bad.jsonl", [dict(PKU_RECORDS[0], response_1=3)])
-    job.params["file"] = str(bad)
+    job.input["file"] = str(bad)
     with pytest.raises(ExtractionError, match="key 'response_1'"):
         ex.run(job)
     assert Path(job.output["rows"]).read_bytes() == before

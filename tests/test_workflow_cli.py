@@ -65,6 +65,22 @@ def test_nested_override_with_a_configfile_overlay(tmp_path):
     assert sorted(policies) == ["0", "1"]
 
 
+def test_the_dataset_section_applies_to_the_configured_dataset_only(tmp_path):
+    """``dataset.files`` becomes the configured dataset's extraction input (a changed file reruns it);
+    another dataset's extraction reads its own default source."""
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("")
+    overlay = tmp_path / "overlay.yaml"
+    files = {split: str(tmp_path / f"{split}.jsonl") for split in ("train", "test")}
+    overlay.write_text(yaml.safe_dump({"dataset": {"name": "hh-rlhf", "files": files}, "loop": {"iterations": 1}}))
+    targets = ["results/data/hh-rlhf/test.parquet", "results/data/shp/test.parquet"]
+    result = snakemake(tmp_path, "-n", "--cores", "1", *targets, "--configfile", str(overlay))
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    inputs = dict(re.findall(r"^\s+input: (\S+)\n\s+output: results/data/(\S+)/test\.parquet", out, flags=re.M))
+    assert inputs == {files["test"]: "hh-rlhf"}, out
+
+
 @pytest.mark.parametrize(
     "name, content",
     [

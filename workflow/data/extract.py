@@ -33,7 +33,7 @@ import os
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -47,7 +47,9 @@ from workflow.data.datasets import (
     preview,
     spec_of,
 )
-from workflow.schema import setting
+
+if TYPE_CHECKING:
+    from workflow.job import Job
 
 log = logging.getLogger(__name__)
 
@@ -356,35 +358,19 @@ def extract(
 # --------------------------------------------------------------------------------------------
 
 
-def params_from_config(config: Mapping[str, Any], dataset: str, split: str) -> dict[str, Any]:
-    """The extraction parameters of ``dataset``/``split`` from the workflow config.
-
-    The ``dataset`` section applies only to the configured dataset; any other dataset is read
-    from its default hub id with its default configuration.
-    """
-    section = config.get("dataset") or {}
-    own = section.get("name") == dataset
-    files = (section.get("files") or {}) if own else {}
-    return {
-        "source": section.get("source") if own else None,
-        "file": files.get(split),
-        "hub_config": section.get("hub_config") if own else None,
-        "max_rows": section.get("max_rows") if own else None,
-        "embedded_rows": setting(config, f"embedded.{split}_rows") if dataset == "embedded" else None,
-    }
-
-
-def run(job) -> None:
-    """Stage function of rule ``extract_dataset``: write ``job.output["rows"]``."""
+def run(job: Job) -> None:
+    """Stage function of rule ``extract_dataset``: write ``job.output["rows"]``. The configured
+    dataset's settings come as input ``file`` and params (``rules/data.smk``); another dataset's
+    extraction gets none and reads its default source."""
     from workflow.io import write_parquet
 
     dataset, split = job.wildcards["dataset"], job.wildcards["split"]
-    params = {**params_from_config(job.config, dataset, split), **(job.params or {})}
+    params = job.params
     frame = extract(
         dataset,
         split,
         source=params.get("source"),
-        files=params.get("file"),
+        files=job.input.get("file"),
         hub_config=params.get("hub_config"),
         max_rows=params.get("max_rows"),
         seed=job.seed,
