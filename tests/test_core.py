@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import textwrap
 
@@ -40,6 +41,28 @@ def test_atomic_dir_replaces_only_when_complete(tmp_path):
         (tmp / "c.txt").write_text("3")
     assert sorted(p.name for p in target.iterdir()) == ["c.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_link_tree_fills_a_folder_and_keeps_the_source(tmp_path):
+    """A policy stage commits its snapshots with link_tree: a kill before the commit leaves the
+    resumable state's snapshots whole (they were moved out of it before)."""
+    source = tmp_path / "checkpoints" / "snapshots"
+    source.mkdir(parents=True)
+    (source / "index.csv").write_text("step\n0\n")
+    (source / "step_0000000.safetensors").write_bytes(b"weights")
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_dir(tmp_path / "snapshots") as snaps:
+            io.link_tree(source, snaps)
+            assert (snaps / "step_0000000.safetensors").read_bytes() == b"weights"
+            raise KeyboardInterrupt  # killed before the commit
+    assert not (tmp_path / "snapshots").exists()
+    assert sorted(p.name for p in source.iterdir()) == ["index.csv", "step_0000000.safetensors"]
+    with io.atomic_dir(tmp_path / "snapshots") as snaps:
+        io.link_tree(source, snaps)
+    committed = tmp_path / "snapshots" / "step_0000000.safetensors"
+    assert committed.stat().st_ino == (source / "step_0000000.safetensors").stat().st_ino  # linked, not copied
+    shutil.rmtree(source)
+    assert committed.read_bytes() == b"weights"
 
 
 def test_a_folder_left_between_the_two_renames_is_put_back(tmp_path):

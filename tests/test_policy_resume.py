@@ -162,3 +162,32 @@ def test_fingerprint_follows_config_inputs_and_code_but_not_plot_settings(tmp_pa
     original = resume.Path.read_bytes
     monkeypatch.setattr(resume.Path, "read_bytes", lambda self: original(self) + b"# edited")  # the code changed
     assert resume.fingerprint(cfg, [adapter], method="rloo") != changed
+
+
+def test_a_cut_trainer_state_is_no_checkpoint_and_a_damaged_fingerprint_starts_afresh(tmp_path):
+    """The Trainer writes a checkpoint's files in place: a kill or a full disk can cut
+    ``trainer_state.json`` (written last); resuming from such a checkpoint would fail on its JSON."""
+    import json
+
+    from workflow.train import resume
+
+    ckpt = tmp_path / "ckpt"
+    trainer = ckpt / "trainer"
+
+    def checkpoints():
+        for step, state in ((2, '{"global_step": 2}'), (4, '{"global_st')):
+            (trainer / f"checkpoint-{step}").mkdir(parents=True, exist_ok=True)
+            (trainer / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+
+    checkpoints()
+    assert resume.complete_checkpoints(trainer) == [(2, trainer / "checkpoint-2")]
+    (ckpt / "fingerprint.json").write_text(json.dumps({"fingerprint": "abc"}))
+    state = resume.StageCheckpoints(ckpt, "abc")
+    assert (state.step, state.checkpoint) == (2, trainer / "checkpoint-2")
+    assert not (trainer / "checkpoint-4").exists()  # the cut one is deleted
+
+    checkpoints()
+    (ckpt / "fingerprint.json").write_text('{"fingerpr')
+    state = resume.StageCheckpoints(ckpt, "abc")
+    assert (state.step, state.checkpoint) == (0, None) and not trainer.exists()
+    assert json.loads((ckpt / "fingerprint.json").read_text()) == {"fingerprint": "abc"}

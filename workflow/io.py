@@ -84,6 +84,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, target)
 
 
+def link_tree(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Give the folder ``target`` the files of ``source`` as hard links (copies where the two are on
+    different file systems): no data is copied, and ``source`` stays whole until its owner deletes it."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link, dirs_exist_ok=True)
+
+
 def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write ``df`` to parquet atomically."""
     with atomic_path(path) as tmp:

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -136,7 +135,7 @@ def train_policy(
     """
     from transformers import set_seed
 
-    from workflow.io import atomic_dir, write_parquet
+    from workflow.io import atomic_dir, link_tree, write_parquet
     from workflow.models.loading import load_policy, load_reward_model, load_tokenizer
     from workflow.train.kit import write_metrics
     from workflow.train.resume import StageCheckpoints, fingerprint
@@ -230,8 +229,7 @@ def train_policy(
         }
         write_parquet(samples, out / "samples.parquet")
         write_metrics(trainer.state.log_history, summary, out / "metrics.csv")
-        os.rmdir(snaps)
-        shutil.move(state.snapshots, snaps)  # a rename: the snapshots are not copied
+        link_tree(state.snapshots, snaps)  # the resumable state keeps its own until the outputs are committed
     state.finish()
     return summary
 

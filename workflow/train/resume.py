@@ -12,8 +12,8 @@ workflow), which is not a Snakemake output, so it survives a killed or failed jo
       rank{r}/               snapshots and samples of data-parallel process r > 0
 
 On start the state is kept only when the fingerprint matches (otherwise it is discarded and the
-stage starts afresh); the newest *complete* checkpoint (one with ``trainer_state.json``, which
-the Trainer writes last) is resumed, incomplete ones are deleted, and snapshots and samples are
+stage starts afresh); the newest *complete* checkpoint (one with a readable ``trainer_state.json``,
+which the Trainer writes last) is resumed, incomplete ones are deleted, and snapshots and samples are
 cut back to that checkpoint's step. The folder is removed once the stage's outputs are written.
 """
 
@@ -62,14 +62,24 @@ def fingerprint(config: dict[str, Any], inputs: Iterable[str | os.PathLike], **e
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _readable_json(path: Path) -> Any:
+    """The JSON of ``path``, or None when it is missing or cut short (the Trainer writes its
+    checkpoint files in place, so a kill or a full disk can leave half of one)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def complete_checkpoints(trainer_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of the complete Trainer checkpoints in ``trainer_dir``, oldest first."""
+    """``(step, folder)`` of the complete Trainer checkpoints in ``trainer_dir`` (a readable
+    ``trainer_state.json``), oldest first."""
     found = []
     root = Path(trainer_dir)
     if root.is_dir():
         for child in root.iterdir():
             match = _CHECKPOINT.match(child.name)
-            if match and (child / TRAINER_STATE).is_file():
+            if match and isinstance(_readable_json(child / TRAINER_STATE), dict):
                 found.append((int(match.group(1)), child))
     return sorted(found)
 
@@ -101,8 +111,12 @@ class StageCheckpoints:
 
     def _validate(self, stage_fingerprint: str) -> None:
         marker = self.root / FINGERPRINT
-        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") != stage_fingerprint:
-            print(f"{self.root}: config or inputs changed since this state was saved; starting afresh")
+        saved = _readable_json(marker) if marker.is_file() else {"fingerprint": stage_fingerprint}
+        if not isinstance(saved, dict) or saved.get("fingerprint") != stage_fingerprint:
+            print(
+                f"{self.root}: config or inputs changed since this state was saved, or {marker} is damaged; "
+                "starting afresh"
+            )
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_path(marker) as tmp:
