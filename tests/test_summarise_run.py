@@ -182,6 +182,28 @@ def test_missing_markers_name_the_file(run, tmp_path):
     assert path.read_text() == "# Project\n\n" + sr.BEGIN + "\nno end marker\n"  # untouched
 
 
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("empty evaluation", "damaged table"),
+        ("no iteration column", "missing column"),
+        ("cut benchmark", "damaged Snakemake benchmark"),
+    ],
+)
+def test_an_unusable_file_is_named(run, damage, message):
+    """A file of the run that cannot be read stops the script (exit 1) with its path, not a traceback."""
+    if damage == "cut benchmark":
+        path = run / "results" / "benchmarks" / "train_policy" / "rloo_0.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text('s\th:m:s\tmax_rss\n"12.5')
+    else:
+        path = run / "results" / "rloo" / "evaluation.csv"
+        path.write_text("" if damage == "empty evaluation" else "gold_mean\n0.5\n")
+    done = run_cli(run)
+    assert done.returncode == 1
+    assert f"{path}: {message}" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_gate_passes_on_good_numbers(run, capsys):
     assert sr.main([str(run), "--gate"]) == 0
     out = capsys.readouterr().out
