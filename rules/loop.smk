@@ -35,6 +35,7 @@ rule train_policy:
     resources:
         **train_resources(),
     params:
+        processes=TRAIN_PROCESSES,
         base=base_model_param,
         settings=policy_settings,
         code=stage_code("workflow.train.policy"),
@@ -85,6 +86,7 @@ rule refine_reward:
     resources:
         **train_resources(),
     params:
+        processes=TRAIN_PROCESSES,
         base=base_model_param,
         settings=settings(
             "reward.refine_epochs",
@@ -118,7 +120,6 @@ rule evaluate_iteration:
         **train_resources(data_parallel=False),
     params:
         base=base_model_param,
-        iteration=lambda wc: int(wc.i),
         settings=settings(*EVAL_SETTINGS, "judge"),
         code=stage_code("workflow.evaluation.loop_eval"),
     script:

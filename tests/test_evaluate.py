@@ -266,13 +266,11 @@ def test_every_policy_is_evaluated_with_the_same_sampling_seeds(tiny_base, adapt
         job(
             "rloo_0",
             {"policy": adapters["sft2"], "sft": adapters["sft"], "reward": adapters["reward"]},
-            iteration=0,
             wildcards={"method": "rloo", "i": "0"},
         ),
         job(
             "zorloo_1",
             {"policy": adapters["sft"], "sft": adapters["sft"], "reward": adapters["reward1"]},
-            iteration=1,
             wildcards={"method": "zorloo", "i": "1"},
         ),
     ]
@@ -326,3 +324,20 @@ def test_every_policy_is_evaluated_with_the_same_sampling_seeds(tiny_base, adapt
     # without samples (a table from summaries only) the paired columns are NaN
     bare = loop_eval.evaluation_table(sft.output["summary"], [iterations[0].output["summary"]], [])
     assert bare[loop_eval.PAIRED_COLUMNS].isna().all().all()
+
+
+def test_benchmark_numbers_read_snakemakes_benchmark_and_name_a_damaged_one(tmp_path):
+    from workflow.evaluation.loop_eval import benchmark_numbers
+    from workflow.io import DataFileError
+
+    path = tmp_path / "rloo_0.tsv"
+    assert all(math.isnan(x) for x in benchmark_numbers(str(path)))  # not benchmarked (yet)
+    path.write_text("s\th:m:s\tmax_rss\n12.5\t0:00:12\t812.3\n")
+    assert benchmark_numbers(str(path)) == (12.5, 812.3)
+    for text, message in (
+        ('s\th:m:s\tmax_rss\n"12.5', "damaged Snakemake benchmark"),
+        ("x\n1\n", "not a Snakemake benchmark"),
+    ):
+        path.write_text(text)
+        with pytest.raises(DataFileError, match=f"{path}: {message}"):
+            benchmark_numbers(str(path))

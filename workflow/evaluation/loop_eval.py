@@ -50,10 +50,16 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
+
+from workflow.io import DataFileError, read_table, reading, write_csv, write_parquet
+
+if TYPE_CHECKING:
+    from workflow.job import Job
 
 SUMMARY_COLUMNS = ["gold_mean", "gold_stderr", "reward_mean", "reward_stderr", "kl", "reward_gold_accuracy"]
 PAIRED_COLUMNS = [
@@ -121,7 +127,7 @@ def sequence_kl(
     return policy_lp - sft_lp
 
 
-def run(job) -> None:
+def run(job: Job) -> None:
     """Stage function of ``evaluate_iteration``.
 
     Inputs: ``policy`` adapter, ``sft`` adapter, ``reward`` adapter, ``test`` rows, and the
@@ -131,7 +137,6 @@ def run(job) -> None:
     """
     from workflow.data.datasets import task_of
     from workflow.evaluation.generate import evaluate, evaluation_prompts, require_finite_rewards, summarise
-    from workflow.io import write_csv, write_parquet
     from workflow.models.loading import load_policy, load_reward_model, load_tokenizer, read_rows
 
     cfg = job.config
@@ -156,7 +161,7 @@ def run(job) -> None:
     )
     summary = summarise(rows)
     summary["kl"] = float(rows["kl"].mean())
-    summary["iteration"] = int(job.params["iteration"])
+    summary["iteration"] = int(job.wildcards["i"])
     write_parquet(rows, job.output["samples"])
     write_csv(summary, job.output["summary"])
     print(summary.to_string(index=False))
@@ -172,8 +177,13 @@ def judged_against(rows: pd.DataFrame, references: dict[str, str], cfg: dict, se
     keys = ["prompt_index", "seed", "sample"]
     rows = rows.copy()
     for name, path in references.items():
-        reference = pd.read_parquet(path, columns=[*keys, "answer"]).rename(columns={"answer": "reference_answer"})
-        paired = rows[keys].merge(reference, on=keys, how="left", validate="one_to_one")
+        reference = read_table(path, [*keys, "answer"])[[*keys, "answer"]].rename(
+            columns={"answer": "reference_answer"}
+        )
+        try:
+            paired = rows[keys].merge(reference, on=keys, how="left", validate="one_to_one")
+        except pd.errors.MergeError as err:
+            raise DataFileError(f"{path}: more than one answer for a (prompt, seed, sample) ({err})") from err
         if paired["reference_answer"].isna().any():
             missing = paired.loc[paired["reference_answer"].isna(), keys].iloc[0].to_dict()
             raise ValueError(f"{path}: no answer for {missing}; evaluate both policies with the same settings")
@@ -193,12 +203,16 @@ def _iteration_of(path: str) -> int:
 
 
 def benchmark_numbers(path: str | None) -> tuple[float, float]:
-    """``(s, max_rss)`` of a Snakemake benchmark TSV (NaN when absent or empty)."""
+    """``(s, max_rss)`` of a Snakemake benchmark TSV (NaN when absent or without a row; an error
+    naming it when it is damaged)."""
     if not path or not Path(path).exists():
         return math.nan, math.nan
-    bench = pd.read_csv(path, sep="\t")
+    with reading(path, "Snakemake benchmark"):
+        bench = pd.read_csv(path, sep="\t")
     if bench.empty:
         return math.nan, math.nan
+    if "s" not in bench.columns:
+        raise DataFileError(f"{path}: not a Snakemake benchmark (no column s)")
     rss = pd.to_numeric(bench.get("max_rss", pd.Series([math.nan])), errors="coerce")
     return float(pd.to_numeric(bench["s"], errors="coerce").iloc[-1]), float(rss.iloc[-1])
 
@@ -246,7 +260,6 @@ def win_rates(rows: pd.DataFrame) -> dict[str, float]:
 def summary_row(path: str | Path) -> pd.Series:
     """The one row of an evaluation summary CSV; an error naming the file when it is damaged,
     lacks ``gold_mean`` or holds no row."""
-    from workflow.io import DataFileError, read_table
 
     table = read_table(path, ("gold_mean",))
     if table.empty:
@@ -263,7 +276,7 @@ def evaluation_table(
     them the paired columns are NaN.
     """
     bench_by_iter = {int(re.search(r"_(\d+)\.tsv$", str(b)).group(1)): b for b in benchmarks}
-    frames = {i: pd.read_parquet(path) for i, path in (samples or {}).items()}  # read once
+    frames = {i: read_table(path) for i, path in (samples or {}).items()}  # read once
     gains = paired_gains(frames)
     wins = {i: win_rates(rows) for i, rows in frames.items() if i >= 0}
     nan_gains = dict.fromkeys(PAIRED_COLUMNS, math.nan)
@@ -299,10 +312,9 @@ def evaluation_table(
     return pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values("iteration").reset_index(drop=True)
 
 
-def run_table(job) -> None:
+def run_table(job: Job) -> None:
     """Stage function of rule ``evaluation_table``: inputs ``sft`` and ``iter_{i}`` (summaries),
     ``sft_samples`` and ``samples_{i}`` (evaluation parquet files, for the paired gains)."""
-    from workflow.io import write_csv
 
     summaries = [v for k, v in job.input.items() if k.startswith("iter_")]
     samples = {int(k.removeprefix("samples_")): v for k, v in job.input.items() if k.startswith("samples_")}
