@@ -86,7 +86,7 @@ def test_pretraining_is_deterministic(embedded_frames):
     losses = []
     for _ in range(2):
         torch.manual_seed(0)
-        tok = build_tokenizer([_plain_render(c) for c in convs], 300)
+        tok = build_tokenizer([_plain_render(c) for c in convs], 300, 128)
         losses.append(pretrain(build_model(tok, cfg), tok, render(tok, convs), cfg, seed=0)["loss"])
     assert losses[0] == losses[1]
 
@@ -97,7 +97,7 @@ def test_pretraining_autocasts_to_bf16_where_the_precision_says(embedded_frames,
 
     convs = dialogues(embedded_frames["train"].head(8))
     cfg = {"hidden_size": 16, "intermediate_size": 32, "num_layers": 1, "num_heads": 2, "epochs": 1, "batch_size": 8}
-    tok = build_tokenizer([_plain_render(c) for c in convs], 300)
+    tok = build_tokenizer([_plain_render(c) for c in convs], 300, 128)
     for precision, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         set_precision(precision)
         model = build_model(tok, cfg)

@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from workflow.schema import schema_property, section
+from workflow.schema import default, schema_property, section
 
 _precision: str | None = None  # config "precision" of this process (set_precision); None: not set yet
-_tracking: dict[str, Any] = {"report_to": "none"}  # trainer arguments of config "tracking" (set_tracking)
+# trainer arguments of config "tracking" (set_tracking); the schema's default until a job sets it
+_tracking: dict[str, Any] = {"report_to": default("tracking.report_to")}
 # Warnings that every stage would print again and again (about 60 per policy stage) and that say
 # nothing about the run: transformers 5 renaming gradient checkpointing, which trl calls every step.
 KNOWN_NOISY_WARNINGS = (
@@ -105,7 +106,7 @@ def set_tracking(tracking: dict[str, Any] | None, run_name: str) -> None:
 
 def tracking_args() -> dict[str, Any]:
     """Trainer arguments of the job's tracking (:func:`set_tracking`): ``report_to``, and once set,
-    ``run_name`` and ``project``; ``report_to="none"`` until then."""
+    ``run_name`` and ``project``; the schema's ``report_to`` (none) until then."""
     return dict(_tracking)
 
 

@@ -23,9 +23,12 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
+
+if TYPE_CHECKING:
+    from workflow.job import Job
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -320,7 +323,7 @@ def write_outputs(res: dict[str, Any], out: Path, opts: dict[str, Any], label: s
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
-def run(job: Any) -> None:
+def run(job: Job) -> None:
     """Stage function of ``plot_trajectories`` and ``plot_trajectories_upto``."""
     opts = options(job.config)
     policy_dirs = as_paths(job.input["policy"])

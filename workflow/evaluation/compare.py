@@ -7,9 +7,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import matplotlib
+
+if TYPE_CHECKING:
+    from workflow.job import Job
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -65,10 +68,10 @@ def _plot_per_iteration(
     plt.close(fig)
 
 
-def run(job: Any) -> None:
+def run(job: Job) -> None:
     """Stage function of ``compare_methods`` (inputs ``evaluation`` and ``plots``: lists in the
     order of ``params.methods``)."""
-    methods = [str(m) for m in job.params.get("methods") or job.config["loop"]["methods"]]
+    methods = [str(m) for m in job.params["methods"]]
     evaluations = as_paths(job.input["evaluation"])
     plots = as_paths(job.input.get("plots", []))
     gold, inter = [], []

@@ -3,13 +3,18 @@ one policy answers the evaluation prompts (:mod:`workflow.evaluation.generate`),
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from workflow.data.datasets import task_of
 from workflow.evaluation.generate import evaluate, evaluation_prompts, require_finite_rewards, summarise
 from workflow.io import write_csv, write_parquet
 from workflow.models.loading import load_policy, load_reward_model, load_tokenizer, read_rows
 
+if TYPE_CHECKING:
+    from workflow.job import Job
 
-def run(job) -> None:
+
+def run(job: Job) -> None:
     """Stage function of ``evaluate_policy`` / ``evaluate_base``.
 
     Inputs: ``test`` rows, ``reward`` adapter, optional ``adapter`` (the policy; absent = the

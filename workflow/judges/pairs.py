@@ -26,13 +26,16 @@ An empty pair set is an error that names the file and the iteration (never an em
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from workflow.judges.pairwise import Judge, check_drop_rate
 from workflow.schema import setting
+
+if TYPE_CHECKING:
+    from workflow.job import Job
 
 
 class PairsError(RuntimeError):
@@ -135,7 +138,7 @@ def collect_pairs(
     return pairs
 
 
-def run(job) -> None:
+def run(job: Job) -> None:
     """Stage function of rule ``collect_pairs``."""
     from workflow.data.datasets import task_of
     from workflow.io import read_table, write_parquet

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -27,6 +27,9 @@ from tqdm.auto import tqdm
 from workflow import runtime
 from workflow.io import atomic_dir, read_table, write_csv
 from workflow.schema import default, section, setting
+
+if TYPE_CHECKING:
+    from workflow.job import Job
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +63,9 @@ def render(tokenizer: Any, conversations: Iterable[Sequence[Message] | str]) -> 
 
 
 # ---------------------------------------------------------------------------------- tokenizer
-def build_tokenizer(texts: Iterable[str], vocab_size: int):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts``, with the ``chat`` template."""
+def build_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts``, with the ``chat`` template;
+    its ``model_max_length`` is ``max_length`` (config ``model.max_length``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -85,7 +89,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int):
         pad_token=PAD,
         extra_special_tokens=[IM_START],
         padding_side="right",
-        model_max_length=default("model.max_length"),
+        model_max_length=int(max_length),
     )
     prepare_tokenizer(tokenizer, "chat")
     return tokenizer
@@ -190,7 +194,7 @@ def build_base_model(
     start = time.perf_counter()
     torch.manual_seed(int(seed))
     plain = [c if isinstance(c, str) else _plain_render(c) for c in conversations]
-    tokenizer = build_tokenizer(plain, int(cfg["vocab_size"]))
+    tokenizer = build_tokenizer(plain, int(cfg["vocab_size"]), int(cfg["max_length"]))
     texts = render(tokenizer, conversations)
     model = build_model(tokenizer, cfg)
     stats = pretrain(model, tokenizer, texts, cfg, seed)
@@ -213,7 +217,7 @@ def build_base_model(
     return metrics
 
 
-def run(job) -> None:
+def run(job: Job) -> None:
     """Stage ``base_model``: ``job.input['train']`` parquet -> ``job.output['model']`` folder."""
     df = read_table(job.input["train"], ("prompt",))
     cfg = {**section(job.config, "base_model"), "max_length": setting(job.config, "model.max_length")}

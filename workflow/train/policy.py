@@ -62,7 +62,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -76,6 +76,9 @@ from workflow.train.policy_trainers import (
     kl_controller,
 )
 from workflow.train.scoring import RewardFunction, gold_scorer
+
+if TYPE_CHECKING:
+    from workflow.job import Job
 
 
 def zopro_variant(method: str, cfg: dict[str, Any]) -> str:
@@ -234,7 +237,7 @@ def train_policy(
     return summary
 
 
-def run(job) -> None:
+def run(job: Job) -> None:
     """Stage function of rule ``train_policy``."""
     from workflow.data.accounting import usable_rows
     from workflow.data.datasets import task_of

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,9 @@ from workflow.models.snapshots import SnapshotCallback
 from workflow.schema import section, setting
 from workflow.train.kit import adapter_stage_dirs, save_adapter_stage, stage_summary, trainer_kwargs
 from workflow.train.scoring import reward_scores
+
+if TYPE_CHECKING:
+    from workflow.job import Job
 
 
 def _trl():
@@ -186,7 +189,7 @@ def train_reward(
     return summary
 
 
-def run(job) -> None:
+def run(job: Job) -> None:
     """Stage function of rule ``reward_initial`` (reward model of iteration 0)."""
     from workflow.data.datasets import task_of
 
@@ -302,7 +305,7 @@ def refine_reward(
             shutil.rmtree(target, ignore_errors=True)
 
 
-def run_refine(job) -> None:
+def run_refine(job: Job) -> None:
     """Stage function of rule ``refine_reward``."""
     from workflow.data.datasets import task_of
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from datasets import Dataset
@@ -22,6 +22,9 @@ from workflow.models.lora import lora_config
 from workflow.models.snapshots import SnapshotCallback
 from workflow.schema import setting
 from workflow.train.kit import adapter_stage_dirs, save_adapter_stage, stage_summary, trainer_kwargs
+
+if TYPE_CHECKING:
+    from workflow.job import Job
 
 
 def sft_dataset(rows: pd.DataFrame) -> Dataset:
@@ -117,7 +120,7 @@ def train_sft(
     return summary
 
 
-def run(job) -> None:
+def run(job: Job) -> None:
     """Stage function of rule ``sft``."""
     from workflow.data.datasets import task_of
 
