@@ -68,6 +68,12 @@ def train_resources(data_parallel=True):
     )
 
 
+# The process count of a training stage, passed as a param: each process trains on batches of its
+# own (policy.batch_size, sft.batch_size, ... per process), so the count changes what a stage
+# computes and reruns it, unlike the job's other resources (workflow/rerun.py, RUNTIME_KEYS).
+TRAIN_PROCESSES = train_resources()["processes"]
+
+
 def nested_run_resources():
     """Resources of a study seed's job: the jobs of its nested run share its GPUs (``resources.gpus``);
     the job itself is one process."""

@@ -28,6 +28,7 @@ rule reward_initial:
     resources:
         **train_resources(),
     params:
+        processes=TRAIN_PROCESSES,
         base=base_model_param,
         settings=settings(
             "reward.epochs",

@@ -25,6 +25,7 @@ rule sft:
     resources:
         **train_resources(),
     params:
+        processes=TRAIN_PROCESSES,
         base=base_model_param,
         settings=settings("sft", "lora", "snapshots", *TRAIN_SETTINGS),
         code=stage_code("workflow.train.sft"),

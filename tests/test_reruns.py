@@ -70,6 +70,11 @@ CHANGES = {
     ),
     "loop.methods": ({"loop": {"methods": ["zorloo", "rloo"]}}, set()),  # read by `all` and compare only
     "resources.train_mem_mb": ({"resources": {"train_mem_mb": 3000}}, set()),
+    # each process trains on batches of its own: the count changes every training stage (TRAIN_PROCESSES)
+    "resources.cpu_processes": (
+        {"resources": {"cpu_processes": 2}},
+        {_job("sft"), _job("reward_initial"), SFT_EVAL} | LOOP,
+    ),
     "cache_dir": ({"cache_dir": ".cache/elsewhere"}, set()),
     "tracking.report_to": ({"tracking": {"report_to": "tensorboard"}}, set()),  # a runtime key (workflow/job.py)
 }
