@@ -110,10 +110,9 @@ def evaluate_adapter(run_dir: Path, adapter: Path, cfg: dict) -> pd.DataFrame:
     from workflow.evaluation.generate import evaluate, evaluation_prompts
     from workflow.models.loading import load_policy, load_tokenizer, read_rows
 
-    prompts = evaluation_prompts(
-        read_rows(str(run_dir / "results/data/embedded/test.parquet")), int(cfg["evaluation"]["n_prompts"])
-    )
     tokenizer = load_tokenizer(str(run_dir / "results/sft/adapter"), "chat")
+    test = str(run_dir / "results/data/embedded/test.parquet")
+    prompts = evaluation_prompts(read_rows(test), int(cfg["evaluation"]["n_prompts"]), tokenizer, cfg["model"], test)
     model = load_policy(str(run_dir / "results/base"), str(adapter))
     return evaluate(model, tokenizer, None, prompts, cfg, seed=int(cfg["seed"]))
 

@@ -69,7 +69,8 @@ def test_valid_rows_are_used_unchanged(tiny_base, embedded_frames):
     rows = _rows(embedded_frames, 64)
     tokenizer = load_tokenizer(tiny_base, "chat")
     for kind in ("prompts", "sft", "pairs", "scores"):
-        kept, counts = usable_rows(rows, tokenizer, 128, kind, "train.parquet")
+        length = {"generation_length": 24} if kind == "prompts" else {}
+        kept, counts = usable_rows(rows, tokenizer, 128, kind, "train.parquet", **length)
         assert kept is rows and counts["rows_read"] == counts["rows_used"] == 64
         assert counts["dropped_too_long"] == counts["dropped_empty"] == counts["dropped_identical"] == 0
 
@@ -103,7 +104,30 @@ def test_usable_rows_counts_each_reason(tiny_base, embedded_frames):
         kept, counts = usable_rows(rows, tokenizer, 128, "sft", "x")
     assert (counts["rows_used"], counts["dropped_too_long"], counts["dropped_empty"]) == (14, 1, 1)
     with pytest.warns(DataWarning, match="1 dropped as longer"):
-        assert usable_rows(rows, tokenizer, 128, "prompts", "x")[1]["rows_used"] == 15
+        assert usable_rows(rows, tokenizer, 128, "prompts", "x", generation_length=24)[1]["rows_used"] == 15
+
+
+def test_a_policy_prompt_must_leave_room_for_its_answer(tiny_base, embedded_frames):
+    """The reward model reads model.max_length tokens: a prompt longer than max_length minus
+    generation_length would have its sampled answers scored cut (the reference's rule)."""
+    from workflow.data.accounting import token_counts
+
+    rows = _rows(embedded_frames)
+    tokenizer = load_tokenizer(tiny_base, "chat")
+    lengths = token_counts(tokenizer, [list(p) for p in rows["prompt"]], generation_prompt=True)
+    longest = int(lengths.max())
+    kept, _ = usable_rows(rows, tokenizer, longest + 24, "prompts", "x", generation_length=24)
+    assert kept is rows  # every prompt fits with 24 answer tokens
+    with pytest.warns(
+        DataWarning, match=rf"dropped as longer than model.max_length - model.generation_length \({longest - 1} tokens"
+    ):
+        kept, counts = usable_rows(rows, tokenizer, longest + 23, "prompts", "x", generation_length=24)
+    assert (
+        counts["dropped_too_long"] == int((lengths == longest).sum())
+        and len(kept) == len(rows) - counts["dropped_too_long"]
+    )
+    with pytest.raises(ValueError, match="generation_length"):
+        usable_rows(rows, tokenizer, 128, "prompts", "x")
 
 
 def test_split_without_usable_rows_fails_naming_max_length_and_file(tiny_base, embedded_frames, cfg, tmp_path):

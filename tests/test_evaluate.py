@@ -121,7 +121,8 @@ def test_evaluate_rows_seeded(tiny_base, embedded_parquet, reward_adapter, cfg):
     tokenizer = load_tokenizer(tiny_base, "chat")
     policy = load_policy(tiny_base, None)
     reward = load_reward_model(tiny_base, reward_adapter)
-    prompts = evaluation_prompts(read_rows(embedded_parquet["test"]), cfg["evaluation"]["n_prompts"])
+    test = embedded_parquet["test"]
+    prompts = evaluation_prompts(read_rows(test), cfg["evaluation"]["n_prompts"], tokenizer, cfg["model"], test)
     rows = evaluate(policy, tokenizer, reward, prompts, cfg, seed=0)
     assert len(rows) == 24 and rows["prompt_index"].tolist() == [i // 2 for i in range(12)] * 2
     assert rows["seed"].tolist() == [0] * 12 + [1] * 12 and rows["sample"].tolist() == [0, 1] * 12
@@ -140,7 +141,8 @@ def test_sampling_is_seeded_and_leaves_the_callers_rng_and_mode_as_they_were(tin
     tokenizer = load_tokenizer(tiny_base, "chat")
     policy = load_policy(tiny_base, None)
     device = next(policy.parameters()).device
-    prompts = evaluation_prompts(read_rows(embedded_parquet["test"]), 5)
+    test = embedded_parquet["test"]
+    prompts = evaluation_prompts(read_rows(test), 5, tokenizer, {"max_length": 128, "generation_length": 24}, test)
     state = torch.cuda.get_rng_state if device.type == "cuda" else torch.get_rng_state
     policy.train()
     before = state()

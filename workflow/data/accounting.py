@@ -3,8 +3,9 @@
 Every training stage calls :func:`usable_rows` once on the rows it read; ``kind`` says what the
 stage uses of a row:
 
-* ``prompts`` (policy): drops a prompt of ``model.max_length`` tokens or more (the reward model,
-  which reads ``model.max_length`` tokens, would never see the answer);
+* ``prompts`` (policy, evaluation): drops a prompt longer than ``model.max_length`` minus
+  ``model.generation_length`` tokens, so that the answers sampled for it fit in the
+  ``model.max_length`` tokens the reward model reads (it would score them cut, or not at all);
 * ``sft``: drops a row whose prompt has ``model.max_length`` tokens or more (no answer token is
   left to learn after truncation; trl's SFTTrainer drops it too) and a row whose chosen answer is
   empty (nothing to imitate); counts the rows whose answer is cut at ``model.max_length``;
@@ -54,13 +55,16 @@ def token_counts(tokenizer, conversations: list[list[dict[str, str]]], generatio
     return np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
 
 
-def _too_long(rows: pd.DataFrame, tokenizer, max_length: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+def _too_long(
+    rows: pd.DataFrame, tokenizer, max_length: int, kind: str, generation_length: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``(dropped, truncated)`` masks: rows too long for the stage, and SFT rows whose answer is cut."""
     prompts = [list(p) for p in rows["prompt"]]
-    if kind in ("prompts", "sft"):
+    if kind == "prompts":
+        dropped = token_counts(tokenizer, prompts, generation_prompt=True) > max_length - generation_length
+        return dropped, np.zeros(len(rows), dtype=bool)
+    if kind == "sft":
         dropped = token_counts(tokenizer, prompts, generation_prompt=True) >= max_length
-        if kind == "prompts":
-            return dropped, np.zeros(len(rows), dtype=bool)
         full = token_counts(tokenizer, [p + list(a) for p, a in zip(prompts, rows["chosen"])])
         return dropped, (full > max_length) & ~dropped
     longest = np.max(
@@ -70,14 +74,17 @@ def _too_long(rows: pd.DataFrame, tokenizer, max_length: int, kind: str) -> tupl
 
 
 def usable_rows(
-    rows: pd.DataFrame, tokenizer, max_length: int, kind: str, source: str
+    rows: pd.DataFrame, tokenizer, max_length: int, kind: str, source: str, generation_length: int | None = None
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The rows of ``source`` (the file they came from) that a ``kind`` stage can use, and their
     accounting: ``rows_read``, ``rows_used``, ``dropped_too_long``, ``dropped_empty``,
     ``dropped_identical``, ``kept_empty`` (pairs with an empty answer), ``truncated`` (SFT answers
-    cut at ``max_length``). With nothing to drop, ``rows`` itself is returned."""
+    cut at ``max_length``). ``generation_length`` (``prompts`` only): the tokens of a sampled answer.
+    With nothing to drop, ``rows`` itself is returned."""
     if kind not in ANSWERS:
         raise ValueError(f"unknown kind of stage {kind!r}; expected one of {', '.join(ANSWERS)}")
+    if (kind == "prompts") != (generation_length is not None):
+        raise ValueError("usable_rows: generation_length is given for kind prompts, and only for it")
     n = len(rows)
     if n == 0:
         raise DataError(f"{source}: no rows")
@@ -85,7 +92,7 @@ def usable_rows(
     empty = np.zeros(n, dtype=bool)
     for column in texts.values():
         empty |= column == ""
-    too_long, truncated = _too_long(rows, tokenizer, int(max_length), kind)
+    too_long, truncated = _too_long(rows, tokenizer, int(max_length), kind, int(generation_length or 0))
     drop_empty = empty & ~too_long if kind == "sft" else np.zeros(n, dtype=bool)
     identical = texts["chosen"] == texts["rejected"] if kind == "pairs" else np.zeros(n, dtype=bool)
     drop_identical = identical & ~too_long & ~drop_empty
@@ -99,14 +106,17 @@ def usable_rows(
         "kept_empty": int((empty & ~dropped).sum()),
         "truncated": int(truncated.sum()),
     }
-    _report(counts, int(max_length), source)
+    limit = f"model.max_length ({max_length} tokens)"
+    if kind == "prompts":
+        limit = f"model.max_length - model.generation_length ({max_length - generation_length} tokens)"
+    _report(counts, limit, source)
     return (rows if not dropped.any() else rows[~dropped].reset_index(drop=True)), counts
 
 
-def _report(counts: dict[str, int], max_length: int, source: str) -> None:
+def _report(counts: dict[str, int], limit: str, source: str) -> None:
     """Warn with the counts of dropped rows and kept empty answers; raise when no row is left."""
     reasons = {
-        "dropped_too_long": f"dropped as longer than model.max_length ({max_length} tokens)",
+        "dropped_too_long": f"dropped as longer than {limit}",
         "dropped_empty": "dropped for an empty chosen answer",
         "dropped_identical": "dropped for identical chosen and rejected answers",
         "kept_empty": "kept with an empty chosen or rejected answer",

@@ -28,7 +28,9 @@ def run(job: Job) -> None:
     policy = load_policy(base, adapter, trainable=False)
     reward_tokenizer = load_tokenizer(job.input["reward"], task)
     reward = load_reward_model(base, job.input["reward"], pad_token_id=reward_tokenizer.pad_token_id)
-    prompts = evaluation_prompts(read_rows(job.input["test"]), cfg["evaluation"]["n_prompts"])
+    prompts = evaluation_prompts(
+        read_rows(job.input["test"]), cfg["evaluation"]["n_prompts"], tokenizer, cfg["model"], job.input["test"]
+    )
     rows = evaluate(policy, tokenizer, reward, prompts, cfg, job.seed, reward_tokenizer=reward_tokenizer)
     require_finite_rewards(rows, job.input["reward"], job.output["samples"])
     write_parquet(rows, job.output["samples"])

@@ -206,6 +206,15 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def evaluation_prompts(test_rows: pd.DataFrame, n_prompts: int) -> list[list[dict[str, str]]]:
-    """The fixed evaluation set: the first ``n_prompts`` held-out prompts."""
-    return [list(p) for p in test_rows["prompt"].iloc[: int(n_prompts)]]
+def evaluation_prompts(
+    test_rows: pd.DataFrame, n_prompts: int, tokenizer: Any, model: dict[str, Any], source: str
+) -> list[list[dict[str, str]]]:
+    """The fixed evaluation set: the first ``n_prompts`` held-out prompts of ``source`` that leave
+    room for an answer (config ``model``'s ``max_length`` and ``generation_length``; the policy
+    stages' rule, :func:`workflow.data.accounting.usable_rows`)."""
+    from workflow.data.accounting import usable_rows
+
+    usable, _ = usable_rows(
+        test_rows, tokenizer, model["max_length"], "prompts", source, generation_length=model["generation_length"]
+    )
+    return [list(p) for p in usable["prompt"].iloc[: int(n_prompts)]]

@@ -249,7 +249,12 @@ def run(job: Job) -> None:
     out_dir = job.stage_dir
     tokenizer = load_tokenizer(job.params["base"], task_of(cfg["dataset"]["name"]))
     rows, data = usable_rows(
-        read_rows(job.input["train"]), tokenizer, cfg["model"]["max_length"], "prompts", job.input["train"]
+        read_rows(job.input["train"]),
+        tokenizer,
+        cfg["model"]["max_length"],
+        "prompts",
+        job.input["train"],
+        generation_length=cfg["model"]["generation_length"],
     )
     prompts = iteration_prompts(rows, iteration, cfg, job.seed)
     direction = None
