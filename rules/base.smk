@@ -20,4 +20,4 @@ rule base_model:
         settings=settings("base_model", "model.max_length", "precision"),
         code=stage_code("workflow.models.base_model"),
     script:
-        "../scripts/build_base_model.py"
+        "../scripts/base_model.py"

@@ -41,4 +41,4 @@ rule reward_initial:
         ),
         code=stage_code("workflow.train.reward"),
     script:
-        "../scripts/train_reward.py"
+        "../scripts/reward_initial.py"

@@ -30,4 +30,4 @@ rule sft:
         settings=settings("sft", "lora", "snapshots", *TRAIN_SETTINGS),
         code=stage_code("workflow.train.sft"),
     script:
-        "../scripts/train_sft.py"
+        "../scripts/sft.py"
