@@ -2,10 +2,7 @@
 # Quick start:  snakemake --cores all results/zorloo/plots
 import os
 
-from snakemake.utils import min_version, validate
-
-from workflow.config_checks import check_config, expand_home
-from workflow.evaluation.study import nested_run_settings, workflow_hash
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -17,11 +14,6 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 report: "report/workflow.rst"
-
-
-validate(config, "workflow/schemas/config.schema.yaml")
-expand_home(config)  # ~ in the model, judge and data paths
-check_config(config)  # settings that clash (workflow/config_checks.py), before any job
 
 
 include: "rules/common.smk"
@@ -51,5 +43,5 @@ rule all:
         "results/reward/iter_0/metrics.csv",
         "results/sft/evaluation.parquet",
         "results/base_eval/evaluation_summary.csv",
-        expand("results/{m}/evaluation.csv", m=config["loop"]["methods"]),
+        expand("results/{m}/evaluation.csv", m=LOOP_METHODS),
         "results/compare/plots",

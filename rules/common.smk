@@ -1,10 +1,20 @@
-# Paths and input functions shared by every stage. The results layout is documented in README.md.
+# The config's validation and checks, and every input function, path and constant of the rules
+# (rules/<stage>.smk hold rules only). The results layout is documented in README.md.
+from snakemake.utils import validate
+
+from workflow.config_checks import check_config, expand_home
+from workflow.evaluation.study import nested_run_settings, workflow_hash
 from workflow.rerun import code_hash, stage_settings
 from workflow.schema import METHODS, ZO_METHODS, setting
+
+validate(config, "../workflow/schemas/config.schema.yaml")
+expand_home(config)  # ~ in the model, judge and data paths
+check_config(config)  # settings that clash (workflow/config_checks.py), before any job
 
 # ZOPrO methods share rloo's iteration 0 (the same job: same seed and settings) and the reward
 # model refined from it (reward model 1)
 LOOP_ITERATIONS = int(config["loop"]["iterations"])
+LOOP_METHODS = list(config["loop"]["methods"])
 DATASET = config["dataset"]["name"]
 SPLITS = ["train", "test"]
 
@@ -12,6 +22,8 @@ SPLITS = ["train", "test"]
 wildcard_constraints:
     method="|".join(METHODS),
     i=r"\d+",
+    k=r"\d+",
+    seed=r"\d+",
     split="|".join(SPLITS),
     dataset=r"[A-Za-z0-9_.-]+",
 
@@ -158,3 +170,118 @@ def trajectory_inputs(method, k):
 
 def plots_resources():
     return dict(mem_mb=2000, runtime=60)
+
+
+# The loop (rules/loop.smk)
+SFT_ADAPTER = "results/sft/adapter"
+SFT_SAMPLES = "results/sft/evaluation.parquet"  # the SFT policy's evaluation answers (rule evaluate_policy)
+
+
+def _check_iteration(i, first=0):
+    i = int(i)
+    if not first <= i < LOOP_ITERATIONS:
+        raise ValueError(
+            f"iteration {i} is outside the loop: policies 0..{LOOP_ITERATIONS - 1} and reward models "
+            f"1..{LOOP_ITERATIONS - 1} are trained (loop.iterations = {LOOP_ITERATIONS})"
+        )
+    return i
+
+
+def _check_owner(method, i, path):
+    """Refuse to build a ZOPrO method's shared iteration-0 outputs twice (they are rloo's)."""
+    if chain_owner(method, i) != method:
+        raise ValueError(
+            f"{method}'s iteration 0 is first-order RLOO, shared with rloo: its files are "
+            f"{iteration_dir(method, 0)} and {reward_dir(method, 1)}; {path} is not built"
+        )
+
+
+def train_policy_inputs(wildcards):
+    i = _check_iteration(wildcards.i)
+    _check_owner(wildcards.method, i, f"results/{wildcards.method}/iter_{i}/policy")
+    inputs = dict(
+        policy_prev=f"{policy_dir(wildcards.method, i - 1)}/adapter",
+        sft=SFT_ADAPTER,
+        reward=f"{reward_dir(wildcards.method, i)}/adapter",
+        train=data_path("train"),
+        **base_inputs(),
+    )
+    if wildcards.method in ZO_METHODS and i >= 1:
+        inputs["policy_prev2"] = f"{policy_dir(wildcards.method, i - 2)}/adapter"
+        inputs["reward_prev"] = f"{reward_dir(wildcards.method, i - 1)}/adapter"
+    return inputs
+
+
+def collect_pairs_inputs(wildcards):
+    i = _check_iteration(wildcards.i)
+    if i >= LOOP_ITERATIONS - 1:
+        raise ValueError(f"pairs {i} would refine reward model {i + 1}, past loop.iterations = {LOOP_ITERATIONS}")
+    _check_owner(wildcards.method, i, f"results/{wildcards.method}/iter_{i}/pairs.parquet")
+    return dict(
+        policy=f"{policy_dir(wildcards.method, i)}/adapter",
+        samples=f"{policy_dir(wildcards.method, i)}/samples.parquet",
+        reward=f"{reward_dir(wildcards.method, i)}/adapter",
+        **base_inputs(),
+    )
+
+
+def refine_reward_inputs(wildcards):
+    i = _check_iteration(wildcards.i, first=1)
+    _check_owner(wildcards.method, i - 1, f"results/{wildcards.method}/iter_{i}/reward")
+    return dict(
+        reward=f"{reward_dir(wildcards.method, i - 1)}/adapter",
+        pairs=f"{iteration_dir(wildcards.method, i - 1)}/pairs.parquet",
+        test=data_path("test"),
+        **base_inputs(),
+    )
+
+
+def evaluate_iteration_inputs(wildcards):
+    i = _check_iteration(wildcards.i)
+    _check_owner(wildcards.method, i, f"results/{wildcards.method}/iter_{i}/evaluation.parquet")
+    return dict(
+        policy=f"{policy_dir(wildcards.method, i)}/adapter",
+        sft=SFT_ADAPTER,
+        reward=f"{reward_dir(wildcards.method, i)}/adapter",
+        test=data_path("test"),
+        sft_samples=SFT_SAMPLES,
+        previous_samples=f"{iteration_dir(wildcards.method, i - 1)}/evaluation.parquet" if i > 0 else SFT_SAMPLES,
+        **base_inputs(),
+    )
+
+
+def evaluation_inputs(method):
+    """Named inputs of evaluation_table: the summaries (``sft``, ``iter_{i}``) and the samples
+    (``sft_samples``, ``samples_{i}``; for the paired gains) of SFT and of every iteration."""
+    inputs = dict(sft="results/sft/evaluation_summary.csv", sft_samples=SFT_SAMPLES)
+    for i in range(LOOP_ITERATIONS):
+        inputs[f"iter_{i}"] = f"{iteration_dir(method, i)}/evaluation_summary.csv"
+        inputs[f"samples_{i}"] = f"{iteration_dir(method, i)}/evaluation.parquet"
+    return inputs
+
+
+def policy_benchmarks(wildcards):
+    """The train_policy benchmark file of each iteration (wall time and memory in the table)."""
+    return [
+        f"results/benchmarks/train_policy/{chain_owner(wildcards.method, i)}_{i}.tsv" for i in range(LOOP_ITERATIONS)
+    ]
+
+
+# The multi-seed study (rules/study.smk)
+STUDY_SEEDS = [int(s) for s in setting(config, "study.seeds")]
+
+
+def study_dir(seed):
+    """Working folder of ``seed``'s chain: ``results/study/seed_<s>``, or the main one (``""``) for the
+    config's own seed, whose chain is the one under ``results/``."""
+    return "" if int(seed) == int(config["seed"]) else f"results/study/seed_{int(seed)}/"
+
+
+def study_runs():
+    """``[seed, method]`` of every chain of the study, in the order of :func:`study_evaluations`."""
+    return [[s, m] for s in STUDY_SEEDS for m in LOOP_METHODS]
+
+
+def study_evaluations():
+    """``evaluation.csv`` of every (seed, method) of the study: the main run's for the config's seed."""
+    return [f"{study_dir(s)}results/{m}/evaluation.csv" for s, m in study_runs()]

@@ -14,7 +14,6 @@
 # policy (same prompts and sampling seeds as evaluate_policy's SFT row in rules/evaluate.smk),
 # evaluation_table per method (workflow/evaluation/loop_eval.py: scores and paired gains over SFT, the
 # iteration before and iteration 0).
-include: "loop_inputs.smk"
 
 
 rule train_policy:

@@ -1,9 +1,5 @@
 # Trajectory plots, policy-reward interplay metrics and the comparison of methods
 # (workflow/analysis/plots.py; the metrics are defined in workflow/analysis/interplay.py).
-wildcard_constraints:
-    k=r"\d+",
-
-
 rule plot_trajectories:
     input:
         unpack(lambda wc: trajectory_inputs(wc.method, LOOP_ITERATIONS)),
@@ -62,8 +58,8 @@ rule plot_trajectories_upto:
 
 rule compare_methods:
     input:
-        evaluation=expand("results/{method}/evaluation.csv", method=config["loop"]["methods"]),
-        plots=expand("results/{method}/plots", method=config["loop"]["methods"]),
+        evaluation=expand("results/{method}/evaluation.csv", method=LOOP_METHODS),
+        plots=expand("results/{method}/plots", method=LOOP_METHODS),
     output:
         plots=report(
             directory("results/compare/plots"),
@@ -81,7 +77,7 @@ rule compare_methods:
         mem_mb=1000,
         runtime=15,
     params:
-        methods=list(config["loop"]["methods"]),
+        methods=list(LOOP_METHODS),
         settings=settings(),
         code=stage_code("workflow.evaluation.compare"),
     script:

@@ -9,16 +9,11 @@
 # A finished seed is reused: adding a seed to study.seeds runs only that seed's chain (study is not
 # among any stage's settings). A change to the config (but study, seed, cache_dir, resources,
 # tracking) or to the workflow's code reruns each seed's nested run, which redoes only what the change affects.
-include: "study_inputs.smk"
-
-
-wildcard_constraints:
-    seed=r"\d+",
 
 
 rule study_seed:
     output:
-        evaluation=expand("results/study/seed_{{seed}}/results/{method}/evaluation.csv", method=STUDY_METHODS),
+        evaluation=expand("results/study/seed_{{seed}}/results/{method}/evaluation.csv", method=LOOP_METHODS),
     log:
         "logs/study_seed/{seed}.log",
     benchmark:
