@@ -195,7 +195,7 @@ def test_one_iteration_on_a_real_hh_rlhf_slice(tmp_path, tiny_base, tiny_judge_m
             "source": None,
             "files": {"train": str(HH_SAMPLE), "test": str(HH_SAMPLE)},
             "hub_config": None,
-            "max_rows": 24,
+            "max_rows": 48,  # 25 of them leave room for an answer in 256 tokens of the tiny tokenizer
         },
         model={"name": tiny_base, "max_length": 256, "generation_length": 8},
         judge={"kind": "reward_model", "model": tiny_judge_model, "max_drop_rate": 0.5, "batch_size": 8},

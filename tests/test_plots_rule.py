@@ -157,7 +157,8 @@ def test_snakemake_rules_run_upto_and_report(tmp_path):
         " max_snapshots: null, extrapolate: 0}\n"
     )
     (tmp_path / "Snakefile").write_text(
-        f'configfile: "config.yaml"\ninclude: "{ROOT}/rules/common.smk"\ninclude: "{ROOT}/rules/plots.smk"\n'
+        f'configfile: "{ROOT}/config.yaml"\nconfigfile: "config.yaml"\n'  # common.smk validates the whole config
+        f'include: "{ROOT}/rules/common.smk"\ninclude: "{ROOT}/rules/plots.smk"\n'
     )
     env = dict(os.environ, PYTHONPATH=pythonpath(ROOT))
     smk = [sys.executable, "-m", "snakemake", "--cores", "2", "-d", str(tmp_path), "-s", str(tmp_path / "Snakefile")]
