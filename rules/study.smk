@@ -7,8 +7,9 @@
 #   every chain ------------> study_summary -> results/study/summary.{csv,png}
 #
 # A finished seed is reused: adding a seed to study.seeds runs only that seed's chain (study is not
-# among any stage's settings). A change to the config (but study, seed, cache_dir, resources,
-# tracking) or to the workflow's code reruns each seed's nested run, which redoes only what the change affects.
+# among any stage's settings). A change to the config (but study, seed, cache_dir, tracking and the
+# resources other than the training stages' process count) or to the workflow's code reruns each
+# seed's nested run, which redoes only what the change affects.
 
 
 rule study_seed:
@@ -27,6 +28,7 @@ rule study_seed:
         workdir=lambda wc: f"results/study/seed_{wc.seed}",
         snakefile=os.path.join(workflow.basedir, "Snakefile"),
         settings=nested_run_settings(config),
+        processes=TRAIN_PROCESSES,  # of the nested run's training stages, which it reruns
         code=workflow_hash(workflow.basedir),
     script:
         "../scripts/study_seed.py"
