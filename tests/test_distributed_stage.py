@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import glob
 import json
 import os
 import signal
@@ -27,6 +26,7 @@ from test_policy import CFG
 
 from workflow import job as jobmod
 from workflow.models.snapshots import read_index
+from workflow.train.resume import complete_checkpoints
 
 
 def _snapshots(folder):
@@ -181,11 +181,9 @@ def test_killed_two_process_stage_resumes_on_both_processes(
     )
     trainer_dir = os.path.join(job.params["checkpoints"], "trainer")
     deadline = time.time() + 300
-    while (
-        not glob.glob(os.path.join(trainer_dir, "checkpoint-*", "trainer_state.json"))
-        and proc.poll() is None
-        and time.time() < deadline
-    ):
+    # a complete checkpoint: its trainer_state.json written whole (a kill while the Trainer writes it
+    # leaves an incomplete one, which the rerun deletes and does not resume from)
+    while not complete_checkpoints(trainer_dir) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "the stage ended before its first checkpoint"
     # a hard kill, as of a preempted job: no process gets to clean up

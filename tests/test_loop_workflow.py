@@ -22,6 +22,8 @@ import pytest
 import yaml
 from smk import REPO, SHARED_DATA, snakemake
 
+from workflow.train.resume import complete_checkpoints
+
 HH_SAMPLE = SHARED_DATA / "hh-rlhf" / "harmless-base-sample.jsonl.gz"
 
 
@@ -114,11 +116,9 @@ def test_loop_runs_resumes_after_interrupt_and_reruns_only_downstream(tmp_path, 
     )
     policy1 = workdir / "results/rloo/iter_1/policy"
     deadline = time.time() + 300
-    while (
-        not list(policy1.glob("checkpoints/trainer/checkpoint-*/trainer_state.json"))
-        and proc.poll() is None
-        and time.time() < deadline
-    ):
+    # a complete checkpoint (its trainer_state.json written whole): a kill while the Trainer writes it
+    # leaves an incomplete one, which the rerun deletes and does not resume from
+    while not complete_checkpoints(policy1 / "checkpoints/trainer") and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "the workflow ended before policy 1 saved a checkpoint:\n" + proc.communicate()[0]
     os.killpg(proc.pid, signal.SIGINT)
