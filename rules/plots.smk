@@ -77,7 +77,7 @@ rule compare_methods:
         mem_mb=1000,
         runtime=15,
     params:
-        methods=list(LOOP_METHODS),
+        methods=LOOP_METHODS,
         settings=settings(),
         code=stage_code("workflow.evaluation.compare"),
     script:

@@ -85,7 +85,7 @@ def test_every_trainer_reports_where_tracking_says(restore_tracking, tmp_path, m
     job = _job(tracking={"report_to": ["tensorboard", "trackio"], "project": "study"})
     assert job.run_name == "train_policy/rloo_1"
     configure(job)
-    kwargs = trainer_kwargs(str(tmp_path / "out"), 1, 1e-3, 2, 0, activation_checkpointing=False)
+    kwargs = trainer_kwargs(str(tmp_path / "out"), 1, 1e-3, 2, 0, config={})
     assert (kwargs["report_to"], kwargs["run_name"], kwargs["project"]) == (
         ["tensorboard", "trackio"],
         "train_policy/rloo_1",
@@ -102,7 +102,7 @@ def test_tracking_defaults_to_none(restore_tracking):
     from workflow.train.kit import trainer_kwargs
 
     configure(_job())
-    assert trainer_kwargs("out", 1, 1e-3, 2, 0, activation_checkpointing=False)["report_to"] == "none"
+    assert trainer_kwargs("out", 1, 1e-3, 2, 0, config={})["report_to"] == "none"
 
 
 def test_the_job_sees_tracking_as_a_runtime_key_not_a_setting():

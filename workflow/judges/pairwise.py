@@ -109,13 +109,9 @@ class LLMJudge(Judge):
     def from_path(cls, path: str, *, batch_size: int, seed: int) -> LLMJudge:
         """The judge model of ``path`` as the policy's base loads: in the config's ``precision``
         (bf16 on a bf16 GPU), fp32 logits (:func:`workflow.models.loading.load_causal_lm`)."""
-        from transformers import AutoTokenizer
+        from workflow.models.loading import load_causal_lm, read_tokenizer
 
-        from workflow.io import reading
-        from workflow.models.loading import load_causal_lm
-
-        with reading(path, "judge tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = read_tokenizer(path, "judge tokenizer")
         return cls(load_causal_lm(path), tokenizer, batch_size=batch_size, seed=seed)
 
     def question(self, prompt: Prompt, first: str, second: str) -> str:
@@ -189,19 +185,18 @@ class RewardModelJudge(Judge):
     def from_path(cls, path: str, *, batch_size: int, max_length: int | None) -> RewardModelJudge:
         """The reward model of ``path`` in fp32 whatever the precision, as every frozen reward
         model scores (README, "Precision"): bf16 scores tie and reorder close answers."""
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         from workflow.config_checks import reward_model_problem
         from workflow.io import reading
-        from workflow.models.loading import load_sequence_classifier
+        from workflow.models.loading import load_sequence_classifier, read_tokenizer
 
         with reading(path, "judge model config"):
             architectures = AutoConfig.from_pretrained(path).architectures
         problem = reward_model_problem("judge.model", path, architectures)
         if problem:
             raise JudgeError(problem)
-        with reading(path, "judge tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = read_tokenizer(path, "judge tokenizer")
         return cls(
             load_sequence_classifier(path, tokenizer.pad_token_id, dtype=torch.float32),
             tokenizer,

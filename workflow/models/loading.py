@@ -56,12 +56,17 @@ def fp32_compute(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def read_tokenizer(path: str, what: str = "tokenizer"):
+    """The tokenizer of ``path`` as saved (a damaged file is an error naming ``path`` and ``what``)."""
+    with reading(path, what):
+        return AutoTokenizer.from_pretrained(path)
+
+
 def load_tokenizer(path: str, task: str):
     """Tokenizer of ``path`` with the task's chat template and a pad token."""
     from workflow.data.templates import prepare_tokenizer
 
-    with reading(path, "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = read_tokenizer(path)
     prepared = prepare_tokenizer(tokenizer, task)
     return prepared if prepared is not None else tokenizer
 
@@ -104,7 +109,7 @@ def load_policy(base_path: str, adapter_path: str | None, trainable: bool = Fals
 def _pad_token_id(*paths: str | None) -> int | None:
     for path in paths:
         if path and os.path.exists(os.path.join(path, "tokenizer_config.json")):
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = read_tokenizer(path)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             if pad is not None:
                 return int(pad)

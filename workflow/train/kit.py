@@ -17,6 +17,7 @@ import torch
 from workflow import runtime
 from workflow.io import atomic_dir, write_csv
 from workflow.io import scratch_dir as io_scratch_dir
+from workflow.schema import setting
 
 
 def trainer_kwargs(
@@ -26,16 +27,16 @@ def trainer_kwargs(
     batch_size: int,
     seed: int,
     *,
-    activation_checkpointing: bool,
+    config: dict[str, Any],
     **extra: Any,
 ) -> dict[str, Any]:
     """Arguments every training stage gives its trl config: no checkpoints, reporting as config
     ``tracking`` says (``runtime.tracking_args()``; none by default), bf16 autocast when
     ``runtime.use_bf16()`` (config ``precision``; the CPU included), else fp32, CPU when no GPU,
-    seeded, tqdm progress, frequent logging, and activation recomputation only when
-    ``activation_checkpointing`` (config ``activation_checkpointing``, gradient checkpointing; trl defaults to on)."""
+    seeded, tqdm progress, frequent logging, and activation recomputation only when ``config``'s
+    ``activation_checkpointing`` says so (gradient checkpointing; trl's configs default to on)."""
     kwargs = dict(
-        activation_checkpointing=bool(activation_checkpointing),
+        activation_checkpointing=bool(setting(config, "activation_checkpointing")),
         output_dir=output_dir,
         num_train_epochs=float(epochs),
         learning_rate=float(learning_rate),

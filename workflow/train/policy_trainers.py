@@ -79,7 +79,7 @@ def _common_args(scratch: str, cfg: dict[str, Any], seed: int) -> dict[str, Any]
         pcfg["learning_rate"],
         pcfg["batch_size"],
         seed,
-        activation_checkpointing=setting(cfg, "activation_checkpointing"),
+        config=cfg,
         logging_steps=1,
         **saving,
     )

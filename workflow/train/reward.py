@@ -27,7 +27,7 @@ from workflow.io import atomic_dir
 from workflow.models.loading import has_scores, load_reward_model, load_sequence_classifier, load_tokenizer, read_rows
 from workflow.models.lora import lora_config
 from workflow.models.snapshots import SnapshotCallback
-from workflow.schema import section, setting
+from workflow.schema import section
 from workflow.train.kit import adapter_stage_dirs, save_adapter_stage, stage_summary, trainer_kwargs
 from workflow.train.scoring import reward_scores
 
@@ -154,7 +154,7 @@ def train_reward(
                 learning_rate,
                 batch_size,
                 seed,
-                activation_checkpointing=setting(cfg, "activation_checkpointing"),
+                config=cfg,
                 max_length=int(cfg["model"]["max_length"]),
                 dataset_num_proc=None,
                 max_steps=max_steps,

@@ -20,7 +20,6 @@ from workflow.data.accounting import usable_rows
 from workflow.models.loading import load_causal_lm, load_tokenizer, read_rows
 from workflow.models.lora import lora_config
 from workflow.models.snapshots import SnapshotCallback
-from workflow.schema import setting
 from workflow.train.kit import adapter_stage_dirs, save_adapter_stage, stage_summary, trainer_kwargs
 
 if TYPE_CHECKING:
@@ -56,7 +55,7 @@ def build_sft_trainer(
             learning_rate,
             batch_size,
             seed,
-            activation_checkpointing=setting(cfg, "activation_checkpointing"),
+            config=cfg,
             max_length=int(cfg["model"]["max_length"]),
             completion_only_loss=True,
             packing=False,
